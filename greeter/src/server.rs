@@ -1,0 +1,112 @@
+//! `greeter-server`: answers `SayHello` with the name of the backend that served it.
+//!
+//! On shutdown it first reports NOT_SERVING (so health-checking balancers and
+//! Kubernetes stop sending), then stops accepting and finishes calls in flight.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use lookaside_proto::helloworld::{
+    HelloReply, HelloRequest,
+    greeter_server::{Greeter, GreeterServer},
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+/// The `helloworld.Greeter` implementation.
+#[derive(Debug, Clone)]
+pub struct GreeterService {
+    name: String,
+}
+
+impl GreeterService {
+    /// A greeter that signs replies with `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
+}
+
+#[tonic::async_trait]
+impl Greeter for GreeterService {
+    async fn say_hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloReply>, Status> {
+        let who = request.into_inner().name;
+        Ok(Response::new(HelloReply {
+            message: format!("Hello {who} from {}", self.name),
+            backend: self.name.clone(),
+        }))
+    }
+}
+
+/// How a greeter server runs.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The backend's name in replies.
+    pub name: String,
+    /// Close each connection after this long (grpc-go's `MaxConnectionAge`),
+    /// so DNS-mode clients re-resolve. `None` keeps connections open.
+    pub max_connection_age: Option<Duration>,
+    /// How long to wait for calls in flight after shutdown starts.
+    pub drain_timeout: Duration,
+}
+
+/// Serves the greeter on `listener` until `shutdown`, then reports
+/// NOT_SERVING, stops accepting and finishes calls in flight (bounded by
+/// `drain_timeout`).
+pub async fn serve(
+    listener: TcpListener,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GreeterServer<GreeterService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lookaside_proto::HELLOWORLD_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lookaside_proto::HELLOWORLD_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(age) = options.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_timeout = options.drain_timeout;
+    let router = builder
+        .add_service(GreeterServer::new(GreeterService::new(options.name)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1);
+    let serving = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    shutdown.await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    health.set_not_serving::<GreeterServer<GreeterService>>().await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(drain_timeout, serving).await {
+        Ok(joined) => joined??,
+        Err(_) => tracing::warn!(?drain_timeout, "drain deadline passed with calls in flight"),
+    }
+    Ok(())
+}
+
+/// Binds `addr` and returns the listener with its actual address.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

@@ -1,0 +1,1 @@
+//! lb-client: the thin client library (see issue: lb-client and greeter).

@@ -1,0 +1,99 @@
+//! `lookaside.v1.Admin`: what operators query with grpcurl.
+
+use lookaside_proto::lookaside::v1::{
+    GetServiceRequest, GrpclbClientStats, ListServicesRequest, ListServicesResponse,
+    ListSubscribersRequest, ListSubscribersResponse, Service, ServiceSummary, Subscriber,
+    admin_server::{Admin, AdminServer},
+};
+use tonic::{Request, Response, Status};
+
+use super::{MAX_REQUEST_BYTES, Shared, pb};
+
+/// The Admin service.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    shared: Shared,
+}
+
+impl AdminApi {
+    /// Wraps the service for tonic, with the request size limit.
+    pub fn server(shared: Shared) -> AdminServer<Self> {
+        AdminServer::new(Self { shared }).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn list_services(
+        &self,
+        _request: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        let services = self
+            .shared
+            .store
+            .services()
+            .into_iter()
+            .map(|view| ServiceSummary {
+                target: view.key.to_string(),
+                version: view.snapshot.version,
+                endpoints: count(view.snapshot.endpoints.len()),
+                draining: count(view.snapshot.endpoints.iter().filter(|e| e.draining).count()),
+                subscribers: count(view.subscribers),
+            })
+            .collect();
+        Ok(Response::new(ListServicesResponse { services }))
+    }
+
+    async fn get_service(
+        &self,
+        request: Request<GetServiceRequest>,
+    ) -> Result<Response<Service>, Status> {
+        let key = self.shared.parse_target("admin", &request.into_inner().target)?;
+        let snapshot = self
+            .shared
+            .store
+            .get(&key)
+            .ok_or_else(|| Status::not_found(format!("no service {key}")))?;
+        Ok(Response::new(Service {
+            target: key.to_string(),
+            version: snapshot.version,
+            exists: snapshot.exists,
+            endpoints: snapshot.endpoints.iter().map(pb::endpoint).collect(),
+            updated: Some(pb::timestamp(snapshot.updated)),
+            subscribers: count(self.shared.store.subscribers(&key)),
+        }))
+    }
+
+    async fn list_subscribers(
+        &self,
+        _request: Request<ListSubscribersRequest>,
+    ) -> Result<Response<ListSubscribersResponse>, Status> {
+        let subscribers = self
+            .shared
+            .subscribers
+            .list()
+            .into_iter()
+            .map(|info| Subscriber {
+                peer: info.peer.clone(),
+                target: info.target.clone(),
+                protocol: info.protocol.as_str().to_owned(),
+                connected_since: Some(pb::timestamp(info.since)),
+                last_version_sent: info.last_version(),
+                grpclb_stats: info.grpclb().map(|t| GrpclbClientStats {
+                    last_report: t.last_report.map(pb::timestamp),
+                    reports: t.reports,
+                    num_calls_started: t.calls_started,
+                    num_calls_finished: t.calls_finished,
+                    num_calls_finished_with_client_failed_to_send: t.calls_failed_to_send,
+                    num_calls_finished_known_received: t.calls_known_received,
+                    num_calls_dropped: t.calls_dropped,
+                }),
+            })
+            .collect();
+        Ok(Response::new(ListSubscribersResponse { subscribers }))
+    }
+}

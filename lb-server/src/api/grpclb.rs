@@ -1,0 +1,288 @@
+//! `grpc.lb.v1.LoadBalancer/BalanceLoad`: the grpclb protocol for stock gRPC clients.
+//!
+//! The client sends `initial_request` with a target name; we answer with
+//! `initial_response` (the client stats interval), then a `server_list` of the
+//! non-draining endpoints, and a new one on every change. For an unknown
+//! service we send `fallback_response`. Weights repeat an entry (interleaved),
+//! since grpclb clients round-robin over the list.
+
+use std::{net::IpAddr, pin::Pin, time::Duration};
+
+use futures::Stream;
+use lookaside_proto::grpclb::v1::{
+    ClientStats, FallbackResponse, InitialLoadBalanceResponse, LoadBalanceRequest,
+    LoadBalanceResponse, Server, ServerList,
+    load_balance_request::LoadBalanceRequestType,
+    load_balance_response::LoadBalanceResponseType,
+    load_balancer_server::{LoadBalancer, LoadBalancerServer},
+};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{MAX_REQUEST_BYTES, Protocol, Shared, subscribers::SubscriberGuard};
+use crate::{model::Snapshot, store::Subscription};
+
+/// Names of this many bytes or more are rejected, as the protocol specifies.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// The most times one endpoint is repeated for its weight.
+const MAX_REPEAT: u32 = 100;
+
+/// How long a client may take to send `initial_request`.
+const INITIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The grpclb service.
+#[derive(Debug, Clone)]
+pub struct GrpclbApi {
+    shared: Shared,
+    stats_interval: Duration,
+}
+
+impl GrpclbApi {
+    /// Wraps the service for tonic, with the request size limit.
+    pub fn server(shared: Shared, stats_interval: Duration) -> LoadBalancerServer<Self> {
+        LoadBalancerServer::new(Self {
+            shared,
+            stats_interval,
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+}
+
+type BalanceLoadStream = Pin<Box<dyn Stream<Item = Result<LoadBalanceResponse, Status>> + Send>>;
+
+/// What the response stream sends next.
+enum Phase {
+    Initial,
+    Current,
+    Watching,
+}
+
+struct StreamState {
+    phase: Phase,
+    subscription: Subscription,
+    guard: SubscriberGuard,
+    inbound: Streaming<LoadBalanceRequest>,
+    inbound_open: bool,
+    last_sent: Option<LoadBalanceResponseType>,
+    shared: Shared,
+    stats_interval: Duration,
+}
+
+#[tonic::async_trait]
+impl LoadBalancer for GrpclbApi {
+    type BalanceLoadStream = BalanceLoadStream;
+
+    async fn balance_load(
+        &self,
+        request: Request<Streaming<LoadBalanceRequest>>,
+    ) -> Result<Response<BalanceLoadStream>, Status> {
+        let peer = super::peer(&request);
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(INITIAL_REQUEST_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::invalid_argument("no initial_request within 10s"))??;
+        let name = match first.and_then(|m| m.load_balance_request_type) {
+            Some(LoadBalanceRequestType::InitialRequest(initial)) => initial.name,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be initial_request",
+                ));
+            }
+        };
+        if name.len() >= MAX_NAME_BYTES {
+            self.shared
+                .metrics
+                .rejected
+                .with_label_values(&["grpclb", "too_long"])
+                .inc();
+            return Err(Status::invalid_argument(format!(
+                "initial_request.name is {} bytes; it must be under {MAX_NAME_BYTES}",
+                name.len()
+            )));
+        }
+        let key = self.shared.parse_target("grpclb", &name)?;
+        tracing::debug!(target_key = %key, %peer, "grpclb stream started");
+        let state = StreamState {
+            phase: Phase::Initial,
+            subscription: self.shared.store.subscribe(&key),
+            guard: self
+                .shared
+                .subscribers
+                .register(peer, key.to_string(), Protocol::Grpclb),
+            inbound,
+            inbound_open: true,
+            last_sent: None,
+            shared: self.shared.clone(),
+            stats_interval: self.stats_interval,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(state, next_response))))
+    }
+}
+
+/// Produces the next response, reading client stats while it waits.
+async fn next_response(
+    mut s: StreamState,
+) -> Option<(Result<LoadBalanceResponse, Status>, StreamState)> {
+    loop {
+        let response = match s.phase {
+            Phase::Initial => {
+                s.phase = Phase::Current;
+                let interval = prost_types::Duration::try_from(s.stats_interval).unwrap_or_default();
+                LoadBalanceResponseType::InitialResponse(InitialLoadBalanceResponse {
+                    client_stats_report_interval: (!s.stats_interval.is_zero()).then_some(interval),
+                })
+            }
+            Phase::Current => {
+                s.phase = Phase::Watching;
+                let snapshot = s.subscription.current();
+                s.guard.sent(snapshot.version);
+                response_for(&snapshot)
+            }
+            Phase::Watching => {
+                tokio::select! {
+                    _ = s.shared.shutdown.cancelled() => return None,
+                    snapshot = s.subscription.next() => {
+                        s.guard.sent(snapshot.version);
+                        let response = response_for(&snapshot);
+                        if s.last_sent.as_ref() == Some(&response) {
+                            continue;
+                        }
+                        let protocol = Protocol::Grpclb.as_str();
+                        s.shared.metrics.pushes.with_label_values(&[protocol]).inc();
+                        s.shared
+                            .metrics
+                            .push_latency
+                            .with_label_values(&[protocol])
+                            .observe(snapshot.event_at.elapsed().as_secs_f64());
+                        response
+                    }
+                    message = s.inbound.message(), if s.inbound_open => {
+                        match message {
+                            Ok(Some(LoadBalanceRequest {
+                                load_balance_request_type: Some(LoadBalanceRequestType::ClientStats(stats)),
+                            })) => record_stats(&s, &stats),
+                            Ok(Some(_)) => {
+                                tracing::debug!("ignoring a second initial_request");
+                            }
+                            Ok(None) => s.inbound_open = false,
+                            Err(status) => {
+                                tracing::debug!(%status, "grpclb client went away");
+                                return None;
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        s.last_sent = Some(response.clone());
+        let message = LoadBalanceResponse {
+            load_balance_response_type: Some(response),
+        };
+        return Some((Ok(message), s));
+    }
+}
+
+fn record_stats(s: &StreamState, stats: &ClientStats) {
+    let dropped: i64 = stats.calls_finished_with_drop.iter().map(|d| d.num_calls).sum();
+    let counter = &s.shared.metrics.grpclb_client_calls;
+    for (kind, value) in [
+        ("started", stats.num_calls_started),
+        ("finished", stats.num_calls_finished),
+        ("failed_to_send", stats.num_calls_finished_with_client_failed_to_send),
+        ("known_received", stats.num_calls_finished_known_received),
+        ("dropped", dropped),
+    ] {
+        counter
+            .with_label_values(&[kind])
+            .inc_by(u64::try_from(value).unwrap_or(0));
+    }
+    s.guard.record_grpclb(|totals| {
+        totals.last_report = Some(std::time::SystemTime::now());
+        totals.reports += 1;
+        totals.calls_started += stats.num_calls_started;
+        totals.calls_finished += stats.num_calls_finished;
+        totals.calls_failed_to_send += stats.num_calls_finished_with_client_failed_to_send;
+        totals.calls_known_received += stats.num_calls_finished_known_received;
+        totals.calls_dropped += dropped;
+    });
+}
+
+/// A server list for an existing service, fallback for an unknown one.
+fn response_for(snapshot: &Snapshot) -> LoadBalanceResponseType {
+    if !snapshot.exists {
+        return LoadBalanceResponseType::FallbackResponse(FallbackResponse {});
+    }
+    LoadBalanceResponseType::ServerList(server_list(snapshot))
+}
+
+/// The non-draining endpoints, each repeated in proportion to its weight
+/// (weights divided by their greatest common divisor, capped), interleaved
+/// so that consecutive picks spread out.
+fn server_list(snapshot: &Snapshot) -> ServerList {
+    let serving: Vec<_> = snapshot.serving().collect();
+    let divisor = serving.iter().fold(0, |g, e| gcd(g, e.weight)).max(1);
+    let rounds = serving
+        .iter()
+        .map(|e| (e.weight / divisor).min(MAX_REPEAT))
+        .max()
+        .unwrap_or(0);
+    let mut servers = Vec::new();
+    for round in 0..rounds {
+        for endpoint in &serving {
+            if (endpoint.weight / divisor).min(MAX_REPEAT) > round {
+                servers.push(Server {
+                    ip_address: match endpoint.address {
+                        IpAddr::V4(v4) => v4.octets().to_vec(),
+                        IpAddr::V6(v6) => v6.octets().to_vec(),
+                    },
+                    port: i32::from(endpoint.port),
+                    load_balance_token: String::new(),
+                    drop: false,
+                });
+            }
+        }
+    }
+    ServerList { servers }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Endpoint;
+
+    fn snapshot(endpoints: Vec<Endpoint>) -> Snapshot {
+        Snapshot {
+            endpoints,
+            exists: true,
+            ..Snapshot::unknown()
+        }
+    }
+
+    #[test]
+    fn weights_repeat_interleaved_and_draining_is_left_out() {
+        let a = Endpoint::new("10.0.0.1".parse().unwrap(), 80).weight(4);
+        let b = Endpoint::new("::1".parse().unwrap(), 81).weight(2);
+        let c = Endpoint::new("10.0.0.3".parse().unwrap(), 82).draining();
+        let list = server_list(&snapshot(vec![a, b, c]));
+        let ports: Vec<i32> = list.servers.iter().map(|s| s.port).collect();
+        assert_eq!(ports, [80, 81, 80], "weights 4:2 reduce to 2:1");
+        assert_eq!(list.servers[0].ip_address, [10, 0, 0, 1]);
+        assert_eq!(list.servers[1].ip_address.len(), 16);
+    }
+
+    #[test]
+    fn unknown_service_gets_fallback() {
+        assert!(matches!(
+            response_for(&Snapshot::unknown()),
+            LoadBalanceResponseType::FallbackResponse(_)
+        ));
+        let huge = Endpoint::new("10.0.0.1".parse().unwrap(), 80).weight(1_000_000);
+        let one = Endpoint::new("10.0.0.2".parse().unwrap(), 80);
+        assert_eq!(server_list(&snapshot(vec![huge, one])).servers.len(), 101);
+    }
+}

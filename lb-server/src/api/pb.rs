@@ -1,0 +1,35 @@
+//! Mapping between domain types and `lookaside.v1` messages.
+
+use std::time::SystemTime;
+
+use lookaside_proto::lookaside::v1 as pb;
+
+use crate::model::{Endpoint, ServiceKey, Snapshot};
+
+/// A domain endpoint as a protobuf message.
+pub fn endpoint(endpoint: &Endpoint) -> pb::Endpoint {
+    pb::Endpoint {
+        address: endpoint.address.to_string(),
+        port: u32::from(endpoint.port),
+        weight: endpoint.weight,
+        zone: endpoint.zone.clone(),
+        node: endpoint.node.clone(),
+        pod: endpoint.pod.clone(),
+        draining: endpoint.draining,
+    }
+}
+
+/// A snapshot as a Watch response.
+pub fn watch_response(key: &ServiceKey, snapshot: &Snapshot) -> pb::WatchResponse {
+    pb::WatchResponse {
+        version: snapshot.version,
+        exists: snapshot.exists,
+        endpoints: snapshot.endpoints.iter().map(endpoint).collect(),
+        target: key.to_string(),
+    }
+}
+
+/// A wall-clock time as a protobuf timestamp.
+pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}

@@ -1,0 +1,169 @@
+//! The registry of open subscriber streams, for Admin and metrics.
+//!
+//! A stream registers when it starts and its [`SubscriberGuard`] removes it
+//! when the stream is dropped, however it ends.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+/// The protocol a subscriber speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// `lookaside.v1.Discovery/Watch` (lb-client).
+    Discovery,
+    /// `grpc.lb.v1.LoadBalancer/BalanceLoad` (stock grpclb clients).
+    Grpclb,
+    /// xDS ADS (Envoy, proxyless gRPC).
+    Xds,
+}
+
+impl Protocol {
+    /// Every protocol, for metrics that list each.
+    pub const ALL: [Protocol; 3] = [Protocol::Discovery, Protocol::Grpclb, Protocol::Xds];
+
+    /// The protocol's name in Admin and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Discovery => "discovery",
+            Protocol::Grpclb => "grpclb",
+            Protocol::Xds => "xds",
+        }
+    }
+}
+
+/// Running totals of the `ClientStats` a grpclb client reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrpclbTotals {
+    /// When the last report arrived.
+    pub last_report: Option<SystemTime>,
+    /// How many reports arrived.
+    pub reports: u64,
+    /// Calls started.
+    pub calls_started: i64,
+    /// Calls finished.
+    pub calls_finished: i64,
+    /// Calls that failed to send.
+    pub calls_failed_to_send: i64,
+    /// Calls known to have been received by a server.
+    pub calls_known_received: i64,
+    /// Calls the client dropped.
+    pub calls_dropped: i64,
+}
+
+/// One open stream.
+#[derive(Debug)]
+pub struct SubscriberInfo {
+    /// The client's address.
+    pub peer: String,
+    /// The canonical target it watches.
+    pub target: String,
+    /// The protocol it speaks.
+    pub protocol: Protocol,
+    /// When the stream opened.
+    pub since: SystemTime,
+    last_version: AtomicU64,
+    // std Mutex: short updates, never held across `.await`.
+    grpclb: Mutex<Option<GrpclbTotals>>,
+}
+
+impl SubscriberInfo {
+    /// The last version sent to this subscriber.
+    pub fn last_version(&self) -> u64 {
+        self.last_version.load(Ordering::Relaxed)
+    }
+
+    /// The grpclb client stats, for grpclb subscribers that reported any.
+    pub fn grpclb(&self) -> Option<GrpclbTotals> {
+        self.grpclb.lock().unwrap().clone()
+    }
+}
+
+/// Every open subscriber stream.
+#[derive(Debug, Default)]
+pub struct Subscribers {
+    next_id: AtomicU64,
+    // std Mutex: insert/remove/copy only, never held across `.await`.
+    open: Mutex<HashMap<u64, Arc<SubscriberInfo>>>,
+}
+
+impl Subscribers {
+    /// An empty registry.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Registers a stream; it stays listed while the guard lives.
+    pub fn register(self: &Arc<Self>, peer: String, target: String, protocol: Protocol) -> SubscriberGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(SubscriberInfo {
+            peer,
+            target,
+            protocol,
+            since: SystemTime::now(),
+            last_version: AtomicU64::new(0),
+            grpclb: Mutex::new(None),
+        });
+        self.open.lock().unwrap().insert(id, Arc::clone(&info));
+        SubscriberGuard {
+            id,
+            info,
+            registry: Arc::clone(self),
+        }
+    }
+
+    /// Every open stream, oldest first.
+    pub fn list(&self) -> Vec<Arc<SubscriberInfo>> {
+        let mut list: Vec<(u64, Arc<SubscriberInfo>)> = self
+            .open
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, info)| (*id, Arc::clone(info)))
+            .collect();
+        list.sort_by_key(|(id, _)| *id);
+        list.into_iter().map(|(_, info)| info).collect()
+    }
+
+    /// How many streams are open per protocol.
+    pub fn count(&self, protocol: Protocol) -> usize {
+        self.open
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|info| info.protocol == protocol)
+            .count()
+    }
+}
+
+/// Keeps a stream listed; unlists it on drop.
+#[derive(Debug)]
+pub struct SubscriberGuard {
+    id: u64,
+    info: Arc<SubscriberInfo>,
+    registry: Arc<Subscribers>,
+}
+
+impl SubscriberGuard {
+    /// Records the version just sent.
+    pub fn sent(&self, version: u64) {
+        self.info.last_version.store(version, Ordering::Relaxed);
+    }
+
+    /// Adds a grpclb client stats report to the totals.
+    pub fn record_grpclb(&self, update: impl FnOnce(&mut GrpclbTotals)) {
+        let mut totals = self.info.grpclb.lock().unwrap();
+        update(totals.get_or_insert_with(GrpclbTotals::default));
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.registry.open.lock().unwrap().remove(&self.id);
+    }
+}

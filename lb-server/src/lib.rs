@@ -1,0 +1,31 @@
+//! lb-server: Lookaside's control plane.
+//!
+//! It watches Kubernetes EndpointSlices (or a local YAML file) and streams
+//! each client the live list of healthy backends of the service it names,
+//! over `lookaside.v1.Discovery` (lb-client) and `grpc.lb.v1.LoadBalancer`
+//! (stock grpclb clients); operators inspect it through `lookaside.v1.Admin`,
+//! health, reflection and Prometheus metrics.
+//!
+//! # Layout
+//! - [`config`]: flags and `LB_*` environment variables.
+//! - [`model`]: service keys, targets, endpoints, snapshots.
+//! - [`source`]: where endpoints come from: [`source::kube`] and [`source::file`].
+//! - [`store`]: one watch channel per service; knows nothing of gRPC or Kubernetes.
+//! - [`api`]: the gRPC edge: Discovery, grpclb, Admin, and the subscriber registry.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`server`]: binds, wires and runs it all, and drains on shutdown.
+//! - [`signal`]: the SIGTERM/SIGINT future.
+
+pub mod api;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod signal;
+pub mod source;
+pub mod store;
+
+pub use config::Config;
+pub use server::LbServer;

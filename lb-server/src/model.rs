@@ -1,0 +1,389 @@
+//! The domain model: service keys, targets, endpoints and snapshots.
+//!
+//! Invariants: a [`ServiceKey`] is always valid (it can only be built by parsing
+//! or from already-validated parts), a [`Snapshot`]'s endpoints are sorted and
+//! unique by address and port, and every endpoint has a weight of at least 1.
+
+use std::{
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+    time::{Instant, SystemTime},
+};
+
+/// The longest target we accept, in bytes (grpclb caps names below 256 bytes).
+pub const MAX_TARGET_LEN: usize = 255;
+
+/// A service port, by name (`grpc`) or number (`50051`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortRef {
+    /// A named port, as in the EndpointSlice's `ports[].name`.
+    Name(String),
+    /// A port number: the port endpoints listen on.
+    Number(u16),
+}
+
+impl fmt::Display for PortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortRef::Name(name) => f.write_str(name),
+            PortRef::Number(number) => write!(f, "{number}"),
+        }
+    }
+}
+
+/// One service port in one namespace: what a client subscribes to.
+///
+/// Its canonical text form is `NAME.NAMESPACE:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    namespace: String,
+    name: String,
+    port: PortRef,
+}
+
+impl ServiceKey {
+    /// Builds a key from parts, validating each as [`parse_target`] would.
+    pub fn new(namespace: &str, name: &str, port: PortRef) -> Result<Self, TargetError> {
+        check_label(name, "service name")?;
+        check_label(namespace, "namespace")?;
+        if let PortRef::Name(port_name) = &port {
+            check_port_name(port_name)?;
+        }
+        if port == PortRef::Number(0) {
+            return Err(TargetError::BadPort("0".into()));
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            port,
+        })
+    }
+
+    /// The Kubernetes namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The Kubernetes service name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The service port.
+    pub fn port(&self) -> &PortRef {
+        &self.port
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}:{}", self.name, self.namespace, self.port)
+    }
+}
+
+impl FromStr for ServiceKey {
+    type Err = TargetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_target(s)
+    }
+}
+
+/// Why a target was rejected. Each message says what is wrong and what is expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// Nothing was given.
+    #[error("empty target: expected NAME.NAMESPACE:PORT")]
+    Empty,
+    /// Longer than [`MAX_TARGET_LEN`].
+    #[error("target is {0} bytes long; the limit is {MAX_TARGET_LEN}")]
+    TooLong(usize),
+    /// A scheme other than `dns:///`.
+    #[error("unsupported scheme in {0:?}: only an optional \"dns:///\" prefix is accepted")]
+    Scheme(String),
+    /// No `:PORT` suffix.
+    #[error("missing port in {0:?}: expected NAME.NAMESPACE:PORT")]
+    MissingPort(String),
+    /// The port is neither a valid name nor a number in 1..=65535.
+    #[error("bad port {0:?}: expected a port name (IANA_SVC_NAME) or a number in 1..=65535")]
+    BadPort(String),
+    /// The host is not `NAME.NAMESPACE` or `NAME.NAMESPACE.svc.cluster.local`.
+    #[error("bad host {0:?}: expected NAME.NAMESPACE or NAME.NAMESPACE.svc.cluster.local")]
+    BadHost(String),
+    /// A service name or namespace that is not a DNS label.
+    #[error("bad {what} {value:?}: expected a DNS label (lowercase letters, digits and '-', at most 63)")]
+    BadLabel {
+        /// Which part was wrong.
+        what: &'static str,
+        /// The offending text.
+        value: String,
+    },
+}
+
+/// Parses a target: `NAME.NAMESPACE:PORT`, `NAME.NAMESPACE.svc.cluster.local:PORT`,
+/// either with an optional `dns:///` prefix. PORT is a port name or a number.
+pub fn parse_target(target: &str) -> Result<ServiceKey, TargetError> {
+    if target.is_empty() {
+        return Err(TargetError::Empty);
+    }
+    if target.len() > MAX_TARGET_LEN {
+        return Err(TargetError::TooLong(target.len()));
+    }
+    let rest = match target.strip_prefix("dns:///") {
+        Some(rest) => rest,
+        None if target.contains("://") || target.starts_with("dns:") => {
+            return Err(TargetError::Scheme(target.into()));
+        }
+        None => target,
+    };
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| TargetError::MissingPort(target.into()))?;
+    let port = parse_port(port)?;
+    let host = host.strip_suffix(".svc.cluster.local").unwrap_or(host);
+    let (name, namespace) = host
+        .split_once('.')
+        .filter(|(_, ns)| !ns.contains('.'))
+        .ok_or_else(|| TargetError::BadHost(host.into()))?;
+    ServiceKey::new(namespace, name, port)
+}
+
+fn parse_port(port: &str) -> Result<PortRef, TargetError> {
+    if port.is_empty() {
+        return Err(TargetError::BadPort(port.into()));
+    }
+    if port.bytes().all(|b| b.is_ascii_digit()) {
+        return match port.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(PortRef::Number(n)),
+            _ => Err(TargetError::BadPort(port.into())),
+        };
+    }
+    check_port_name(port)?;
+    Ok(PortRef::Name(port.into()))
+}
+
+/// A Kubernetes port name (IANA_SVC_NAME): at most 15 of `[a-z0-9-]`, at least
+/// one letter, no leading, trailing or doubled '-'.
+fn check_port_name(port: &str) -> Result<(), TargetError> {
+    let ok = !port.is_empty()
+        && port.len() <= 15
+        && port
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && port.bytes().any(|b| b.is_ascii_lowercase())
+        && !port.starts_with('-')
+        && !port.ends_with('-')
+        && !port.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(TargetError::BadPort(port.into()))
+    }
+}
+
+/// A DNS-1123 label: at most 63 of `[a-z0-9-]`, starting and ending alphanumeric.
+fn check_label(value: &str, what: &'static str) -> Result<(), TargetError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(TargetError::BadLabel {
+            what,
+            value: value.into(),
+        })
+    }
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    /// The backend's IP address.
+    pub address: IpAddr,
+    /// The port it serves the service port on.
+    pub port: u16,
+    /// Relative weight, at least 1.
+    pub weight: u32,
+    /// Topology zone, empty if unknown.
+    pub zone: String,
+    /// Node name, empty if unknown.
+    pub node: String,
+    /// Pod name, empty if unknown.
+    pub pod: String,
+    /// Serving but terminating: no new calls.
+    pub draining: bool,
+}
+
+impl Endpoint {
+    /// A ready endpoint with weight 1 and no topology.
+    pub fn new(address: IpAddr, port: u16) -> Self {
+        Self {
+            address,
+            port,
+            weight: 1,
+            zone: String::new(),
+            node: String::new(),
+            pod: String::new(),
+            draining: false,
+        }
+    }
+
+    /// Builder: sets the zone.
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.zone = zone.into();
+        self
+    }
+
+    /// Builder: sets the weight (at least 1).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight.max(1);
+        self
+    }
+
+    /// Builder: sets the node name.
+    pub fn node(mut self, node: impl Into<String>) -> Self {
+        self.node = node.into();
+        self
+    }
+
+    /// Builder: sets the pod name.
+    pub fn pod(mut self, pod: impl Into<String>) -> Self {
+        self.pod = pod.into();
+        self
+    }
+
+    /// Builder: marks the endpoint draining.
+    pub fn draining(mut self) -> Self {
+        self.draining = true;
+        self
+    }
+}
+
+/// Sorts endpoints and removes duplicates by address and port, keeping the
+/// first of each (callers put the preferred copy first).
+pub fn normalize(mut endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
+    // Stable sort: among equal address+port, the caller's order decides.
+    endpoints.sort_by(|a, b| (a.address, a.port).cmp(&(b.address, b.port)));
+    endpoints.dedup_by(|later, first| (later.address, later.port) == (first.address, first.port));
+    for endpoint in &mut endpoints {
+        endpoint.weight = endpoint.weight.max(1);
+    }
+    endpoints
+}
+
+/// The whole state of one service at one version.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Grows with every change; 0 only for a service never seen.
+    pub version: u64,
+    /// False when the service is unknown (never seen, or removed).
+    pub exists: bool,
+    /// Sorted by address and port, unique.
+    pub endpoints: Vec<Endpoint>,
+    /// Wall-clock time of the change, for operators.
+    pub updated: SystemTime,
+    /// When the source saw the event that produced this version, for push latency.
+    pub event_at: Instant,
+}
+
+impl Snapshot {
+    /// The snapshot of a service nobody has published.
+    pub fn unknown() -> Self {
+        Self {
+            version: 0,
+            exists: false,
+            endpoints: Vec::new(),
+            updated: SystemTime::now(),
+            event_at: Instant::now(),
+        }
+    }
+
+    /// Endpoints that may take new calls.
+    pub fn serving(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| !e.draining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ns: &str, name: &str, port: PortRef) -> ServiceKey {
+        ServiceKey::new(ns, name, port).unwrap()
+    }
+
+    #[test]
+    fn accepts_every_documented_form() {
+        let want = key("default", "greeter", PortRef::Name("grpc".into()));
+        for target in [
+            "greeter.default:grpc",
+            "greeter.default.svc.cluster.local:grpc",
+            "dns:///greeter.default:grpc",
+            "dns:///greeter.default.svc.cluster.local:grpc",
+        ] {
+            assert_eq!(parse_target(target).unwrap(), want, "{target}");
+        }
+        assert_eq!(
+            parse_target("greeter.default:50051").unwrap(),
+            key("default", "greeter", PortRef::Number(50051))
+        );
+        assert_eq!(want.to_string(), "greeter.default:grpc");
+    }
+
+    #[test]
+    fn rejects_malformed_targets_with_a_reason() {
+        let cases: &[(&str, &str)] = &[
+            ("", "empty target"),
+            ("greeter.default", "missing port"),
+            ("greeter:grpc", "bad host"),
+            ("a.b.c:grpc", "bad host"),
+            ("greeter.default.svc:grpc", "bad host"),
+            ("greeter.default:0", "bad port"),
+            ("greeter.default:65536", "bad port"),
+            ("greeter.default:", "bad port"),
+            ("greeter.default:GRPC", "bad port"),
+            ("greeter.default:grpc--x", "bad port"),
+            ("greeter.default:abcdefghijklmnop", "bad port"),
+            ("greeter.default:123-", "bad port"),
+            ("Greeter.default:grpc", "bad service name"),
+            ("greeter.-ns:grpc", "bad namespace"),
+            (".default:grpc", "bad service name"),
+            ("http://greeter.default:grpc", "unsupported scheme"),
+            ("dns://8.8.8.8/greeter.default:grpc", "unsupported scheme"),
+            ("greeter.default:grpc extra", "bad port"),
+        ];
+        for (target, reason) in cases {
+            let err = parse_target(target).unwrap_err().to_string();
+            assert!(err.contains(reason), "{target:?}: {err:?} lacks {reason:?}");
+        }
+        let long = format!("{}.default:grpc", "a".repeat(300));
+        assert!(matches!(
+            parse_target(&long),
+            Err(TargetError::TooLong(313))
+        ));
+        let label = format!("{}.default:grpc", "a".repeat(64));
+        assert!(parse_target(&label).unwrap_err().to_string().contains("bad service name"));
+    }
+
+    #[test]
+    fn normalize_sorts_and_keeps_the_first_duplicate() {
+        let a: IpAddr = "10.0.0.2".parse().unwrap();
+        let b: IpAddr = "10.0.0.1".parse().unwrap();
+        let out = normalize(vec![
+            Endpoint::new(a, 80).zone("first"),
+            Endpoint::new(b, 80),
+            Endpoint::new(a, 80).zone("second"),
+            Endpoint::new(a, 81).weight(0),
+        ]);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].address, b);
+        assert_eq!(out[1].zone, "first");
+        assert_eq!(out[2].weight, 1);
+    }
+}
