@@ -16,7 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/grpc/lb/v1/load_balancer.proto",
             ],
         ),
-        ("helloworld_descriptor.bin", &["proto/helloworld/helloworld.proto"]),
+        (
+            "helloworld_descriptor.bin",
+            &["proto/helloworld/helloworld.proto"],
+        ),
     ];
     for (descriptor, protos) in sets {
         let mut config = tonic_prost_build::Config::new();

@@ -95,7 +95,9 @@ pub async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    health.set_not_serving::<GreeterServer<GreeterService>>().await;
+    health
+        .set_not_serving::<GreeterServer<GreeterService>>()
+        .await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(drain_timeout, serving).await {
         Ok(joined) => joined??,

@@ -106,14 +106,14 @@ mod tests {
 
     #[test]
     fn flags_and_defaults() {
-        let config = Config::try_parse_from(["lb-server", "--source", "file", "--file", "a.yaml"]).unwrap();
+        let config =
+            Config::try_parse_from(["lb-server", "--source", "file", "--file", "a.yaml"]).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:7000");
         assert_eq!(config.metrics_listen.to_string(), "0.0.0.0:9090");
         assert!(Config::try_parse_from(["lb-server", "--source", "file"]).is_err());
-        let config = Config::try_parse_from([
-            "lb-server", "--namespace", "a", "--namespace", "b,c",
-        ])
-        .unwrap();
+        let config =
+            Config::try_parse_from(["lb-server", "--namespace", "a", "--namespace", "b,c"])
+                .unwrap();
         assert_eq!(config.namespaces, ["a", "b", "c"]);
         assert_eq!(config.source, SourceKind::Kube);
     }

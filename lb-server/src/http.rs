@@ -40,16 +40,16 @@ async fn metrics(State(state): State<HttpState>) -> ([(&'static str, &'static st
             .with_label_values(&[protocol.as_str()])
             .set(state.subscribers.count(protocol) as i64);
     }
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        m.encode(),
-    )
+    ([("content-type", "text/plain; version=0.0.4")], m.encode())
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
     if *state.ready.borrow() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: source not synced or shutting down\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: source not synced or shutting down\n",
+        )
     }
 }

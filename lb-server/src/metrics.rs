@@ -40,8 +40,8 @@ pub struct Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("lookaside".into()), None)
-            .expect("static prefix is valid");
+        let registry =
+            Registry::new_custom(Some("lookaside".into()), None).expect("static prefix is valid");
         let subscribers = IntGaugeVec::new(
             Opts::new("subscribers", "Open subscriber streams by protocol."),
             &["protocol"],
@@ -49,8 +49,11 @@ impl Metrics {
         .unwrap();
         let services = IntGauge::new("services", "Services that exist.").unwrap();
         let endpoints = IntGauge::new("endpoints", "Endpoints over all services.").unwrap();
-        let draining_endpoints =
-            IntGauge::new("draining_endpoints", "Draining endpoints over all services.").unwrap();
+        let draining_endpoints = IntGauge::new(
+            "draining_endpoints",
+            "Draining endpoints over all services.",
+        )
+        .unwrap();
         let pushes = IntCounterVec::new(
             Opts::new("pushes_total", "Updates pushed to subscribers by protocol."),
             &["protocol"],
@@ -62,8 +65,8 @@ impl Metrics {
                 "Time from a source event to the update message written to a subscriber.",
             )
             .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                0.5, 1.0, 2.5,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
             ]),
             &["protocol"],
         )
@@ -84,7 +87,10 @@ impl Metrics {
         )
         .unwrap();
         let rejected = IntCounterVec::new(
-            Opts::new("rejected_requests_total", "Requests rejected for bad input."),
+            Opts::new(
+                "rejected_requests_total",
+                "Requests rejected for bad input.",
+            ),
             &["api", "reason"],
         )
         .unwrap();

@@ -112,7 +112,9 @@ pub enum TargetError {
     #[error("bad host {0:?}: expected NAME.NAMESPACE or NAME.NAMESPACE.svc.cluster.local")]
     BadHost(String),
     /// A service name or namespace that is not a DNS label.
-    #[error("bad {what} {value:?}: expected a DNS label (lowercase letters, digits and '-', at most 63)")]
+    #[error(
+        "bad {what} {value:?}: expected a DNS label (lowercase letters, digits and '-', at most 63)"
+    )]
     BadLabel {
         /// Which part was wrong.
         what: &'static str,
@@ -201,6 +203,9 @@ fn check_label(value: &str, what: &'static str) -> Result<(), TargetError> {
     }
 }
 
+/// Whole endpoint sets of several services, as a source produces them.
+pub type Services = std::collections::HashMap<ServiceKey, Vec<Endpoint>>;
+
 /// One backend of a service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
@@ -269,7 +274,7 @@ impl Endpoint {
 /// first of each (callers put the preferred copy first).
 pub fn normalize(mut endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
     // Stable sort: among equal address+port, the caller's order decides.
-    endpoints.sort_by(|a, b| (a.address, a.port).cmp(&(b.address, b.port)));
+    endpoints.sort_by_key(|e| (e.address, e.port));
     endpoints.dedup_by(|later, first| (later.address, later.port) == (first.address, first.port));
     for endpoint in &mut endpoints {
         endpoint.weight = endpoint.weight.max(1);
@@ -368,7 +373,12 @@ mod tests {
             Err(TargetError::TooLong(313))
         ));
         let label = format!("{}.default:grpc", "a".repeat(64));
-        assert!(parse_target(&label).unwrap_err().to_string().contains("bad service name"));
+        assert!(
+            parse_target(&label)
+                .unwrap_err()
+                .to_string()
+                .contains("bad service name")
+        );
     }
 
     #[test]

@@ -50,7 +50,10 @@ impl LbServer {
         let metrics = Arc::new(Metrics::new());
         let source = match config.source {
             SourceKind::File => {
-                let path = config.file.clone().context("--source file needs --file PATH")?;
+                let path = config
+                    .file
+                    .clone()
+                    .context("--source file needs --file PATH")?;
                 Source::File(FileSource::start(
                     path,
                     config.file_poll_interval,
@@ -88,12 +91,16 @@ impl LbServer {
 
     /// The bound gRPC address.
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("bound listener has an address")
+        self.grpc
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// The bound HTTP (metrics) address.
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.http.local_addr().expect("bound listener has an address")
+        self.http
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// The store the source publishes into.
@@ -232,7 +239,10 @@ impl LbServer {
     }
 }
 
-async fn set_health(health: &tonic_health::server::HealthReporter, status: tonic_health::ServingStatus) {
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
     for service in [
         "",
         "lookaside.v1.Discovery",

@@ -19,7 +19,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::model::{Endpoint, ServiceKey, Snapshot, normalize};
+use crate::model::{Endpoint, ServiceKey, Services, Snapshot, normalize};
 
 /// The shared state of every service.
 #[derive(Debug, Default)]
@@ -115,7 +115,11 @@ impl Store {
 
     /// Makes `services` the whole state: publishes each, removes every other
     /// existing service. Returns how many services changed.
-    pub fn replace_all(&self, services: HashMap<ServiceKey, Vec<Endpoint>>, event_at: Instant) -> usize {
+    pub fn replace_all(
+        &self,
+        services: Services,
+        event_at: Instant,
+    ) -> usize {
         let gone: Vec<ServiceKey> = self
             .services()
             .into_iter()

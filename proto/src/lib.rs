@@ -27,7 +27,8 @@ pub mod helloworld {
 }
 
 /// Encoded `FileDescriptorSet` of `lookaside.v1` and `grpc.lb.v1`, for lb-server's reflection.
-pub const LOOKASIDE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lookaside_descriptor");
+pub const LOOKASIDE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("lookaside_descriptor");
 
 /// Encoded `FileDescriptorSet` of `helloworld`, for greeter-server's reflection.
 pub const HELLOWORLD_DESCRIPTOR_SET: &[u8] =

@@ -34,7 +34,11 @@ fn default_name() -> String {
     std::env::var("POD_NAME")
         .ok()
         .filter(|n| !n.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "greeter".to_owned())
 }

@@ -41,7 +41,13 @@ impl Admin for AdminApi {
                 target: view.key.to_string(),
                 version: view.snapshot.version,
                 endpoints: count(view.snapshot.endpoints.len()),
-                draining: count(view.snapshot.endpoints.iter().filter(|e| e.draining).count()),
+                draining: count(
+                    view.snapshot
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.draining)
+                        .count(),
+                ),
                 subscribers: count(view.subscribers),
             })
             .collect();
@@ -52,7 +58,9 @@ impl Admin for AdminApi {
         &self,
         request: Request<GetServiceRequest>,
     ) -> Result<Response<Service>, Status> {
-        let key = self.shared.parse_target("admin", &request.into_inner().target)?;
+        let key = self
+            .shared
+            .parse_target("admin", &request.into_inner().target)?;
         let snapshot = self
             .shared
             .store

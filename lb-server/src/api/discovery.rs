@@ -9,7 +9,7 @@ use lookaside_proto::lookaside::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Protocol, Shared, MAX_REQUEST_BYTES, pb};
+use super::{MAX_REQUEST_BYTES, Protocol, Shared, pb};
 
 /// The Discovery service.
 #[derive(Debug, Clone)]

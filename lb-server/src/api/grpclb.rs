@@ -115,7 +115,10 @@ impl LoadBalancer for GrpclbApi {
             shared: self.shared.clone(),
             stats_interval: self.stats_interval,
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(state, next_response))))
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            next_response,
+        ))))
     }
 }
 
@@ -127,7 +130,8 @@ async fn next_response(
         let response = match s.phase {
             Phase::Initial => {
                 s.phase = Phase::Current;
-                let interval = prost_types::Duration::try_from(s.stats_interval).unwrap_or_default();
+                let interval =
+                    prost_types::Duration::try_from(s.stats_interval).unwrap_or_default();
                 LoadBalanceResponseType::InitialResponse(InitialLoadBalanceResponse {
                     client_stats_report_interval: (!s.stats_interval.is_zero()).then_some(interval),
                 })
@@ -184,12 +188,19 @@ async fn next_response(
 }
 
 fn record_stats(s: &StreamState, stats: &ClientStats) {
-    let dropped: i64 = stats.calls_finished_with_drop.iter().map(|d| d.num_calls).sum();
+    let dropped: i64 = stats
+        .calls_finished_with_drop
+        .iter()
+        .map(|d| d.num_calls)
+        .sum();
     let counter = &s.shared.metrics.grpclb_client_calls;
     for (kind, value) in [
         ("started", stats.num_calls_started),
         ("finished", stats.num_calls_finished),
-        ("failed_to_send", stats.num_calls_finished_with_client_failed_to_send),
+        (
+            "failed_to_send",
+            stats.num_calls_finished_with_client_failed_to_send,
+        ),
         ("known_received", stats.num_calls_finished_known_received),
         ("dropped", dropped),
     ] {

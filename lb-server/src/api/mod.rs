@@ -11,8 +11,8 @@ pub mod subscribers;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tonic::Status;
 use tokio_util::sync::CancellationToken;
+use tonic::Status;
 
 use crate::{
     metrics::Metrics,
@@ -51,7 +51,10 @@ impl Shared {
             TargetError::TooLong(_) => "too_long",
             _ => "bad_target",
         };
-        self.metrics.rejected.with_label_values(&[api, reason]).inc();
+        self.metrics
+            .rejected
+            .with_label_values(&[api, reason])
+            .inc();
         Status::invalid_argument(format!("invalid target: {error}"))
     }
 }

@@ -99,7 +99,12 @@ impl Subscribers {
     }
 
     /// Registers a stream; it stays listed while the guard lives.
-    pub fn register(self: &Arc<Self>, peer: String, target: String, protocol: Protocol) -> SubscriberGuard {
+    pub fn register(
+        self: &Arc<Self>,
+        peer: String,
+        target: String,
+        protocol: Protocol,
+    ) -> SubscriberGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(SubscriberInfo {
             peer,

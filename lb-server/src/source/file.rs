@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::Metrics,
-    model::{Endpoint, ServiceKey, TargetError, parse_target},
+    model::{Endpoint, Services, TargetError, parse_target},
     store::Store,
 };
 
@@ -66,7 +66,9 @@ pub enum FileError {
         source: TargetError,
     },
     /// An endpoint address that is not `IP:PORT`.
-    #[error("{path}: service {key:?}, endpoint {index}: address {address:?} is not IP:PORT (IPv6 as [::1]:PORT)")]
+    #[error(
+        "{path}: service {key:?}, endpoint {index}: address {address:?} is not IP:PORT (IPv6 as [::1]:PORT)"
+    )]
     Address {
         /// The file.
         path: PathBuf,
@@ -117,7 +119,7 @@ fn one() -> u32 {
 }
 
 /// Parses file contents into whole endpoint sets, one per service.
-pub fn parse(path: &Path, text: &str) -> Result<HashMap<ServiceKey, Vec<Endpoint>>, FileError> {
+pub fn parse(path: &Path, text: &str) -> Result<Services, FileError> {
     let doc: Option<FileDoc> = serde_yaml::from_str(text).map_err(|source| FileError::Parse {
         path: path.into(),
         source,
@@ -159,7 +161,7 @@ pub fn parse(path: &Path, text: &str) -> Result<HashMap<ServiceKey, Vec<Endpoint
 }
 
 /// Reads and parses the file.
-pub fn load(path: &Path) -> Result<(Vec<u8>, HashMap<ServiceKey, Vec<Endpoint>>), FileError> {
+pub fn load(path: &Path) -> Result<(Vec<u8>, Services), FileError> {
     let bytes = std::fs::read(path).map_err(|source| FileError::Read {
         path: path.into(),
         source,
@@ -240,8 +242,14 @@ impl FileSource {
                 if matches!(error, FileError::Read { .. }) {
                     self.last.clear();
                 }
-                self.metrics.file_reloads.with_label_values(&["error"]).inc();
-                self.metrics.source_errors.with_label_values(&["file"]).inc();
+                self.metrics
+                    .file_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                self.metrics
+                    .source_errors
+                    .with_label_values(&["file"])
+                    .inc();
                 tracing::warn!(%error, "file source reload failed; keeping the last good state");
             }
         }
@@ -253,7 +261,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn parse_str(text: &str) -> Result<HashMap<ServiceKey, Vec<Endpoint>>, FileError> {
+    fn parse_str(text: &str) -> Result<Services, FileError> {
         parse(Path::new("test.yaml"), text)
     }
 
@@ -275,10 +283,22 @@ mod tests {
     fn errors_say_what_is_wrong() {
         let cases = [
             ("services: [", "cannot parse"),
-            ("services:\n  nope:\n    - address: 1.2.3.4:5\n", "service \"nope\""),
-            ("services:\n  a.b:c:\n    - address: 1.2.3.4\n", "not IP:PORT"),
-            ("services:\n  a.b:c:\n    - address: 1.2.3.4:5\n      weight: 0\n", "weight"),
-            ("services:\n  a.b:c:\n    - address: 1.2.3.4:5\n      wieght: 2\n", "unknown field"),
+            (
+                "services:\n  nope:\n    - address: 1.2.3.4:5\n",
+                "service \"nope\"",
+            ),
+            (
+                "services:\n  a.b:c:\n    - address: 1.2.3.4\n",
+                "not IP:PORT",
+            ),
+            (
+                "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n      weight: 0\n",
+                "weight",
+            ),
+            (
+                "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n      wieght: 2\n",
+                "unknown field",
+            ),
             ("servics: {}\n", "unknown field"),
         ];
         for (text, want) in cases {
@@ -291,16 +311,27 @@ mod tests {
     async fn broken_reload_keeps_the_last_good_state_and_counts_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lb.yaml");
-        std::fs::write(&path, "services:\n  a.ns:grpc:\n    - address: 10.0.0.1:80\n").unwrap();
+        std::fs::write(
+            &path,
+            "services:\n  a.ns:grpc:\n    - address: 10.0.0.1:80\n",
+        )
+        .unwrap();
         let store = Store::new();
         let metrics = Arc::new(Metrics::new());
-        let mut source =
-            FileSource::start(path.clone(), Duration::from_secs(1), store.clone(), metrics.clone())
-                .unwrap();
+        let mut source = FileSource::start(
+            path.clone(),
+            Duration::from_secs(1),
+            store.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
         let key = parse_target("a.ns:grpc").unwrap();
         let good = store.get(&key).unwrap();
 
-        std::fs::File::create(&path).unwrap().write_all(b"services: [").unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(b"services: [")
+            .unwrap();
         source.poll();
         assert_eq!(store.get(&key).unwrap().version, good.version);
         assert_eq!(metrics.file_reloads.with_label_values(&["error"]).get(), 1);
@@ -309,7 +340,11 @@ mod tests {
         source.poll();
         assert_eq!(store.get(&key).unwrap().version, good.version);
 
-        std::fs::write(&path, "services:\n  a.ns:grpc:\n    - address: 10.0.0.2:80\n").unwrap();
+        std::fs::write(
+            &path,
+            "services:\n  a.ns:grpc:\n    - address: 10.0.0.2:80\n",
+        )
+        .unwrap();
         source.poll();
         let next = store.get(&key).unwrap();
         assert!(next.version > good.version);
@@ -323,11 +358,20 @@ mod tests {
         let path = dir.path().join("lb.yaml");
         let store = Store::new();
         let metrics = Arc::new(Metrics::new());
-        let err = FileSource::start(path.clone(), Duration::from_secs(1), store.clone(), metrics.clone())
-            .unwrap_err();
+        let err = FileSource::start(
+            path.clone(),
+            Duration::from_secs(1),
+            store.clone(),
+            metrics.clone(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("cannot read"));
         std::fs::write(&path, "services:\n  x:\n").unwrap();
         let err = FileSource::start(path, Duration::from_secs(1), store, metrics).unwrap_err();
-        assert!(err.to_string().contains("expected NAME.NAMESPACE:PORT") || err.to_string().contains("missing port"), "{err}");
+        assert!(
+            err.to_string().contains("expected NAME.NAMESPACE:PORT")
+                || err.to_string().contains("missing port"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,514 @@
+//! lb-server's gRPC and HTTP APIs, driven over loopback through tonic clients.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration, time::Instant};
+
+use lb_server::{Config, LbServer, model::Endpoint, model::parse_target, store::Store};
+use lookaside_proto::{
+    grpclb::v1::{
+        ClientStats, InitialLoadBalanceRequest, LoadBalanceRequest, load_balance_request,
+        load_balance_response::LoadBalanceResponseType, load_balancer_client::LoadBalancerClient,
+    },
+    lookaside::v1::{
+        GetServiceRequest, ListServicesRequest, ListSubscribersRequest, WatchRequest,
+        WatchResponse, admin_client::AdminClient, discovery_client::DiscoveryClient,
+    },
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use tonic::{Code, transport::Channel};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A running lb-server on loopback with a file source, stopped by its handle.
+struct TestServer {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    store: Arc<Store>,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    async fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, |_| {}).await
+    }
+
+    async fn start_with(yaml: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lb.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let mut config = Config::for_file(&file);
+        tweak(&mut config);
+        let server = LbServer::bind(config).await.unwrap();
+        let (grpc, http, store) = (server.grpc_addr(), server.metrics_addr(), server.store());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            grpc,
+            http,
+            store,
+            file,
+            _dir: dir,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    fn write_file(&self, yaml: &str) {
+        let tmp = self.file.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.file).unwrap();
+    }
+
+    async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, &mut self.task).await??
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+const TWO: &str = "services:\n  greeter.default:grpc:\n    - address: 127.0.0.1:50051\n      zone: zone-a\n      weight: 2\n    - address: 127.0.0.1:50052\n      draining: true\n";
+
+async fn watch(
+    channel: Channel,
+    target: &str,
+) -> Result<tonic::Streaming<WatchResponse>, tonic::Status> {
+    let mut client = DiscoveryClient::new(channel);
+    let request = WatchRequest {
+        target: target.into(),
+    };
+    Ok(client.watch(request).await?.into_inner())
+}
+
+async fn next(stream: &mut tonic::Streaming<WatchResponse>) -> WatchResponse {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("an update in time")
+        .unwrap()
+        .expect("stream open")
+}
+
+#[tokio::test]
+async fn watch_sends_the_snapshot_at_once_then_every_change() {
+    let server = TestServer::start(TWO).await;
+    let mut stream = watch(
+        server.channel().await,
+        "dns:///greeter.default.svc.cluster.local:grpc",
+    )
+    .await
+    .unwrap();
+    let first = next(&mut stream).await;
+    assert!(first.exists);
+    assert_eq!(first.target, "greeter.default:grpc");
+    assert_eq!(first.endpoints.len(), 2);
+    assert_eq!(first.endpoints[0].zone, "zone-a");
+    assert_eq!(first.endpoints[0].weight, 2);
+    assert!(first.endpoints[1].draining);
+
+    server.write_file("services:\n  greeter.default:grpc:\n    - address: 127.0.0.1:50053\n");
+    let second = next(&mut stream).await;
+    assert!(second.version > first.version);
+    assert_eq!(second.endpoints.len(), 1);
+    assert_eq!(second.endpoints[0].port, 50053);
+
+    server.write_file("services: {}\n");
+    let gone = next(&mut stream).await;
+    assert!(!gone.exists && gone.endpoints.is_empty());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_service_reads_exists_false_until_it_appears() {
+    let server = TestServer::start(TWO).await;
+    let mut stream = watch(server.channel().await, "late.default:8080")
+        .await
+        .unwrap();
+    let first = next(&mut stream).await;
+    assert!(!first.exists);
+    server.write_file(&format!(
+        "{TWO}  late.default:8080:\n    - address: 10.1.2.3:8080\n"
+    ));
+    let appeared = next(&mut stream).await;
+    assert!(appeared.exists);
+    assert_eq!(appeared.endpoints[0].address, "10.1.2.3");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_targets_are_invalid_argument_with_the_reason() {
+    let server = TestServer::start(TWO).await;
+    let channel = server.channel().await;
+    for (target, reason) in [
+        ("greeter", "missing port"),
+        ("greeter.default:GRPC", "bad port"),
+        ("http://greeter.default:grpc", "unsupported scheme"),
+        (&"x".repeat(300), "limit is 255"),
+    ] {
+        let status = watch(channel.clone(), target).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{target}");
+        assert!(status.message().contains(reason), "{}", status.message());
+        let status = AdminClient::new(channel.clone())
+            .get_service(GetServiceRequest {
+                target: target.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    // A request far above the limit is refused before it is decoded.
+    let status = watch(channel.clone(), &"x".repeat(100_000))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let status = AdminClient::new(channel.clone())
+        .get_service(GetServiceRequest {
+            target: "nope.default:grpc".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    // Everyone else is still served.
+    let mut stream = watch(channel, "greeter.default:grpc").await.unwrap();
+    assert!(next(&mut stream).await.exists);
+    let (_, metrics) = http_get(server.http, "/metrics").await;
+    assert!(
+        metrics
+            .contains("lookaside_rejected_requests_total{api=\"discovery\",reason=\"too_long\"} 1")
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_lists_services_and_subscribers() {
+    let server = TestServer::start(TWO).await;
+    let channel = server.channel().await;
+    let mut stream = watch(channel.clone(), "greeter.default:grpc")
+        .await
+        .unwrap();
+    let first = next(&mut stream).await;
+    let mut admin = AdminClient::new(channel);
+    let services = admin
+        .list_services(ListServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .services;
+    assert_eq!(services.len(), 1);
+    assert_eq!(services[0].target, "greeter.default:grpc");
+    assert_eq!(
+        (
+            services[0].endpoints,
+            services[0].draining,
+            services[0].subscribers
+        ),
+        (2, 1, 1)
+    );
+    let subscribers = admin
+        .list_subscribers(ListSubscribersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .subscribers;
+    assert_eq!(subscribers.len(), 1);
+    assert_eq!(subscribers[0].protocol, "discovery");
+    assert_eq!(subscribers[0].last_version_sent, first.version);
+    assert!(subscribers[0].peer.starts_with("127.0.0.1:"));
+    drop(stream);
+    // The registry forgets a stream once the client has gone.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = admin
+            .list_subscribers(ListSubscribersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .subscribers;
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "subscriber still listed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.shutdown().await.unwrap();
+}
+
+fn initial(name: &str) -> LoadBalanceRequest {
+    LoadBalanceRequest {
+        load_balance_request_type: Some(
+            load_balance_request::LoadBalanceRequestType::InitialRequest(
+                InitialLoadBalanceRequest { name: name.into() },
+            ),
+        ),
+    }
+}
+
+#[tokio::test]
+async fn grpclb_sends_initial_response_then_server_lists_and_records_stats() {
+    let server =
+        TestServer::start_with(TWO, |c| c.grpclb_stats_interval = Duration::from_secs(2)).await;
+    let channel = server.channel().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(initial("greeter.default:grpc")).await.unwrap();
+    let mut responses = LoadBalancerClient::new(channel.clone())
+        .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_lb = async || {
+        tokio::time::timeout(WAIT, responses.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .load_balance_response_type
+            .unwrap()
+    };
+    let LoadBalanceResponseType::InitialResponse(initial_response) = next_lb().await else {
+        panic!("initial_response first");
+    };
+    assert_eq!(
+        initial_response
+            .client_stats_report_interval
+            .unwrap()
+            .seconds,
+        2
+    );
+    let LoadBalanceResponseType::ServerList(list) = next_lb().await else {
+        panic!("then a server list");
+    };
+    // The draining endpoint is left out; a lone weight reduces to one entry.
+    let ports: Vec<i32> = list.servers.iter().map(|s| s.port).collect();
+    assert_eq!(ports, [50051]);
+    assert_eq!(list.servers[0].ip_address, [127, 0, 0, 1]);
+
+    tx.send(LoadBalanceRequest {
+        load_balance_request_type: Some(load_balance_request::LoadBalanceRequestType::ClientStats(
+            ClientStats {
+                num_calls_started: 10,
+                num_calls_finished: 9,
+                num_calls_finished_known_received: 9,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    server.write_file("services:\n  greeter.default:grpc:\n    - address: 127.0.0.1:50055\n");
+    let LoadBalanceResponseType::ServerList(list) = next_lb().await else {
+        panic!("a new server list on change");
+    };
+    assert_eq!(list.servers.len(), 1);
+    assert_eq!(list.servers[0].port, 50055);
+
+    let mut admin = AdminClient::new(channel);
+    let deadline = Instant::now() + WAIT;
+    let stats = loop {
+        let subscribers = admin
+            .list_subscribers(ListSubscribersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .subscribers;
+        if let Some(stats) = subscribers.iter().find_map(|s| s.grpclb_stats) {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "client stats never recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        (
+            stats.reports,
+            stats.num_calls_started,
+            stats.num_calls_finished
+        ),
+        (1, 10, 9)
+    );
+    let (_, metrics) = http_get(server.http, "/metrics").await;
+    assert!(metrics.contains("lookaside_grpclb_client_calls_total{kind=\"started\"} 10"));
+    assert!(metrics.contains("lookaside_subscribers{protocol=\"grpclb\"} 1"));
+    assert!(metrics.contains("lookaside_push_latency_seconds_count{protocol=\"grpclb\"} 1"));
+    drop(tx);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn grpclb_rejects_bad_names_and_falls_back_for_unknown_services() {
+    let server = TestServer::start(TWO).await;
+    let channel = server.channel().await;
+    let mut client = LoadBalancerClient::new(channel);
+    let long = format!("{}.default:grpc", "a".repeat(243));
+    assert_eq!(long.len(), 256);
+    for (name, reason) in [(long.as_str(), "under 256"), ("nonsense", "missing port")] {
+        let status = client
+            .balance_load(tokio_stream::iter([initial(name)]))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains(reason), "{}", status.message());
+    }
+    let status = client
+        .balance_load(tokio_stream::iter([LoadBalanceRequest::default()]))
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("initial_request"));
+
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(initial("unknown.default:8080")).await.unwrap();
+    let mut responses = client
+        .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let _initial = responses.message().await.unwrap().unwrap();
+    let fallback = responses.message().await.unwrap().unwrap();
+    assert!(matches!(
+        fallback.load_balance_response_type,
+        Some(LoadBalanceResponseType::FallbackResponse(_))
+    ));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_does_not_hold_up_anyone() {
+    let server = TestServer::start(TWO).await;
+    let key = parse_target("big.default:grpc").unwrap();
+    let big = |round: u16| -> Vec<Endpoint> {
+        (0..500u16)
+            .map(|i| {
+                Endpoint::new(
+                    format!("10.{}.{}.{}", round % 250, i / 250, i % 250)
+                        .parse()
+                        .unwrap(),
+                    8080,
+                )
+                .pod(format!("pod-with-a-long-name-{round}-{i}"))
+            })
+            .collect()
+    };
+    server.store.publish(&key, big(0), Instant::now());
+    // A client that opens streams and never reads them: HTTP/2 flow control
+    // stops the server's writes, and the store never queues for it.
+    let stalled_channel = server.channel().await;
+    let mut stalled = Vec::new();
+    for _ in 0..5 {
+        stalled.push(
+            watch(stalled_channel.clone(), "big.default:grpc")
+                .await
+                .unwrap(),
+        );
+    }
+    let mut reader = watch(server.channel().await, "big.default:grpc")
+        .await
+        .unwrap();
+    let mut last = next(&mut reader).await.version;
+    for round in 1..=200u16 {
+        server.store.publish(&key, big(round), Instant::now());
+        let got = next(&mut reader).await;
+        assert!(got.version > last);
+        last = got.version;
+        assert_eq!(got.endpoints.len(), 500);
+    }
+    // A stalled stream, once it reads, skips to the newest version.
+    let stream = &mut stalled[0];
+    let mut newest = 0;
+    while newest < last {
+        newest = next(stream).await.version;
+    }
+    assert_eq!(newest, last);
+    let mut admin = AdminClient::new(server.channel().await);
+    assert!(admin.list_services(ListServicesRequest {}).await.is_ok());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_shutdown_end_streams_cleanly() {
+    let server = TestServer::start(TWO).await;
+    let (status, body) = http_get(server.http, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert_eq!(http_get(server.http, "/healthz").await.0, 200);
+    let channel = server.channel().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "lookaside.v1.Discovery".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    let mut stream = watch(channel, "greeter.default:grpc").await.unwrap();
+    next(&mut stream).await;
+    server.write_file("services:\n  greeter.default:grpc:\n    - address: 127.0.0.1:50059\n");
+    next(&mut stream).await;
+    let (_, metrics) = http_get(server.http, "/metrics").await;
+    for line in [
+        "lookaside_services 1",
+        "lookaside_endpoints 1",
+        "lookaside_subscribers{protocol=\"discovery\"} 1",
+        "lookaside_pushes_total{protocol=\"discovery\"} 1",
+        "lookaside_push_latency_seconds_count{protocol=\"discovery\"} 1",
+        "lookaside_file_reloads_total{result=\"ok\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line}:\n{metrics}");
+    }
+
+    let started = Instant::now();
+    server.shutdown().await.unwrap();
+    assert!(started.elapsed() < WAIT);
+    // The stream ends cleanly (no error), rather than being cut.
+    let end = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+#[test]
+fn a_broken_file_at_start_exits_non_zero_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.yaml");
+    std::fs::write(
+        &file,
+        "services:\n  greeter.default:grpc:\n    - address: not-an-address\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lb-server"))
+        .args(["--source", "file", "--file"])
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("lb-server: error:"), "{stderr}");
+    assert!(
+        stderr.contains("\"not-an-address\" is not IP:PORT"),
+        "{stderr}"
+    );
+}
