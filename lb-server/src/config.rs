@@ -13,6 +13,20 @@ pub enum SourceKind {
     File,
 }
 
+/// The balancing policy xDS clients are told to use for every cluster (CDS `lb_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum XdsLbPolicy {
+    /// Round robin over the endpoints (weighted by locality and endpoint weight where the client supports it).
+    #[default]
+    RoundRobin,
+    /// The endpoint with the fewest outstanding requests of a random few (Envoy; gRPC only where supported).
+    LeastRequest,
+    /// Consistent hashing on a ring (needs a hash policy on the route to be useful).
+    RingHash,
+    /// A random endpoint (Envoy only: proxyless gRPC rejects it).
+    Random,
+}
+
 /// lb-server's configuration.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -50,6 +64,15 @@ pub struct Config {
     #[arg(long, env = "LB_GRPCLB_STATS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub grpclb_stats_interval: Duration,
 
+    /// The balancing policy lb-server's xDS clusters (CDS) ask xDS clients to use.
+    #[arg(
+        long,
+        env = "LB_XDS_LB_POLICY",
+        value_enum,
+        default_value = "round-robin"
+    )]
+    pub xds_lb_policy: XdsLbPolicy,
+
     /// How long to wait for streams to end on SIGTERM/SIGINT.
     #[arg(long, env = "LB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -66,6 +89,7 @@ impl Config {
             listen: ([127, 0, 0, 1], 0).into(),
             metrics_listen: ([127, 0, 0, 1], 0).into(),
             grpclb_stats_interval: Duration::from_secs(10),
+            xds_lb_policy: XdsLbPolicy::RoundRobin,
             shutdown_timeout: Duration::from_secs(5),
         }
     }
@@ -116,5 +140,9 @@ mod tests {
                 .unwrap();
         assert_eq!(config.namespaces, ["a", "b", "c"]);
         assert_eq!(config.source, SourceKind::Kube);
+        assert_eq!(config.xds_lb_policy, XdsLbPolicy::RoundRobin);
+        let config = Config::try_parse_from(["lb-server", "--xds-lb-policy", "ring-hash"]).unwrap();
+        assert_eq!(config.xds_lb_policy, XdsLbPolicy::RingHash);
+        assert!(Config::try_parse_from(["lb-server", "--xds-lb-policy", "maglev"]).is_err());
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! It watches Kubernetes EndpointSlices (or a local YAML file) and streams
 //! each client the live list of healthy backends of the service it names,
-//! over `lookaside.v1.Discovery` (lb-client) and `grpc.lb.v1.LoadBalancer`
-//! (stock grpclb clients); operators inspect it through `lookaside.v1.Admin`,
+//! over `lookaside.v1.Discovery` (lb-client), `grpc.lb.v1.LoadBalancer`
+//! (stock grpclb clients) and xDS ADS (Envoy, proxyless gRPC); operators inspect it through `lookaside.v1.Admin`,
 //! health, reflection and Prometheus metrics.
 //!
 //! # Layout
@@ -11,7 +11,7 @@
 //! - [`model`]: service keys, targets, endpoints, snapshots.
 //! - [`source`]: where endpoints come from: [`source::kube`] and [`source::file`].
 //! - [`store`]: one watch channel per service; knows nothing of gRPC or Kubernetes.
-//! - [`api`]: the gRPC edge: Discovery, grpclb, Admin, and the subscriber registry.
+//! - [`api`]: the gRPC edge: Discovery, grpclb, xDS, Admin, and the subscriber registry.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`server`]: binds, wires and runs it all, and drains on shutdown.

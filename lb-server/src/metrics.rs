@@ -35,6 +35,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Call counts grpclb clients reported in `ClientStats`, by kind.
     pub grpclb_client_calls: IntCounterVec,
+    /// xDS responses a client rejected (NACKed), by resource type URL.
+    pub xds_nacks: IntCounterVec,
 }
 
 impl Metrics {
@@ -102,6 +104,14 @@ impl Metrics {
             &["kind"],
         )
         .unwrap();
+        let xds_nacks = IntCounterVec::new(
+            Opts::new(
+                "xds_nacks_total",
+                "xDS responses rejected by a client (NACK), by resource type URL.",
+            ),
+            &["type_url"],
+        )
+        .unwrap();
         for collector in [
             Box::new(subscribers.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(services.clone()),
@@ -114,6 +124,7 @@ impl Metrics {
             Box::new(file_reloads.clone()),
             Box::new(rejected.clone()),
             Box::new(grpclb_client_calls.clone()),
+            Box::new(xds_nacks.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -130,6 +141,7 @@ impl Metrics {
             file_reloads,
             rejected,
             grpclb_client_calls,
+            xds_nacks,
         }
     }
 

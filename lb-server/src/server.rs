@@ -10,7 +10,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info_span};
 
 use crate::{
-    api::{Shared, Subscribers, admin::AdminApi, discovery::DiscoveryApi, grpclb::GrpclbApi},
+    api::{
+        Shared, Subscribers, admin::AdminApi, discovery::DiscoveryApi, grpclb::GrpclbApi,
+        xds::XdsApi,
+    },
     config::{Config, SourceKind},
     http::{self, HttpState},
     metrics::Metrics,
@@ -200,7 +203,11 @@ impl LbServer {
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             .add_service(DiscoveryApi::server(shared.clone()))
             .add_service(AdminApi::server(shared.clone()))
-            .add_service(GrpclbApi::server(shared, self.config.grpclb_stats_interval))
+            .add_service(GrpclbApi::server(
+                shared.clone(),
+                self.config.grpclb_stats_interval,
+            ))
+            .add_service(XdsApi::server(shared, self.config.xds_lb_policy))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
@@ -248,6 +255,7 @@ async fn set_health(
         "lookaside.v1.Discovery",
         "lookaside.v1.Admin",
         "grpc.lb.v1.LoadBalancer",
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
     ] {
         health.set_service_status(service, status).await;
     }

@@ -7,6 +7,9 @@
 //! Invariants: versions come from one counter, so a service's version only
 //! grows, even across removal and re-creation; publishing an unchanged
 //! endpoint set is a no-op; an entry lives while it exists or has a subscriber.
+//! Besides the per-service channels, one more channel counts changes to the
+//! *set* of existing services (one appears or disappears), for subscribers
+//! that want every service, such as xDS wildcard subscriptions.
 
 use std::{
     collections::HashMap,
@@ -27,6 +30,8 @@ pub struct Store {
     // std Mutex: held only for map lookups and `send_replace`, never across `.await`.
     services: Mutex<HashMap<ServiceKey, watch::Sender<Arc<Snapshot>>>>,
     version: AtomicU64,
+    // Bumped, under the `services` lock, whenever a service starts or stops existing.
+    service_set: watch::Sender<u64>,
 }
 
 /// Counts of what the store holds, for metrics.
@@ -66,6 +71,7 @@ impl Store {
     pub fn publish(&self, key: &ServiceKey, endpoints: Vec<Endpoint>, event_at: Instant) -> bool {
         let endpoints = normalize(endpoints);
         let mut services = self.services.lock().unwrap();
+        let existed = services.get(key).is_some_and(|tx| tx.borrow().exists);
         if let Some(tx) = services.get(key) {
             let current = tx.borrow();
             if current.exists && current.endpoints == endpoints {
@@ -86,6 +92,9 @@ impl Store {
             None => {
                 services.insert(key.clone(), watch::Sender::new(snapshot));
             }
+        }
+        if !existed {
+            self.bump_service_set();
         }
         true
     }
@@ -110,16 +119,26 @@ impl Store {
                 event_at,
             }));
         }
+        self.bump_service_set();
         true
+    }
+
+    /// Watches the set of existing services. The value counts the changes to
+    /// that set so far: it moves when a service appears or disappears, never
+    /// for an endpoint change of an existing service. Read the set itself with
+    /// [`Store::services`] after a change is seen.
+    pub fn watch_service_set(&self) -> watch::Receiver<u64> {
+        self.service_set.subscribe()
+    }
+
+    // Callers hold the `services` lock, so a woken watcher reads the new set.
+    fn bump_service_set(&self) {
+        self.service_set.send_modify(|changes| *changes += 1);
     }
 
     /// Makes `services` the whole state: publishes each, removes every other
     /// existing service. Returns how many services changed.
-    pub fn replace_all(
-        &self,
-        services: Services,
-        event_at: Instant,
-    ) -> usize {
+    pub fn replace_all(&self, services: Services, event_at: Instant) -> usize {
         let gone: Vec<ServiceKey> = self
             .services()
             .into_iter()
@@ -319,6 +338,59 @@ mod tests {
         assert_eq!(store.subscribers(&k), 1);
         drop(b);
         assert!(store.services.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn service_set_changes_only_when_a_service_appears_or_disappears() {
+        let store = Store::new();
+        let mut set = store.watch_service_set();
+        let a = key("a.ns:grpc");
+        let b = key("b.ns:grpc");
+        let changes = |set: &mut watch::Receiver<u64>| {
+            let changed = set.has_changed().unwrap();
+            set.borrow_and_update();
+            changed
+        };
+
+        let placeholder = store.subscribe(&b);
+        assert!(
+            !changes(&mut set),
+            "subscribing to an unknown service adds nothing"
+        );
+        store.publish(&a, vec![ep(1)], Instant::now());
+        assert!(changes(&mut set), "a appeared");
+        store.publish(&a, vec![ep(1), ep(2)], Instant::now());
+        store.publish(&a, vec![ep(1), ep(2)], Instant::now());
+        assert!(!changes(&mut set), "endpoint changes are not set changes");
+
+        store.publish(&b, vec![ep(3)], Instant::now());
+        assert!(changes(&mut set), "a watched placeholder became a service");
+        assert!(store.remove(&b, Instant::now()));
+        assert!(changes(&mut set), "b disappeared while watched");
+        assert!(!store.remove(&b, Instant::now()));
+        assert!(
+            !changes(&mut set),
+            "removing a gone service changes nothing"
+        );
+        drop(placeholder);
+
+        assert!(store.remove(&a, Instant::now()));
+        assert!(changes(&mut set), "a disappeared unwatched");
+        assert_eq!(*set.borrow(), 4);
+    }
+
+    #[tokio::test]
+    async fn service_set_watcher_wakes_and_reads_the_new_set() {
+        let store = Store::new();
+        let mut set = store.watch_service_set();
+        let writer = Arc::clone(&store);
+        let task = tokio::spawn(async move {
+            writer.publish(&key("late.ns:80"), vec![ep(1)], Instant::now());
+        });
+        set.changed().await.unwrap();
+        let names: Vec<String> = store.services().iter().map(|v| v.key.to_string()).collect();
+        assert_eq!(names, ["late.ns:80"]);
+        task.await.unwrap();
     }
 
     #[test]

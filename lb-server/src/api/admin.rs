@@ -3,6 +3,7 @@
 use lookaside_proto::lookaside::v1::{
     GetServiceRequest, GrpclbClientStats, ListServicesRequest, ListServicesResponse,
     ListSubscribersRequest, ListSubscribersResponse, Service, ServiceSummary, Subscriber,
+    XdsClient, XdsNack, XdsResourceType,
     admin_server::{Admin, AdminServer},
 };
 use tonic::{Request, Response, Status};
@@ -99,6 +100,29 @@ impl Admin for AdminApi {
                     num_calls_finished_with_client_failed_to_send: t.calls_failed_to_send,
                     num_calls_finished_known_received: t.calls_known_received,
                     num_calls_dropped: t.calls_dropped,
+                }),
+                xds: info.xds().map(|x| XdsClient {
+                    node_id: x.node_id,
+                    node_cluster: x.node_cluster,
+                    user_agent: x.user_agent,
+                    resource_types: x
+                        .types
+                        .into_iter()
+                        .map(|t| XdsResourceType {
+                            type_url: t.type_url,
+                            resource_names: t.names,
+                            last_version_sent: t.version_sent,
+                            last_acked_version: t.acked_version,
+                            nacks: t.nacks,
+                            last_nack: t.last_nack.map(|n| XdsNack {
+                                version: n.version,
+                                nonce: n.nonce,
+                                code: n.code,
+                                message: n.message,
+                                at: Some(pb::timestamp(n.at)),
+                            }),
+                        })
+                        .collect(),
                 }),
             })
             .collect();

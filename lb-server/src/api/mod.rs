@@ -1,4 +1,4 @@
-//! The gRPC edge: Discovery, grpclb, Admin, plus the subscriber registry they share.
+//! The gRPC edge: Discovery, grpclb, xDS, Admin, plus the subscriber registry they share.
 //!
 //! This is the only place domain errors become `tonic::Status`. It knows
 //! nothing of Kubernetes: it reads the [`Store`](crate::store::Store).
@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod grpclb;
 pub mod pb;
 pub mod subscribers;
+pub mod xds;
 
 use std::{net::SocketAddr, sync::Arc};
 

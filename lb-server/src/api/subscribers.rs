@@ -56,6 +56,72 @@ pub struct GrpclbTotals {
     pub calls_dropped: i64,
 }
 
+/// A response an xDS client rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdsNack {
+    /// `version_info` of the rejected response.
+    pub version: String,
+    /// Nonce of the rejected response.
+    pub nonce: String,
+    /// The `google.rpc.Code` of the client's `error_detail`.
+    pub code: i32,
+    /// The client's error message.
+    pub message: String,
+    /// When the NACK arrived.
+    pub at: SystemTime,
+}
+
+/// One resource type on an xDS stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XdsTypeStatus {
+    /// The type URL.
+    pub type_url: String,
+    /// Subscribed names, sorted; `*` for a wildcard subscription.
+    pub names: Vec<String>,
+    /// `version_info` of the last response sent.
+    pub version_sent: String,
+    /// `version_info` of the last response the client ACKed.
+    pub acked_version: String,
+    /// Responses the client rejected.
+    pub nacks: u64,
+    /// The last rejection.
+    pub last_nack: Option<XdsNack>,
+}
+
+/// What an xDS client told us and acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XdsStatus {
+    /// `node.id`.
+    pub node_id: String,
+    /// `node.cluster`.
+    pub node_cluster: String,
+    /// `node.user_agent_name`.
+    pub user_agent: String,
+    /// Every type the client asked for, sorted by type URL.
+    pub types: Vec<XdsTypeStatus>,
+}
+
+impl XdsStatus {
+    /// The entry of a type, added in type URL order if new.
+    pub fn type_mut(&mut self, type_url: &str) -> &mut XdsTypeStatus {
+        let index = match self
+            .types
+            .binary_search_by(|t| t.type_url.as_str().cmp(type_url))
+        {
+            Ok(index) => index,
+            Err(index) => {
+                let entry = XdsTypeStatus {
+                    type_url: type_url.to_owned(),
+                    ..XdsTypeStatus::default()
+                };
+                self.types.insert(index, entry);
+                index
+            }
+        };
+        &mut self.types[index]
+    }
+}
+
 /// One open stream.
 #[derive(Debug)]
 pub struct SubscriberInfo {
@@ -70,6 +136,9 @@ pub struct SubscriberInfo {
     last_version: AtomicU64,
     // std Mutex: short updates, never held across `.await`.
     grpclb: Mutex<Option<GrpclbTotals>>,
+    // std Mutex: per stream, touched only when an xDS request or response
+    // passes, never held across `.await`.
+    xds: Mutex<Option<XdsStatus>>,
 }
 
 impl SubscriberInfo {
@@ -81,6 +150,11 @@ impl SubscriberInfo {
     /// The grpclb client stats, for grpclb subscribers that reported any.
     pub fn grpclb(&self) -> Option<GrpclbTotals> {
         self.grpclb.lock().unwrap().clone()
+    }
+
+    /// The xDS state, for xDS subscribers.
+    pub fn xds(&self) -> Option<XdsStatus> {
+        self.xds.lock().unwrap().clone()
     }
 }
 
@@ -113,6 +187,7 @@ impl Subscribers {
             since: SystemTime::now(),
             last_version: AtomicU64::new(0),
             grpclb: Mutex::new(None),
+            xds: Mutex::new(None),
         });
         self.open.lock().unwrap().insert(id, Arc::clone(&info));
         SubscriberGuard {
@@ -164,6 +239,12 @@ impl SubscriberGuard {
     pub fn record_grpclb(&self, update: impl FnOnce(&mut GrpclbTotals)) {
         let mut totals = self.info.grpclb.lock().unwrap();
         update(totals.get_or_insert_with(GrpclbTotals::default));
+    }
+
+    /// Updates the xDS state shown in Admin.
+    pub fn record_xds(&self, update: impl FnOnce(&mut XdsStatus)) {
+        let mut status = self.info.xds.lock().unwrap();
+        update(status.get_or_insert_with(XdsStatus::default));
     }
 }
 

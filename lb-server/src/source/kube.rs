@@ -549,7 +549,10 @@ mod tests {
             metadata: ObjectMeta {
                 namespace: Some(namespace.into()),
                 name: Some(name.into()),
-                labels: Some(BTreeMap::from([(SERVICE_NAME_LABEL.into(), service.into())])),
+                labels: Some(BTreeMap::from([(
+                    SERVICE_NAME_LABEL.into(),
+                    service.into(),
+                )])),
                 ..ObjectMeta::default()
             },
             ports: None,
@@ -566,13 +569,21 @@ mod tests {
             self.address_type("IPv6")
         }
 
-        fn port_spec(mut self, name: Option<&str>, port: Option<i32>, protocol: Option<&str>) -> Self {
-            self.0.ports.get_or_insert_with(Vec::new).push(EndpointPort {
-                name: name.map(Into::into),
-                port,
-                protocol: protocol.map(Into::into),
-                app_protocol: None,
-            });
+        fn port_spec(
+            mut self,
+            name: Option<&str>,
+            port: Option<i32>,
+            protocol: Option<&str>,
+        ) -> Self {
+            self.0
+                .ports
+                .get_or_insert_with(Vec::new)
+                .push(EndpointPort {
+                    name: name.map(Into::into),
+                    port,
+                    protocol: protocol.map(Into::into),
+                    app_protocol: None,
+                });
             self
         }
 
@@ -621,7 +632,9 @@ mod tests {
 
     impl EpFixture {
         fn conditions(&mut self) -> &mut EndpointConditions {
-            self.0.conditions.get_or_insert_with(EndpointConditions::default)
+            self.0
+                .conditions
+                .get_or_insert_with(EndpointConditions::default)
         }
 
         fn ready(mut self, ready: bool) -> Self {
@@ -685,7 +698,10 @@ mod tests {
         let mut state = Slices::default();
         assert!(state.handle(Event::Init).is_empty());
         for slice in slices {
-            assert!(state.handle(Event::InitApply(slice)).is_empty(), "buffered until InitDone");
+            assert!(
+                state.handle(Event::InitApply(slice)).is_empty(),
+                "buffered until InitDone"
+            );
         }
         let updates = state.handle(Event::InitDone);
         (state, updates)
@@ -728,10 +744,19 @@ mod tests {
         });
         let (state, updates) = listed(slices);
         let out = published(&updates);
-        assert_eq!(out.len(), 2, "one key by name, one by number: {:?}", out.keys());
+        assert_eq!(
+            out.len(),
+            2,
+            "one key by name, one by number: {:?}",
+            out.keys()
+        );
         let by_name = &out[&key("default", "greeter", named("grpc"))];
         assert_eq!(by_name.len(), 360);
-        assert!(by_name.iter().all(|e| e.port == 50051 && e.weight == 1 && !e.draining));
+        assert!(
+            by_name
+                .iter()
+                .all(|e| e.port == 50051 && e.weight == 1 && !e.draining)
+        );
         assert_eq!(
             &out[&key("default", "greeter", PortRef::Number(50051))],
             by_name
@@ -778,7 +803,10 @@ mod tests {
                 .endpoint(ep("10.0.0.1").zone("new"))
                 .build(),
         ]);
-        assert_eq!(published(&updates)[&grpc], vec![endpoint("10.0.0.1", 50051).zone("new")]);
+        assert_eq!(
+            published(&updates)[&grpc],
+            vec![endpoint("10.0.0.1", 50051).zone("new")]
+        );
 
         // Both serving: the first by slice name wins.
         let updates = state.handle(Event::Apply(
@@ -787,13 +815,21 @@ mod tests {
                 .endpoint(ep("10.0.0.1").zone("old"))
                 .build(),
         ));
-        assert_eq!(published(&updates)[&grpc], vec![endpoint("10.0.0.1", 50051).zone("old")]);
+        assert_eq!(
+            published(&updates)[&grpc],
+            vec![endpoint("10.0.0.1", 50051).zone("old")]
+        );
 
         // The move completes: the old slice drops it, the new copy remains.
         let updates = state.handle(Event::Apply(
-            slice("default", "greeter-a", "greeter").port("grpc", 50051).build(),
+            slice("default", "greeter-a", "greeter")
+                .port("grpc", 50051)
+                .build(),
         ));
-        assert_eq!(published(&updates)[&grpc], vec![endpoint("10.0.0.1", 50051).zone("new")]);
+        assert_eq!(
+            published(&updates)[&grpc],
+            vec![endpoint("10.0.0.1", 50051).zone("new")]
+        );
 
         // Both draining: still one copy, draining.
         let mut state = listed([]).0;
@@ -806,7 +842,10 @@ mod tests {
             ));
         }
         let snapshot = &state.published[&("default".to_owned(), "greeter".to_owned())][&grpc];
-        assert_eq!(snapshot, &vec![endpoint("10.0.0.1", 50051).zone("a").draining()]);
+        assert_eq!(
+            snapshot,
+            &vec![endpoint("10.0.0.1", 50051).zone("a").draining()]
+        );
     }
 
     #[test]
@@ -825,23 +864,27 @@ mod tests {
                 .endpoint(ep("10.0.1.1"))
                 .build(),
         ]);
-        let updates = state.handle(Event::Delete(slice("default", "greeter-b", "greeter").build()));
+        let updates = state.handle(Event::Delete(
+            slice("default", "greeter-b", "greeter").build(),
+        ));
         assert_eq!(
             updates,
             vec![
                 Update::Publish(
-                    key("default", "greeter", PortRef::Number(50051)),
+                    key("default", "greeter", named("grpc")),
                     vec![endpoint("10.0.0.1", 50051)]
                 ),
                 Update::Publish(
-                    key("default", "greeter", named("grpc")),
+                    key("default", "greeter", PortRef::Number(50051)),
                     vec![endpoint("10.0.0.1", 50051)]
                 ),
             ],
             "only greeter changes"
         );
 
-        let updates = state.handle(Event::Delete(slice("default", "greeter-a", "greeter").build()));
+        let updates = state.handle(Event::Delete(
+            slice("default", "greeter-a", "greeter").build(),
+        ));
         assert_eq!(
             removed(&updates),
             BTreeSet::from([
@@ -851,7 +894,11 @@ mod tests {
         );
         assert!(published(&updates).is_empty());
         // Deleting a slice never seen changes nothing.
-        assert!(state.handle(Event::Delete(slice("default", "ghost", "greeter").build())).is_empty());
+        assert!(
+            state
+                .handle(Event::Delete(slice("default", "ghost", "greeter").build()))
+                .is_empty()
+        );
     }
 
     #[test]
@@ -912,7 +959,11 @@ mod tests {
                 "ready={ready:?} serving={serving:?} terminating={terminating:?}"
             );
         }
-        assert_eq!(draining(None), Some(false), "no conditions at all means ready");
+        assert_eq!(
+            draining(None),
+            Some(false),
+            "no conditions at all means ready"
+        );
 
         // Through a slice: the draining flag reaches the store, not-ready is left out.
         let (_, updates) = listed([slice("default", "greeter-a", "greeter")
@@ -924,7 +975,10 @@ mod tests {
             .build()]);
         assert_eq!(
             published(&updates)[&key("default", "greeter", named("grpc"))],
-            vec![endpoint("10.0.0.1", 50051), endpoint("10.0.0.2", 50051).draining()]
+            vec![
+                endpoint("10.0.0.1", 50051),
+                endpoint("10.0.0.2", 50051).draining()
+            ]
         );
     }
 
@@ -936,111 +990,33 @@ mod tests {
             .port_spec(Some("nonum"), None, None)
             .port_spec(None, Some(8080), None)
             .port_spec(Some(""), Some(8081), Some("TCP"))
-            .endpoint(ep("10.0.0.1").zone("a").node("node-1").target("Pod", "greeter-1"))
+            .endpoint(
+                ep("10.0.0.1")
+                    .zone("a")
+                    .node("node-1")
+                    .target("Pod", "greeter-1"),
+            )
             .endpoint(ep("10.0.0.2").target("Node", "not-a-pod"))
             .endpoint(ep("not-an-ip"))
             .build()]);
         let out = published(&updates);
         assert_eq!(
             out.keys().cloned().collect::<BTreeSet<_>>(),
-            keys(&["greeter.default:grpc", "greeter.default:8080", "greeter.default:8081", "greeter.default:50051"]),
+            keys(&[
+                "greeter.default:grpc",
+                "greeter.default:8080",
+                "greeter.default:8081",
+                "greeter.default:50051"
+            ]),
             "UDP, number-less and name-less ports handled"
         );
         assert_eq!(
             out[&key("default", "greeter", PortRef::Number(8080))],
-            vec![endpoint("10.0.0.1", 8080)]
-        );
-        assert_eq!(
-            out[&key("default", "greeter", PortRef::Number(9090))],
-            vec![endpoint("10.0.0.2", 9090)]
-        );
-    }
-
-    #[test]
-    fn conditions_decide_ready_draining_or_left_out() {
-        // (ready, serving, terminating) -> None = left out, Some(draining)
-        let cases: &[((Option<bool>, Option<bool>, Option<bool>), Option<bool>)] = &[
-            ((None, None, None), Some(false)),
-            ((Some(true), None, None), Some(false)),
-            ((Some(false), None, None), None),
-            ((Some(true), Some(true), Some(false)), Some(false)),
-            ((Some(true), Some(false), Some(false)), Some(false)),
-            ((Some(false), Some(true), Some(false)), None),
-            ((Some(false), Some(true), Some(true)), Some(true)),
-            ((Some(false), Some(false), Some(true)), None),
-            ((Some(false), None, Some(true)), None),
-            ((None, None, Some(true)), Some(true)),
-            ((Some(true), None, Some(true)), Some(true)),
-            ((None, Some(false), Some(true)), None),
-            ((None, Some(true), None), Some(false)),
-        ];
-        for &((ready, serving, terminating), want) in cases {
-            let conditions = EndpointConditions {
-                ready,
-                serving,
-                terminating,
-            };
-            assert_eq!(
-                draining(Some(&conditions)),
-                want,
-                "ready={ready:?} serving={serving:?} terminating={terminating:?}"
-            );
-        }
-        assert_eq!(draining(None), Some(false), "no conditions at all means ready");
-
-        // Through a slice: the draining flag reaches the store, not-ready is left out.
-        let (_, updates) = listed([slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1"))
-            .endpoint(ep("10.0.0.2").draining())
-            .endpoint(ep("10.0.0.3").ready(false))
-            .endpoint(ep("10.0.0.4").ready(false).serving(false).terminating(true))
-            .build()]);
-        assert_eq!(
-            published(&updates)[&key("default", "greeter", named("grpc"))],
-            vec![endpoint("10.0.0.1", 50051), endpoint("10.0.0.2", 50051).draining()]
-        );
-    }
-
-    #[test]
-    fn endpoint_fields_come_from_the_slice_and_bad_entries_are_skipped() {
-        let (_, updates) = listed([slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .port_spec(Some("dns"), Some(53), Some("UDP"))
-            .port_spec(Some("nonum"), None, None)
-            .port_spec(None, Some(8080), None)
-            .port_spec(Some(""), Some(8081), Some("TCP"))
-            .endpoint(ep("10.0.0.1").zone("a").node("node-1").target("Pod", "greeter-1"))
-            .endpoint(ep("10.0.0.2").target("Node", "not-a-pod"))
-            .endpoint(ep("not-an-ip"))
-            .build()]);
-        let out = published(&updates);
-        let keys: Vec<String> = out.keys().map(ToString::to_string).collect();
-        assert_eq!(
-            keys,
-            ["greeter.default:grpc", "greeter.default:8080", "greeter.default:8081", "greeter.default:50051"]
-                .map(String::from)
-                .into_iter()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>()
-                .iter()
-                .map(|k| k.parse::<ServiceKey>().unwrap().to_string())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .filter(|_| true)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|k| k.parse::<ServiceKey>().unwrap())
-                .collect::<BTreeSet<_>>()
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>(),
-        );
-        assert_eq!(
-            out[&key("default", "greeter", PortRef::Number(8080))],
             vec![
-                endpoint("10.0.0.1", 8080).zone("a").node("node-1").pod("greeter-1"),
+                endpoint("10.0.0.1", 8080)
+                    .zone("a")
+                    .node("node-1")
+                    .pod("greeter-1"),
                 endpoint("10.0.0.2", 8080),
             ]
         );
@@ -1063,10 +1039,14 @@ mod tests {
             .endpoint(ep("10.0.2.1"))
             .build();
         let (mut state, updates) = listed([greeter("10.0.0.1"), other.clone(), gone]);
-        assert_eq!(published(&updates).len(), 5);
+        assert_eq!(published(&updates).len(), 6);
 
         assert!(state.handle(Event::Init).is_empty());
-        assert!(state.handle(Event::InitApply(greeter("10.0.0.9"))).is_empty());
+        assert!(
+            state
+                .handle(Event::InitApply(greeter("10.0.0.9")))
+                .is_empty()
+        );
         assert!(state.handle(Event::InitApply(other)).is_empty());
         let updates = state.handle(Event::InitDone);
         assert_eq!(
@@ -1076,7 +1056,10 @@ mod tests {
         );
         assert_eq!(
             removed(&updates),
-            BTreeSet::from([key("default", "gone", named("http")), key("default", "gone", PortRef::Number(80))])
+            BTreeSet::from([
+                key("default", "gone", named("http")),
+                key("default", "gone", PortRef::Number(80))
+            ])
         );
         assert_eq!(state.lists(), 2);
         assert_eq!(state.services(), 2);
@@ -1144,8 +1127,14 @@ mod tests {
                 .build(),
         ]);
         let out = published(&updates);
-        assert_eq!(out[&key("a", "greeter", named("grpc"))], vec![endpoint("10.0.0.1", 50051)]);
-        assert_eq!(out[&key("b", "greeter", named("grpc"))], vec![endpoint("10.0.0.2", 50051)]);
+        assert_eq!(
+            out[&key("a", "greeter", named("grpc"))],
+            vec![endpoint("10.0.0.1", 50051)]
+        );
+        assert_eq!(
+            out[&key("b", "greeter", named("grpc"))],
+            vec![endpoint("10.0.0.2", 50051)]
+        );
     }
 
     #[test]
@@ -1159,12 +1148,18 @@ mod tests {
         for base in [100, 200, 400, 400, 400] {
             let delay = backoff.next().unwrap();
             let base = Duration::from_millis(base);
-            assert!(delay >= base && delay < base * 2, "{delay:?} outside [{base:?}, 2x)");
+            assert!(
+                delay >= base && delay < base * 2,
+                "{delay:?} outside [{base:?}, 2x)"
+            );
             seen.insert(delay);
         }
         backoff.reset();
         let delay = backoff.next().unwrap();
-        assert!(delay < Duration::from_millis(200), "reset to min: {delay:?}");
+        assert!(
+            delay < Duration::from_millis(200),
+            "reset to min: {delay:?}"
+        );
 
         let jittered = (0..20)
             .map(|_| policy.start().next().unwrap())

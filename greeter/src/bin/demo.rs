@@ -1,0 +1,22 @@
+//! `demo`: the whole of Lookaside on one machine, no cluster.
+//! Run with `cargo run --release --bin demo`.
+
+use greeter::demo::{self, DemoOptions};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    println!("Lookaside demo: request-level gRPC balancing on loopback\n");
+    let report = demo::run(DemoOptions::default(), |text| print!("{text}")).await?;
+    if report.failed() > 0 {
+        anyhow::bail!("{} calls failed", report.failed());
+    }
+    println!("\nNo call failed. Try it against a cluster: see README.md, \"Run it in a cluster\".");
+    Ok(())
+}

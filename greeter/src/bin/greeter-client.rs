@@ -1,0 +1,142 @@
+//! `greeter-client`: N calls at concurrency C through lookaside, DNS, or one
+//! direct channel; prints calls per backend, throughput, latency and errors.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use clap::{ArgGroup, Parser};
+use greeter::load::{self, Tally};
+use lookaside_proto::helloworld::greeter_client::GreeterClient;
+use tokio_util::sync::CancellationToken;
+
+/// Load generator for the greeter: shows how calls spread over backends.
+#[derive(Debug, Parser)]
+#[command(name = "greeter-client", version)]
+#[command(group(ArgGroup::new("mode").required(true).args(["lb", "dns", "direct"])))]
+struct Args {
+    /// The service, as lb-server names it.
+    #[arg(long, env = "GREETER_TARGET", default_value = "greeter.default:grpc")]
+    target: String,
+    /// Lookaside: LB server URL (repeat for failover).
+    #[arg(long, env = "GREETER_LB", value_delimiter = ',')]
+    lb: Vec<String>,
+    /// Headless-DNS style: balance over every address HOST:PORT resolves to (resolved once).
+    #[arg(long, env = "GREETER_DNS")]
+    dns: Option<String>,
+    /// One channel to one address: what a ClusterIP Service gives you.
+    #[arg(long, env = "GREETER_DIRECT")]
+    direct: Option<String>,
+    /// Fallback addresses for lookaside (IP:PORT or dns:///HOST:PORT).
+    #[arg(long, value_delimiter = ',')]
+    fallback: Vec<String>,
+    /// Calls to make.
+    #[arg(long, env = "GREETER_CALLS", default_value_t = 10_000)]
+    calls: u64,
+    /// Calls in flight at once.
+    #[arg(long, env = "GREETER_CONCURRENCY", default_value_t = 10)]
+    concurrency: usize,
+    /// Lookaside policy: round-robin, p2c or least-request.
+    #[arg(long, env = "GREETER_POLICY", default_value = "round-robin")]
+    policy: lb_client::Policy,
+    /// Print the summary as one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let tally = Tally::new(args.concurrency);
+    let done = CancellationToken::new();
+    let show_progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = show_progress
+        .then(|| tokio::spawn(load::progress(tally.clone(), args.calls, done.clone())));
+    let (calls, concurrency, stop) = (Some(args.calls), args.concurrency, CancellationToken::new());
+
+    let mode = if let Some(addr) = &args.direct {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        load::run(
+            GreeterClient::new(channel),
+            calls,
+            concurrency,
+            tally.clone(),
+            stop,
+        )
+        .await;
+        format!("direct {addr}")
+    } else if let Some(host_port) = &args.dns {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port.as_str())
+            .await
+            .with_context(|| format!("resolving {host_port}"))?
+            .collect();
+        anyhow::ensure!(!addrs.is_empty(), "{host_port} resolves to no address");
+        let endpoints = addrs.iter().map(|a| {
+            tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+                .expect("socket address URL")
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(2))
+        });
+        let channel = tonic::transport::Channel::balance_list(endpoints);
+        load::run(
+            GreeterClient::new(channel),
+            calls,
+            concurrency,
+            tally.clone(),
+            stop,
+        )
+        .await;
+        format!("dns {host_port} ({} addresses, resolved once)", addrs.len())
+    } else {
+        let mut builder = lb_client::Channel::builder(&args.target).policy(args.policy);
+        for lb in &args.lb {
+            builder = builder.lb(lb);
+        }
+        for fallback in &args.fallback {
+            builder = builder.fallback(fallback);
+        }
+        let channel = builder.connect().await?;
+        load::run(
+            GreeterClient::new(channel),
+            calls,
+            concurrency,
+            tally.clone(),
+            stop,
+        )
+        .await;
+        format!(
+            "lookaside {} via {} ({})",
+            args.target,
+            args.lb.join(","),
+            args.policy
+        )
+    };
+    done.cancel();
+    if let Some(bar) = bar {
+        let _ = bar.await;
+    }
+    let summary = tally.summary();
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "{mode}: {} calls at concurrency {}\n",
+            args.calls, args.concurrency
+        );
+        print!("{}", summary.table());
+    }
+    if summary.ok < summary.calls {
+        std::process::exit(2);
+    }
+    Ok(())
+}

@@ -1,0 +1,485 @@
+//! The channel: a `tower::Service` that tonic-generated clients accept, which
+//! picks a backend for every call.
+//!
+//! The hot path loads the current picker (an `ArcSwap`), picks with atomics,
+//! and hands the request to that backend's own HTTP/2 connection: no global
+//! lock, no shared queue, no worker task in between.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use http::uri::{PathAndQuery, Scheme, Uri};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::Status;
+use tracing::{Instrument, field};
+
+use crate::{
+    body::{CallGuard, ResponseBody, outcome_of},
+    endpoint::{Outcome, now_nanos},
+    picker::{NoPick, Policy},
+    pool::{ListState, Pool, PoolSettings},
+    resolver::{Fallback, Subscription},
+    stats::{ChannelStats, EndpointStats},
+};
+
+/// Errors building a channel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No `.lb(URL)` was given.
+    #[error("no LB server: call .lb(\"http://HOST:PORT\") at least once")]
+    NoLbServer,
+    /// An LB server URL that does not parse.
+    #[error("bad LB server URL {url:?}: {reason}")]
+    BadLbUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A fallback address that is neither `IP:PORT` nor `dns:///HOST:PORT`.
+    #[error("bad fallback address {0:?}: expected IP:PORT or dns:///HOST:PORT")]
+    BadFallback(String),
+    /// The LB server rejected the target.
+    #[error("the LB server rejected target {target:?}: {message}")]
+    Rejected {
+        /// The target.
+        target: String,
+        /// The LB server's reason.
+        message: String,
+    },
+}
+
+/// Builds a [`Channel`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    target: String,
+    lbs: Vec<String>,
+    fallback: Vec<String>,
+    policy: Policy,
+    connect_timeout: Duration,
+    ready_timeout: Duration,
+    wait_timeout: Duration,
+    ejection_base: Duration,
+    ejection_max: Duration,
+    consecutive_errors: u32,
+}
+
+impl Builder {
+    fn new(target: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            lbs: Vec::new(),
+            fallback: Vec::new(),
+            policy: Policy::default(),
+            connect_timeout: Duration::from_secs(2),
+            ready_timeout: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(1),
+            ejection_base: Duration::from_secs(1),
+            ejection_max: Duration::from_secs(30),
+            consecutive_errors: 5,
+        }
+    }
+
+    /// Adds an LB server (`http://HOST:PORT`). With several, the channel uses
+    /// one at a time and fails over to the next.
+    pub fn lb(mut self, url: impl Into<String>) -> Self {
+        self.lbs.push(url.into());
+        self
+    }
+
+    /// Adds a fallback address, `IP:PORT` or `dns:///HOST:PORT`, used while no
+    /// LB server has answered or when the LB server does not know the service.
+    pub fn fallback(mut self, addr: impl Into<String>) -> Self {
+        self.fallback.push(addr.into());
+        self
+    }
+
+    /// The balancing policy (default round-robin).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Timeout for a TCP + HTTP/2 connection to a backend or LB server (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long [`connect`](Self::connect) waits for a first list and a first
+    /// connection (default 5 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// How long a call waits for an endpoint that is still connecting
+    /// (default 1 s). Calls never wait on endpoints that failed.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// First ejection period; it doubles with each ejection in a row up to
+    /// `max` (defaults 1 s and 30 s).
+    pub fn ejection(mut self, base: Duration, max: Duration) -> Self {
+        self.ejection_base = base;
+        self.ejection_max = max;
+        self
+    }
+
+    /// Subscribes and waits (up to the ready timeout) until the first list has
+    /// arrived and a backend is connected. Returns early with an error if the
+    /// LB server rejects the target; otherwise returns the channel even if no
+    /// LB server has answered, and calls explain why they fail.
+    pub async fn connect(self) -> Result<Channel, Error> {
+        let ready_timeout = self.ready_timeout;
+        let target = self.target.clone();
+        let channel = self.connect_lazy()?;
+        let pool = &channel.inner.pool;
+        let mut changes = pool.changes();
+        let deadline = tokio::time::Instant::now() + ready_timeout;
+        loop {
+            let ready = match &**pool.list.load() {
+                ListState::Rejected { message } => {
+                    return Err(Error::Rejected {
+                        target,
+                        message: message.clone(),
+                    });
+                }
+                ListState::Waiting { .. } => false,
+                ListState::Unknown => true,
+                ListState::Lb { .. } | ListState::Fallback { .. } => {
+                    let picker = pool.picker.load();
+                    let now = now_nanos();
+                    picker.endpoints().is_empty()
+                        || picker.endpoints().iter().any(|e| e.available(now))
+                }
+            };
+            if ready {
+                return Ok(channel);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                tracing::warn!(target = %target, "not ready within the ready timeout; calls will say why");
+                return Ok(channel);
+            }
+        }
+    }
+
+    /// Builds the channel and subscribes in the background without waiting.
+    /// Needs a Tokio runtime.
+    pub fn connect_lazy(self) -> Result<Channel, Error> {
+        if self.lbs.is_empty() {
+            return Err(Error::NoLbServer);
+        }
+        let mut lbs = Vec::with_capacity(self.lbs.len());
+        for url in &self.lbs {
+            let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| {
+                Error::BadLbUrl {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            lbs.push(
+                endpoint
+                    .connect_timeout(self.connect_timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(10)),
+            );
+        }
+        let fallback = self
+            .fallback
+            .iter()
+            .map(|f| Fallback::parse(f).ok_or_else(|| Error::BadFallback(f.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shutdown = CancellationToken::new();
+        let pool = Pool::new(
+            self.target.clone(),
+            PoolSettings {
+                connect_timeout: self.connect_timeout,
+                ejection_base: self.ejection_base,
+                ejection_max: self.ejection_max,
+                consecutive_errors: self.consecutive_errors,
+            },
+            shutdown.clone(),
+        );
+        let subscription = Subscription {
+            pool: pool.clone(),
+            lbs,
+            fallback,
+        };
+        tokio::spawn(
+            subscription
+                .run(shutdown.clone())
+                .instrument(tracing::info_span!("lb_subscription", target = %self.target)),
+        );
+        Ok(Channel {
+            inner: Arc::new(Inner {
+                pool,
+                policy: self.policy,
+                wait_timeout: self.wait_timeout,
+                _stop: shutdown.drop_guard(),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    pool: Arc<Pool>,
+    policy: Policy,
+    wait_timeout: Duration,
+    /// Stops the subscription and the connections when the last clone goes.
+    _stop: DropGuard,
+}
+
+/// A gRPC channel that balances every call over the backends an LB server
+/// lists. Cheap to clone; clones share connections. Dropping the last clone
+/// closes everything.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use lookaside_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+/// let channel = lb_client::Channel::builder("greeter.default:grpc")
+///     .lb("http://127.0.0.1:7000")
+///     .connect()
+///     .await?;
+/// let mut client = GreeterClient::new(channel);
+/// client.say_hello(HelloRequest { name: "you".into() }).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Channel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("target", &self.inner.pool.target)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Channel {
+    /// Starts building a channel for `target` (`NAME.NAMESPACE:PORT`).
+    pub fn builder(target: impl Into<String>) -> Builder {
+        Builder::new(target)
+    }
+
+    /// Channel-wide counters.
+    pub fn stats(&self) -> ChannelStats {
+        let c = &self.inner.pool.counters;
+        ChannelStats {
+            picks: c.picks.get(),
+            no_endpoint: c.no_endpoint.get(),
+            retries: c.retries.get(),
+            ejections: c.ejections.get(),
+            connect_failures: c.connect_failures.get(),
+            lb_updates: c.lb_updates.get(),
+            lb_errors: c.lb_errors.get(),
+        }
+    }
+
+    /// Every endpoint the channel knows, draining ones included.
+    pub fn endpoints(&self) -> Vec<EndpointStats> {
+        let now = now_nanos();
+        self.inner
+            .pool
+            .all_endpoints()
+            .iter()
+            .map(|e| EndpointStats {
+                addr: e.addr,
+                zone: e.zone.clone(),
+                pod: e.pod.clone(),
+                weight: e.weight(),
+                draining: e.draining(),
+                connected: e.conn() == crate::endpoint::Conn::Ready,
+                ejected: e.ejected(now),
+                in_flight: e.in_flight(),
+                calls: e.calls(),
+                failures: e.failures(),
+                latency: Duration::from_nanos(e.latency(now) as u64),
+            })
+            .collect()
+    }
+}
+
+/// The future of one call.
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, BoxError>> + Send>>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Channel {
+    type Response = http::Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Nothing to wait for: each call picks when it is made.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(send(inner, request))
+    }
+}
+
+/// How many times a call is re-picked when its connection closed before the
+/// request left the client.
+const MAX_RETRIES: u32 = 3;
+
+async fn send(
+    inner: Arc<Inner>,
+    mut request: http::Request<tonic::body::Body>,
+) -> Result<http::Response<ResponseBody>, BoxError> {
+    let pool = &inner.pool;
+    let mut retries = 0;
+    let mut wait_until: Option<tokio::time::Instant> = None;
+    let mut changes = None;
+    loop {
+        let span = tracing::debug_span!(
+            "pick",
+            target = %pool.target,
+            policy = %inner.policy,
+            endpoint = field::Empty
+        );
+        let picked = pool
+            .picker
+            .load()
+            .pick(inner.policy, now_nanos())
+            .map(Arc::clone);
+        let endpoint = match picked {
+            Ok(endpoint) => endpoint,
+            Err(why) => {
+                // Wait a little for endpoints that are still connecting; fail
+                // fast on everything else.
+                let connecting =
+                    matches!(why, NoPick::Unavailable { connecting, .. } if connecting > 0);
+                let deadline = *wait_until
+                    .get_or_insert_with(|| tokio::time::Instant::now() + inner.wait_timeout);
+                if connecting && tokio::time::Instant::now() < deadline {
+                    let rx = changes.get_or_insert_with(|| pool.changes());
+                    let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+                    continue;
+                }
+                pool.counters.no_endpoint.inc();
+                return Err(Box::new(Status::unavailable(explain(pool, why))));
+            }
+        };
+        span.record("endpoint", field::display(endpoint.addr));
+        let _entered = span.enter();
+        let Some(mut sender) = endpoint.sender() else {
+            endpoint.mark_closed();
+            continue;
+        };
+        set_uri(&mut request, &endpoint.authority);
+        pool.counters.picks.inc();
+        let guard = CallGuard::start(endpoint, pool.clone());
+        let started = Instant::now();
+        drop(_entered);
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                guard.endpoint().observe(started.elapsed(), now_nanos());
+                let outcome = if response.status() == http::StatusCode::OK {
+                    outcome_of(response.headers())
+                } else {
+                    Some(Outcome::Unavailable)
+                };
+                return Ok(response.map(|body| ResponseBody::new(body, guard, outcome)));
+            }
+            Err(mut error) => match error.take_message() {
+                // Never left the client: safe to send elsewhere.
+                Some(unsent) if retries < MAX_RETRIES => {
+                    retries += 1;
+                    pool.counters.retries.inc();
+                    guard.endpoint().mark_closed();
+                    guard.finish(Outcome::Cancelled);
+                    request = unsent;
+                }
+                _ => {
+                    let addr = guard.endpoint().addr;
+                    guard.finish(Outcome::Unavailable);
+                    return Err(Box::new(Status::unavailable(format!(
+                        "lb-client: backend {addr} of {}: {}",
+                        pool.target,
+                        error.error()
+                    ))));
+                }
+            },
+        }
+    }
+}
+
+fn set_uri(request: &mut http::Request<tonic::body::Body>, authority: &http::uri::Authority) {
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(path);
+    *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+}
+
+/// Why a call found no endpoint, in words an operator can act on.
+fn explain(pool: &Pool, why: NoPick) -> String {
+    let target = &pool.target;
+    match (&**pool.list.load(), why) {
+        (ListState::Waiting { last_error: None }, _) => {
+            format!("lb-client: no answer from an LB server yet for {target}")
+        }
+        (
+            ListState::Waiting {
+                last_error: Some(e),
+            },
+            _,
+        ) => {
+            format!("lb-client: no answer from an LB server yet for {target} (last error: {e})")
+        }
+        (ListState::Unknown, _) => {
+            format!(
+                "lb-client: the LB server does not know service {target} (and no fallback is set)"
+            )
+        }
+        (ListState::Rejected { message }, _) => {
+            format!("lb-client: the LB server rejected target {target}: {message}")
+        }
+        (state, NoPick::Empty { draining }) => {
+            let from = if matches!(state, ListState::Fallback { .. }) {
+                " (fallback)"
+            } else {
+                ""
+            };
+            if draining > 0 {
+                format!("lb-client: all {draining} endpoints of {target}{from} are draining")
+            } else {
+                format!("lb-client: service {target}{from} has no ready endpoints")
+            }
+        }
+        (
+            _,
+            NoPick::Unavailable {
+                total,
+                ejected,
+                connecting,
+                failed,
+            },
+        ) => format!(
+            "lb-client: all {total} endpoints of {target} are unavailable ({failed} unreachable, {ejected} ejected after failures, {connecting} connecting)"
+        ),
+    }
+}

@@ -1,0 +1,294 @@
+//! The connection pool: one HTTP/2 connection per backend, opened and closed
+//! as the endpoint list changes, and the picker over them.
+//!
+//! Updates (a new list, a connection up or down) happen off the hot path and
+//! swap in a new [`Picker`]; calls only load it. A removed endpoint's sender
+//! is dropped at once, but its connection task lives on until the calls in
+//! flight on it finish.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug_span};
+
+use crate::{
+    backoff::Backoff,
+    endpoint::{Conn, EndpointState, Outcome, now_nanos},
+    picker::Picker,
+    stats::Counters,
+};
+
+/// An endpoint as the LB server (or the fallback) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EndpointSpec {
+    pub(crate) addr: SocketAddr,
+    pub(crate) weight: u32,
+    pub(crate) zone: String,
+    pub(crate) pod: String,
+    pub(crate) draining: bool,
+}
+
+/// Where the current list came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ListState {
+    /// No LB server has answered yet.
+    Waiting { last_error: Option<String> },
+    /// The LB server's list.
+    Lb { version: u64 },
+    /// The LB server does not know the service, and there is no fallback.
+    Unknown,
+    /// The fallback addresses, and why they are in use.
+    Fallback { reason: String },
+    /// The LB server rejected the target as malformed.
+    Rejected { message: String },
+}
+
+/// Connection and ejection settings.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolSettings {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) ejection_base: Duration,
+    pub(crate) ejection_max: Duration,
+    pub(crate) consecutive_errors: u32,
+}
+
+struct Managed {
+    state: Arc<EndpointState>,
+    stop: CancellationToken,
+}
+
+/// Shared by the channel, the subscription task and the connection tasks.
+pub(crate) struct Pool {
+    pub(crate) target: String,
+    pub(crate) picker: ArcSwap<Picker>,
+    pub(crate) list: ArcSwap<ListState>,
+    pub(crate) counters: Counters,
+    settings: PoolSettings,
+    // std Mutex: only list updates take it, never across `.await`, never on the hot path.
+    endpoints: Mutex<HashMap<SocketAddr, Managed>>,
+    /// Bumped on every change a waiting call or `connect()` may care about.
+    changed: watch::Sender<u64>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(
+        target: String,
+        settings: PoolSettings,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            target,
+            picker: ArcSwap::from_pointee(Picker::default()),
+            list: ArcSwap::from_pointee(ListState::Waiting { last_error: None }),
+            counters: Counters::default(),
+            settings,
+            endpoints: Mutex::new(HashMap::new()),
+            changed: watch::Sender::new(0),
+            shutdown,
+        })
+    }
+
+    /// A receiver that wakes on every change.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn set_list_state(&self, state: ListState) {
+        if **self.list.load() != state {
+            self.list.store(Arc::new(state));
+            self.notify();
+        }
+    }
+
+    /// Makes `specs` the endpoint list: starts connections to new endpoints,
+    /// updates weights and draining, and drops removed ones.
+    pub(crate) fn apply(self: &Arc<Self>, specs: Vec<EndpointSpec>) {
+        {
+            let mut endpoints = self.endpoints.lock().unwrap();
+            let mut keep = HashMap::with_capacity(specs.len());
+            for spec in specs {
+                let managed = match endpoints.remove(&spec.addr) {
+                    Some(managed) => managed,
+                    None => self.start(&spec),
+                };
+                managed.state.set_weight(spec.weight);
+                managed.state.set_draining(spec.draining);
+                keep.insert(spec.addr, managed);
+            }
+            for (addr, removed) in endpoints.drain() {
+                tracing::debug!(%addr, target = %self.target, "endpoint removed");
+                removed.stop.cancel();
+                // No new calls: drop the sender now; the connection task ends
+                // once the calls in flight on it have finished.
+                removed.state.set_sender(None, Conn::Connecting);
+            }
+            *endpoints = keep;
+        }
+        self.rebuild();
+    }
+
+    /// Rebuilds the picker from the current endpoints.
+    fn rebuild(&self) {
+        let endpoints = self.endpoints.lock().unwrap();
+        let mut all: Vec<Arc<EndpointState>> =
+            endpoints.values().map(|m| m.state.clone()).collect();
+        drop(endpoints);
+        all.sort_by_key(|e| e.addr);
+        self.picker.store(Arc::new(Picker::new(&all)));
+        self.notify();
+    }
+
+    fn start(self: &Arc<Self>, spec: &EndpointSpec) -> Managed {
+        let state = EndpointState::new(spec.addr, spec.weight, spec.zone.clone(), spec.pod.clone());
+        let stop = self.shutdown.child_token();
+        let task = Arc::clone(self).manage(state.clone(), stop.clone());
+        tokio::spawn(
+            task.instrument(debug_span!("endpoint", addr = %spec.addr, target = %self.target)),
+        );
+        Managed { state, stop }
+    }
+
+    /// Keeps one HTTP/2 connection to the endpoint open until `stop`.
+    async fn manage(self: Arc<Self>, state: Arc<EndpointState>, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        loop {
+            let connected = tokio::select! {
+                _ = stop.cancelled() => return,
+                connected = tokio::time::timeout(self.settings.connect_timeout, connect(state.addr)) => connected,
+            };
+            match connected {
+                Ok(Ok((sender, connection))) => {
+                    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+                    // The connection runs on its own, so that calls in flight
+                    // finish even after the endpoint is removed.
+                    tokio::spawn(async move {
+                        let result = connection.await;
+                        let _ = closed_tx.send(result);
+                    });
+                    state.set_sender(Some(sender), Conn::Ready);
+                    self.notify();
+                    tracing::debug!("connected");
+                    let opened = tokio::time::Instant::now();
+                    let result = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        result = closed_rx => result,
+                    };
+                    state.set_sender(None, Conn::Connecting);
+                    self.notify();
+                    let clean = matches!(result, Ok(Ok(())));
+                    tracing::debug!(clean, "connection closed");
+                    if !clean {
+                        self.report(&state, Outcome::Unavailable);
+                    }
+                    // A connection that lived a while reconnects at once; one that
+                    // closes right after opening backs off like a failure.
+                    if opened.elapsed() > Duration::from_secs(1) {
+                        backoff.reset();
+                        continue;
+                    }
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "connect failed");
+                    self.connect_failed(&state);
+                }
+                Err(_) => {
+                    tracing::debug!("connect timed out");
+                    self.connect_failed(&state);
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    fn connect_failed(&self, state: &Arc<EndpointState>) {
+        state.set_sender(None, Conn::Failed);
+        self.counters.connect_failures.inc();
+        self.report(state, Outcome::Unavailable);
+        self.notify();
+    }
+
+    /// Records a call's outcome and ejects the endpoint if it keeps failing:
+    /// at once for `UNAVAILABLE`, after several consecutive server errors.
+    /// Never ejects the last usable endpoint.
+    pub(crate) fn report(&self, state: &EndpointState, outcome: Outcome) {
+        let consecutive = state.record(outcome);
+        let eject = match outcome {
+            Outcome::Unavailable => consecutive >= 1,
+            Outcome::ServerError => consecutive >= self.settings.consecutive_errors,
+            Outcome::Success | Outcome::Cancelled => false,
+        };
+        let now = now_nanos();
+        if !eject || state.ejected(now) {
+            return;
+        }
+        let picker = self.picker.load();
+        let others_usable = picker
+            .endpoints()
+            .iter()
+            .any(|e| !std::ptr::eq(e.as_ref(), state) && e.available(now));
+        if !others_usable {
+            return;
+        }
+        let backoff = state.eject(self.settings.ejection_base, self.settings.ejection_max, now);
+        self.counters.ejections.inc();
+        tracing::debug!(addr = %state.addr, ?backoff, ?outcome, "endpoint ejected");
+        self.notify();
+    }
+
+    /// Every endpoint, draining ones included.
+    pub(crate) fn all_endpoints(&self) -> Vec<Arc<EndpointState>> {
+        let endpoints = self.endpoints.lock().unwrap();
+        let mut all: Vec<_> = endpoints.values().map(|m| m.state.clone()).collect();
+        all.sort_by_key(|e| e.addr);
+        all
+    }
+}
+
+/// Opens a TCP connection and an HTTP/2 session over it.
+async fn connect(
+    addr: SocketAddr,
+) -> Result<
+    (
+        crate::endpoint::Sender,
+        hyper::client::conn::http2::Connection<
+            TokioIo<tokio::net::TcpStream>,
+            tonic::body::Body,
+            TokioExecutor,
+        >,
+    ),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .handshake(TokioIo::new(stream))
+        .await?;
+    Ok((sender, connection))
+}

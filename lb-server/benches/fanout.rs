@@ -1,0 +1,237 @@
+//! Fan-out benchmark: N subscribers, each on its own HTTP/2 connection as a
+//! fleet of pods would be, then one endpoint change at a time: how long until
+//! every subscriber has it, and the server's memory per idle subscriber.
+//!
+//! Run: `cargo bench -p lb-server --bench fanout` (optionally `-- 1000 10000`
+//! for the subscriber counts, and `FANOUT_ROUNDS=5`). lb-server runs as its own
+//! process (the release binary) so its RSS can be read from /proc.
+//!
+//! Latency is measured from the moment the benchmark renames the new file into
+//! place; the file source polls every millisecond here, so up to 1 ms of each
+//! figure is polling, not fan-out.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lookaside_proto::lookaside::v1::{WatchRequest, discovery_client::DiscoveryClient};
+use tokio::sync::{Semaphore, mpsc};
+use tonic::transport::Endpoint;
+
+const TARGET: &str = "bench.default:grpc";
+
+fn file_with(endpoints: usize) -> String {
+    let mut yaml = format!("services:\n  {TARGET}:\n");
+    for i in 0..endpoints {
+        yaml += &format!(
+            "    - address: 10.0.{}.{}:8080\n      zone: zone-{}\n",
+            i / 250,
+            i % 250,
+            i % 3
+        );
+    }
+    yaml
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The lb-server process, killed on drop.
+struct Server {
+    child: Child,
+    grpc: SocketAddr,
+}
+
+impl Server {
+    fn start(file: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lb-server"))
+            .args(["--source", "file", "--file"])
+            .arg(file)
+            .args(["--file-poll-interval", "1ms", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("LB_LOG", "warn,lb_server=info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("lb-server starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let grpc = loop {
+            let line = lines.next().expect("lb-server logs its address").unwrap();
+            if let Some(rest) = line.split("grpc=").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining the log so the pipe never fills.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, grpc }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct Row {
+    subscribers: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    kib_per_subscriber: f64,
+}
+
+async fn run(subscribers: usize, rounds: usize) -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.yaml");
+    let mut endpoints = 10;
+    write_atomic(&file, &file_with(endpoints));
+    let server = Server::start(&file);
+    let url = format!("http://{}", server.grpc);
+
+    // Warm the server up with one subscriber, then take the baseline.
+    let warm = Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut warm_stream = DiscoveryClient::new(warm)
+        .watch(WatchRequest {
+            target: TARGET.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    warm_stream.message().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_before = server.rss_kib();
+
+    // N subscribers, each on its own connection; each reports when it sees
+    // the endpoint count it is waiting for.
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(usize, Instant)>();
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
+    let connecting = Arc::new(Semaphore::new(256));
+    for _ in 0..subscribers {
+        let permit = connecting.clone().acquire_owned().await.unwrap();
+        let url = url.clone();
+        let seen_tx = seen_tx.clone();
+        let ready_tx = ready_tx.clone();
+        tokio::spawn(async move {
+            let channel = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+            let mut stream = DiscoveryClient::new(channel)
+                .watch(WatchRequest {
+                    target: TARGET.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            stream.message().await.unwrap().unwrap();
+            drop(permit);
+            ready_tx.send(()).unwrap();
+            while let Ok(Some(update)) = stream.message().await {
+                let _ = seen_tx.send((update.endpoints.len(), Instant::now()));
+            }
+        });
+    }
+    for _ in 0..subscribers {
+        ready_rx.recv().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle = server.rss_kib();
+    let kib_per_subscriber = (rss_idle.saturating_sub(rss_before)) as f64 / subscribers as f64;
+
+    let mut latencies = Vec::with_capacity(subscribers * rounds);
+    for _ in 0..rounds {
+        endpoints += 1;
+        let started = Instant::now();
+        write_atomic(&file, &file_with(endpoints));
+        let mut got = 0;
+        while got < subscribers {
+            let (count, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+                .await
+                .expect("every subscriber gets the change within 30 s")
+                .unwrap();
+            if count == endpoints {
+                latencies.push(at - started);
+                got += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    latencies.sort();
+    Row {
+        subscribers,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        max: *latencies.last().unwrap(),
+        kib_per_subscriber,
+    }
+}
+
+fn main() {
+    let counts: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let counts = if counts.is_empty() {
+        vec![1_000, 10_000]
+    } else {
+        counts
+    };
+    let rounds: usize = std::env::var("FANOUT_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    assert!(
+        limit as usize > counts.iter().max().unwrap() + 100,
+        "open-file limit {limit} is too low for the subscriber count"
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rows: Vec<Row> = counts
+        .iter()
+        .map(|&n| runtime.block_on(run(n, rounds)))
+        .collect();
+    println!(
+        "\nfan-out: one endpoint change to N Discovery subscribers, each on its own connection ({rounds} changes each)\n"
+    );
+    println!("| subscribers | p50 ms | p99 ms | max ms | server RSS KiB / idle subscriber |");
+    println!("|---:|---:|---:|---:|---:|");
+    for row in rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            row.subscribers,
+            ms(row.p50),
+            ms(row.p99),
+            ms(row.max),
+            row.kib_per_subscriber
+        );
+    }
+}

@@ -1,0 +1,604 @@
+//! xDS resources built from the store: one Listener, RouteConfiguration,
+//! Cluster and ClusterLoadAssignment per service.
+//!
+//! Naming: every resource of a service is named by its target as the client
+//! asked for it (usually the canonical `NAME.NAMESPACE:PORT`); resources that
+//! point at others (a route at its cluster, a cluster at its assignment) use
+//! the canonical form, so one service has one Cluster and one assignment
+//! however its Listener was asked for.
+//!
+//! Only the assignment depends on endpoints; Listener, RouteConfiguration
+//! and Cluster depend only on the service existing (and the configured
+//! balancing policy), so they are re-sent only when a service appears or goes.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use envoy_types::{
+    pb::{
+        envoy::{
+            config::{
+                cluster::v3::{
+                    Cluster,
+                    cluster::{
+                        ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig,
+                        LbPolicy,
+                    },
+                },
+                core::v3::{
+                    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
+                    Http2ProtocolOptions, Locality, SocketAddress, address,
+                    config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
+                },
+                endpoint::v3::{
+                    ClusterLoadAssignment, Endpoint as XdsEndpoint, LbEndpoint,
+                    LocalityLbEndpoints, lb_endpoint::HostIdentifier,
+                },
+                listener::v3::{ApiListener, Listener},
+                route::v3::{
+                    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
+                    route_action::ClusterSpecifier, route_match::PathSpecifier,
+                },
+            },
+            extensions::{
+                filters::{
+                    http::router::v3::Router,
+                    network::http_connection_manager::v3::{
+                        HttpConnectionManager, HttpFilter, http_connection_manager::RouteSpecifier,
+                        http_filter,
+                    },
+                },
+                upstreams::http::v3::{
+                    HttpProtocolOptions,
+                    http_protocol_options::{
+                        ExplicitHttpConfig, UpstreamProtocolOptions,
+                        explicit_http_config::ProtocolConfig,
+                    },
+                },
+            },
+            r#type::v3::Percent,
+        },
+        google::protobuf::{Any, UInt32Value},
+    },
+    util::pack_any,
+};
+
+use crate::{
+    config::XdsLbPolicy,
+    model::{Endpoint, ServiceKey, Snapshot},
+};
+
+/// The four resource types lb-server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceType {
+    /// LDS: `envoy.config.listener.v3.Listener`.
+    Listener,
+    /// RDS: `envoy.config.route.v3.RouteConfiguration`.
+    Route,
+    /// CDS: `envoy.config.cluster.v3.Cluster`.
+    Cluster,
+    /// EDS: `envoy.config.endpoint.v3.ClusterLoadAssignment`.
+    Endpoint,
+}
+
+/// The type URL of a Listener.
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// The type URL of a RouteConfiguration.
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// The type URL of a Cluster.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// The type URL of a ClusterLoadAssignment.
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// The filter name gRPC and Envoy expect for the router.
+const ROUTER_FILTER: &str = "envoy.filters.http.router";
+/// The extension-options key for upstream HTTP protocol options.
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+impl ResourceType {
+    /// Every type, in the order pending responses are sent: clusters before
+    /// their endpoints, listeners before routes, as Envoy's ADS guidance asks
+    /// (make before break).
+    pub const SEND_ORDER: [ResourceType; 4] = [
+        ResourceType::Cluster,
+        ResourceType::Endpoint,
+        ResourceType::Listener,
+        ResourceType::Route,
+    ];
+
+    /// The type URL.
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Listener => LISTENER_TYPE,
+            ResourceType::Route => ROUTE_TYPE,
+            ResourceType::Cluster => CLUSTER_TYPE,
+            ResourceType::Endpoint => ENDPOINT_TYPE,
+        }
+    }
+
+    /// The type of a type URL, if it is one we serve.
+    pub fn from_type_url(type_url: &str) -> Option<Self> {
+        Self::SEND_ORDER
+            .into_iter()
+            .find(|ty| ty.type_url() == type_url)
+    }
+
+    /// Whether a client may subscribe to every resource of this type
+    /// (LDS and CDS; RDS and EDS are always named).
+    pub fn allows_wildcard(self) -> bool {
+        matches!(self, ResourceType::Listener | ResourceType::Cluster)
+    }
+
+    /// Whether a state-of-the-world response must list every subscribed
+    /// resource, a missing one meaning deleted (LDS and CDS). For RDS and EDS a
+    /// response lists only what changed.
+    pub fn full_state(self) -> bool {
+        self.allows_wildcard()
+    }
+
+    /// A short name for logs: `lds`, `rds`, `cds`, `eds`.
+    pub fn short(self) -> &'static str {
+        match self {
+            ResourceType::Listener => "lds",
+            ResourceType::Route => "rds",
+            ResourceType::Cluster => "cds",
+            ResourceType::Endpoint => "eds",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            ResourceType::Listener => 0,
+            ResourceType::Route => 1,
+            ResourceType::Cluster => 2,
+            ResourceType::Endpoint => 3,
+        }
+    }
+}
+
+/// Builds resources; holds what the configuration decides about them.
+#[derive(Debug, Clone, Copy)]
+pub struct Resources {
+    lb_policy: XdsLbPolicy,
+}
+
+impl Resources {
+    /// A builder whose clusters use `lb_policy`.
+    pub fn new(lb_policy: XdsLbPolicy) -> Self {
+        Self { lb_policy }
+    }
+
+    /// One resource of a type, named `name`, for the service `key` at `snapshot`.
+    pub fn build(
+        &self,
+        ty: ResourceType,
+        name: &str,
+        key: &ServiceKey,
+        snapshot: Option<&Snapshot>,
+    ) -> Any {
+        match ty {
+            ResourceType::Listener => pack_any(listener(name, key)),
+            ResourceType::Route => pack_any(route_configuration(name, key)),
+            ResourceType::Cluster => pack_any(cluster(name, key, self.lb_policy)),
+            ResourceType::Endpoint => pack_any(load_assignment(name, snapshot)),
+        }
+    }
+}
+
+/// The domains a service's virtual host matches: the name asked for, and the
+/// short and cluster-local host names with and without the port.
+fn domains(name: &str, key: &ServiceKey) -> Vec<String> {
+    let short = format!("{}.{}", key.name(), key.namespace());
+    let long = format!("{short}.svc.cluster.local");
+    let port = key.port();
+    let mut domains = vec![name.to_owned()];
+    for domain in [
+        format!("{short}:{port}"),
+        short.clone(),
+        format!("{long}:{port}"),
+        long,
+    ] {
+        if !domains.contains(&domain) {
+            domains.push(domain);
+        }
+    }
+    domains
+}
+
+/// One virtual host for the service with one default route to its cluster.
+fn virtual_host(name: &str, key: &ServiceKey) -> VirtualHost {
+    VirtualHost {
+        name: key.to_string(),
+        domains: domains(name, key),
+        routes: vec![Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix(String::new())),
+                ..RouteMatch::default()
+            }),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(key.to_string())),
+                ..RouteAction::default()
+            })),
+            ..Route::default()
+        }],
+        ..VirtualHost::default()
+    }
+}
+
+/// The RouteConfiguration named `name` (RDS).
+pub fn route_configuration(name: &str, key: &ServiceKey) -> RouteConfiguration {
+    RouteConfiguration {
+        name: name.to_owned(),
+        virtual_hosts: vec![virtual_host(name, key)],
+        ..RouteConfiguration::default()
+    }
+}
+
+/// The Listener named `name` (LDS): an `api_listener` holding an
+/// HttpConnectionManager with the routes inline and the router filter last,
+/// the shape proxyless gRPC requires.
+pub fn listener(name: &str, key: &ServiceKey) -> Listener {
+    let manager = HttpConnectionManager {
+        stat_prefix: "lookaside".to_owned(),
+        route_specifier: Some(RouteSpecifier::RouteConfig(route_configuration(name, key))),
+        http_filters: vec![HttpFilter {
+            name: ROUTER_FILTER.to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..HttpFilter::default()
+        }],
+        ..HttpConnectionManager::default()
+    };
+    Listener {
+        name: name.to_owned(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack_any(manager)),
+        }),
+        ..Listener::default()
+    }
+}
+
+/// The Cluster named `name` (CDS): endpoints over ADS (EDS, service name the
+/// canonical target), the configured policy, HTTP/2 upstream (Envoy needs it
+/// for gRPC; proxyless gRPC ignores it), and no panic mode, so that draining
+/// endpoints never get new calls even when most of them drain.
+pub fn cluster(name: &str, key: &ServiceKey, policy: XdsLbPolicy) -> Cluster {
+    let lb_policy = match policy {
+        XdsLbPolicy::RoundRobin => LbPolicy::RoundRobin,
+        XdsLbPolicy::LeastRequest => LbPolicy::LeastRequest,
+        XdsLbPolicy::RingHash => LbPolicy::RingHash,
+        XdsLbPolicy::Random => LbPolicy::Random,
+    };
+    let http2 = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                    Http2ProtocolOptions::default(),
+                )),
+            },
+        )),
+        ..HttpProtocolOptions::default()
+    };
+    Cluster {
+        name: name.to_owned(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ConfigSource {
+                resource_api_version: ApiVersion::V3 as i32,
+                config_source_specifier: Some(ConfigSourceSpecifier::Ads(
+                    AggregatedConfigSource {},
+                )),
+                ..ConfigSource::default()
+            }),
+            service_name: key.to_string(),
+        }),
+        lb_policy: lb_policy as i32,
+        common_lb_config: Some(CommonLbConfig {
+            healthy_panic_threshold: Some(Percent { value: 0.0 }),
+            ..CommonLbConfig::default()
+        }),
+        typed_extension_protocol_options: [(HTTP_PROTOCOL_OPTIONS.to_owned(), pack_any(http2))]
+            .into(),
+        ..Cluster::default()
+    }
+}
+
+/// The ClusterLoadAssignment named `name` (EDS): one locality per zone (zones
+/// in order, the empty zone for endpoints without one), weighted by the sum
+/// of its serving endpoints' weights (at least 1, as the API requires); each
+/// endpoint with its weight and HEALTHY, or DRAINING when it drains. A
+/// service that does not exist has no endpoints.
+pub fn load_assignment(name: &str, snapshot: Option<&Snapshot>) -> ClusterLoadAssignment {
+    let mut zones: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
+    for endpoint in snapshot
+        .filter(|s| s.exists)
+        .map(|s| s.endpoints.as_slice())
+        .unwrap_or_default()
+    {
+        zones
+            .entry(endpoint.zone.as_str())
+            .or_default()
+            .push(endpoint);
+    }
+    let endpoints = zones
+        .into_iter()
+        .map(|(zone, endpoints)| {
+            let serving_weight = endpoints
+                .iter()
+                .filter(|e| !e.draining)
+                .fold(0u32, |sum, e| sum.saturating_add(e.weight));
+            LocalityLbEndpoints {
+                locality: Some(Locality {
+                    zone: zone.to_owned(),
+                    ..Locality::default()
+                }),
+                lb_endpoints: endpoints.into_iter().map(lb_endpoint).collect(),
+                load_balancing_weight: Some(UInt32Value {
+                    value: serving_weight.max(1),
+                }),
+                ..LocalityLbEndpoints::default()
+            }
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints,
+        ..ClusterLoadAssignment::default()
+    }
+}
+
+fn lb_endpoint(endpoint: &Endpoint) -> LbEndpoint {
+    let health = if endpoint.draining {
+        HealthStatus::Draining
+    } else {
+        HealthStatus::Healthy
+    };
+    let address = match endpoint.address {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => v6.to_string(),
+    };
+    LbEndpoint {
+        host_identifier: Some(HostIdentifier::Endpoint(XdsEndpoint {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address,
+                    port_specifier: Some(PortSpecifier::PortValue(u32::from(endpoint.port))),
+                    ..SocketAddress::default()
+                })),
+            }),
+            hostname: endpoint.pod.clone(),
+            ..XdsEndpoint::default()
+        })),
+        health_status: health as i32,
+        load_balancing_weight: Some(UInt32Value {
+            value: endpoint.weight.max(1),
+        }),
+        ..LbEndpoint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_target;
+    use prost::{Message, Name};
+
+    fn key() -> ServiceKey {
+        parse_target("greeter.default:grpc").unwrap()
+    }
+
+    fn ep(last: u8) -> Endpoint {
+        Endpoint::new(format!("10.0.0.{last}").parse().unwrap(), 8080)
+    }
+
+    fn snapshot(endpoints: Vec<Endpoint>) -> Snapshot {
+        Snapshot {
+            version: 7,
+            exists: true,
+            endpoints: crate::model::normalize(endpoints),
+            ..Snapshot::unknown()
+        }
+    }
+
+    fn socket(lb: &LbEndpoint) -> (String, u32) {
+        let Some(HostIdentifier::Endpoint(endpoint)) = &lb.host_identifier else {
+            panic!("endpoint expected");
+        };
+        let Some(address::Address::SocketAddress(socket)) =
+            &endpoint.address.as_ref().unwrap().address
+        else {
+            panic!("socket address expected");
+        };
+        let Some(PortSpecifier::PortValue(port)) = socket.port_specifier else {
+            panic!("port expected");
+        };
+        (socket.address.clone(), port)
+    }
+
+    #[test]
+    fn type_urls_match_the_generated_messages() {
+        assert_eq!(LISTENER_TYPE, Listener::type_url());
+        assert_eq!(ROUTE_TYPE, RouteConfiguration::type_url());
+        assert_eq!(CLUSTER_TYPE, Cluster::type_url());
+        assert_eq!(ENDPOINT_TYPE, ClusterLoadAssignment::type_url());
+        for ty in ResourceType::SEND_ORDER {
+            assert_eq!(ResourceType::from_type_url(ty.type_url()), Some(ty));
+            assert_eq!(
+                ResourceType::SEND_ORDER[..]
+                    .iter()
+                    .filter(|t| t.index() == ty.index())
+                    .count(),
+                1
+            );
+        }
+        assert_eq!(
+            ResourceType::from_type_url(
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn one_locality_per_zone_weighted_by_its_serving_endpoints() {
+        let snapshot = snapshot(vec![
+            ep(1).zone("zone-b").weight(3),
+            ep(2).zone("zone-a"),
+            ep(3).zone("zone-b").weight(2),
+            ep(4).zone("zone-b").weight(5).draining(),
+            ep(5),
+        ]);
+        let cla = load_assignment("greeter.default:grpc", Some(&snapshot));
+        assert_eq!(cla.cluster_name, "greeter.default:grpc");
+        let zones: Vec<(&str, u32, usize)> = cla
+            .endpoints
+            .iter()
+            .map(|l| {
+                (
+                    l.locality.as_ref().unwrap().zone.as_str(),
+                    l.load_balancing_weight.unwrap().value,
+                    l.lb_endpoints.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            zones,
+            [("", 1, 1), ("zone-a", 1, 1), ("zone-b", 5, 3)],
+            "zone-b weighs 3 + 2; the draining endpoint's 5 does not count"
+        );
+        let zone_b = &cla.endpoints[2].lb_endpoints;
+        let weights: Vec<u32> = zone_b
+            .iter()
+            .map(|e| e.load_balancing_weight.unwrap().value)
+            .collect();
+        assert_eq!(weights, [3, 2, 5]);
+        let health: Vec<HealthStatus> = zone_b
+            .iter()
+            .map(|e| HealthStatus::try_from(e.health_status).unwrap())
+            .collect();
+        assert_eq!(
+            health,
+            [
+                HealthStatus::Healthy,
+                HealthStatus::Healthy,
+                HealthStatus::Draining
+            ]
+        );
+        assert_eq!(socket(&zone_b[0]), ("10.0.0.1".to_owned(), 8080));
+        assert!(cla.endpoints.iter().all(|l| l.priority == 0));
+    }
+
+    #[test]
+    fn an_all_draining_zone_keeps_a_valid_weight_and_ipv6_has_no_brackets() {
+        let v6 = Endpoint::new("fd00::1".parse().unwrap(), 50051)
+            .zone("z")
+            .pod("greeter-0")
+            .draining();
+        let cla = load_assignment("x", Some(&snapshot(vec![v6])));
+        let locality = &cla.endpoints[0];
+        assert_eq!(locality.load_balancing_weight.unwrap().value, 1);
+        assert_eq!(
+            socket(&locality.lb_endpoints[0]),
+            ("fd00::1".to_owned(), 50051)
+        );
+        let Some(HostIdentifier::Endpoint(endpoint)) = &locality.lb_endpoints[0].host_identifier
+        else {
+            unreachable!()
+        };
+        assert_eq!(endpoint.hostname, "greeter-0");
+    }
+
+    #[test]
+    fn a_missing_or_removed_service_has_an_empty_assignment() {
+        assert!(load_assignment("gone.ns:80", None).endpoints.is_empty());
+        let removed = Snapshot {
+            exists: false,
+            ..snapshot(vec![ep(1)])
+        };
+        let cla = load_assignment("gone.ns:80", Some(&removed));
+        assert_eq!(cla.cluster_name, "gone.ns:80");
+        assert!(cla.endpoints.is_empty());
+    }
+
+    #[test]
+    fn listener_is_an_api_listener_routing_everything_to_the_cluster() {
+        let asked = "greeter.default.svc.cluster.local:grpc";
+        let listener = listener(asked, &key());
+        assert_eq!(listener.name, asked);
+        let any = listener.api_listener.unwrap().api_listener.unwrap();
+        assert_eq!(any.type_url, HttpConnectionManager::type_url());
+        let manager = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        let last = manager.http_filters.last().unwrap();
+        assert_eq!(last.name, ROUTER_FILTER);
+        let Some(http_filter::ConfigType::TypedConfig(router)) = &last.config_type else {
+            panic!("typed router config expected");
+        };
+        assert_eq!(router.type_url, Router::type_url());
+        let Some(RouteSpecifier::RouteConfig(routes)) = manager.route_specifier else {
+            panic!("inline routes expected");
+        };
+        let host = &routes.virtual_hosts[0];
+        assert_eq!(
+            host.domains,
+            [
+                asked,
+                "greeter.default:grpc",
+                "greeter.default",
+                "greeter.default.svc.cluster.local"
+            ]
+        );
+        let route = &host.routes[0];
+        assert_eq!(
+            route.r#match.as_ref().unwrap().path_specifier,
+            Some(PathSpecifier::Prefix(String::new()))
+        );
+        let Some(route::Action::Route(action)) = &route.action else {
+            panic!("route action expected");
+        };
+        assert_eq!(
+            action.cluster_specifier,
+            Some(ClusterSpecifier::Cluster("greeter.default:grpc".into())),
+            "routes point at the canonical cluster name"
+        );
+    }
+
+    #[test]
+    fn cluster_is_eds_over_ads_with_the_configured_policy_and_http2() {
+        let cluster = cluster("greeter.default:grpc", &key(), XdsLbPolicy::RingHash);
+        assert_eq!(cluster.name, "greeter.default:grpc");
+        assert_eq!(
+            cluster.cluster_discovery_type,
+            Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+        );
+        let eds = cluster.eds_cluster_config.unwrap();
+        assert_eq!(eds.service_name, "greeter.default:grpc");
+        assert_eq!(
+            eds.eds_config.unwrap().config_source_specifier,
+            Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {}))
+        );
+        assert_eq!(cluster.lb_policy, LbPolicy::RingHash as i32);
+        let options = &cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS];
+        let options = HttpProtocolOptions::decode(options.value.as_slice()).unwrap();
+        assert!(matches!(
+            options.upstream_protocol_options,
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                ExplicitHttpConfig {
+                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(_))
+                }
+            ))
+        ));
+        let round_robin = super::cluster("a.b:80", &key(), XdsLbPolicy::RoundRobin);
+        assert_eq!(round_robin.lb_policy, LbPolicy::RoundRobin as i32);
+    }
+
+    #[test]
+    fn build_packs_each_type_under_its_url() {
+        let resources = Resources::new(XdsLbPolicy::RoundRobin);
+        let snapshot = snapshot(vec![ep(1)]);
+        for ty in ResourceType::SEND_ORDER {
+            let any = resources.build(ty, "greeter.default:grpc", &key(), Some(&snapshot));
+            assert_eq!(any.type_url, ty.type_url());
+        }
+    }
+}

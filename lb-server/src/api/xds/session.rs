@@ -1,0 +1,820 @@
+//! The protocol state of one ADS stream (state of the world, SotW).
+//!
+//! Per resource type it keeps what the client subscribed to, what it was last
+//! sent (name → a stamp of the content), the version and nonce of the last
+//! response, and the client's last ACK and NACK. It does no I/O: the stream
+//! feeds it requests and a [`View`] of the store, and asks it for the next
+//! response, so every rule below is unit-tested here.
+//!
+//! Rules:
+//! - `version_info` counts the responses of a type on this stream (`1`, `2`, ...);
+//!   every response has a fresh nonce (one counter over all types).
+//! - A request whose `response_nonce` is not the latest one sent for its type is
+//!   stale and ignored whole, as the protocol asks: the client will answer the
+//!   newer response anyway. The first request of a type on a stream is never stale.
+//! - With the latest nonce, a request is an ACK, or a NACK when `error_detail` is
+//!   set. A NACK is recorded and nothing is re-sent: the next change of the store
+//!   produces the next version. A NACK never affects other types or streams.
+//! - A request that changes the subscribed names, or carries no nonce (a new
+//!   subscription), is owed a response even if nothing it names exists: that is
+//!   how a proxyless gRPC client learns at once that a Listener does not exist.
+//! - LDS and CDS accept wildcard subscriptions (`*`, or no names on the first
+//!   request, kept while the client keeps sending no names), and each response
+//!   lists every subscribed resource: one that is missing was deleted. RDS and
+//!   EDS are always named, and a response lists only what changed; an EDS
+//!   resource whose service disappears is sent once more with no endpoints, so
+//!   a client that still holds the cluster stops using stale endpoints.
+//! - A name that is not a valid target, or a service that does not exist (and
+//!   was not sent before), is left out of responses; it is sent once it appears.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use envoy_types::pb::envoy::{
+    config::core::v3::{ControlPlane, Node},
+    service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
+};
+
+use super::resources::{ResourceType, Resources};
+use crate::{
+    api::subscribers::{XdsNack, XdsStatus},
+    model::{ServiceKey, Snapshot, parse_target},
+};
+
+/// What the session sees of the store.
+#[derive(Debug, Default)]
+pub struct View {
+    /// The current snapshots of the services the client names.
+    pub snapshots: HashMap<ServiceKey, Arc<Snapshot>>,
+    /// Every existing service, kept up to date while a wildcard subscription exists.
+    pub existing: BTreeSet<ServiceKey>,
+}
+
+impl View {
+    fn exists(&self, key: &ServiceKey) -> bool {
+        match self.snapshots.get(key) {
+            Some(snapshot) => snapshot.exists,
+            None => self.existing.contains(key),
+        }
+    }
+}
+
+/// The content a client was sent for one resource, to tell whether it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stamp {
+    /// Listener, route or cluster of an existing service: it depends on nothing else.
+    Present,
+    /// An assignment of this snapshot version.
+    Version(u64),
+    /// An assignment with no endpoints, for a service that went away.
+    Empty,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// The client asked for this type on this stream.
+    requested: bool,
+    /// The first request named nothing; stays until the client names something.
+    legacy_wildcard: bool,
+    /// Subscribed to every resource.
+    wildcard: bool,
+    /// Named subscriptions (without `*`).
+    names: BTreeSet<String>,
+    /// Responses sent so far; the last one's `version_info`.
+    version: u64,
+    /// Nonce of the last response, empty before the first.
+    nonce: String,
+    /// What the client holds from us, by name.
+    sent: BTreeMap<String, Stamp>,
+    /// A response is owed to a request even if nothing changed.
+    owed: bool,
+}
+
+/// What a request turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// A type URL we do not serve.
+    UnknownType,
+    /// A response nonce that is not the latest of its type: ignored.
+    Stale {
+        /// The request's type.
+        ty: ResourceType,
+    },
+    /// A request we act on.
+    Request {
+        /// Its type.
+        ty: ResourceType,
+        /// What it says about our last response.
+        reply: Reply,
+        /// Whether it changed the subscribed names.
+        names_changed: bool,
+    },
+}
+
+/// What a request says about the latest response of its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// No nonce: a new subscription.
+    Subscribe,
+    /// Accepted: the client now runs this version.
+    Ack {
+        /// The version acknowledged.
+        version: String,
+    },
+    /// Rejected.
+    Nack(XdsNack),
+}
+
+/// A response ready to send, with what the stream needs for metrics and Admin.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The message.
+    pub response: DiscoveryResponse,
+    /// Its type.
+    pub ty: ResourceType,
+    /// True when a store change caused it, false when it answers a request.
+    pub push: bool,
+    /// The newest store version among the assignments it carries (0 for other types).
+    pub store_version: u64,
+    /// The oldest source event among the assignments it carries, for push latency.
+    pub oldest_event: Option<Instant>,
+}
+
+/// The state of one ADS stream.
+#[derive(Debug, Default)]
+pub struct Session {
+    types: [TypeState; 4],
+    nonces: u64,
+    node: Option<Node>,
+}
+
+impl Session {
+    /// A stream that has received nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The node the client described in its first request, if any.
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    /// Applies one request.
+    pub fn handle(&mut self, request: &DiscoveryRequest) -> Handled {
+        if self.node.is_none() {
+            self.node = request.node.clone();
+        }
+        let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
+            return Handled::UnknownType;
+        };
+        let state = &mut self.types[ty.index()];
+        let first = !state.requested;
+        if !first && !request.response_nonce.is_empty() && request.response_nonce != state.nonce {
+            return Handled::Stale { ty };
+        }
+        state.requested = true;
+
+        let reply = if first || request.response_nonce.is_empty() {
+            // A new subscription: the client holds nothing from this stream.
+            state.sent.clear();
+            state.owed = true;
+            Reply::Subscribe
+        } else if let Some(error) = &request.error_detail {
+            Reply::Nack(XdsNack {
+                version: state.version.to_string(),
+                nonce: request.response_nonce.clone(),
+                code: error.code,
+                message: error.message.clone(),
+                at: SystemTime::now(),
+            })
+        } else {
+            Reply::Ack {
+                version: request.version_info.clone(),
+            }
+        };
+
+        let mut names: BTreeSet<String> = request.resource_names.iter().cloned().collect();
+        let star = names.remove("*");
+        if ty.allows_wildcard() {
+            if first {
+                state.legacy_wildcard = names.is_empty() && !star;
+            } else if !names.is_empty() {
+                state.legacy_wildcard = false;
+            }
+        }
+        let wildcard = ty.allows_wildcard() && (star || state.legacy_wildcard);
+        let names_changed = wildcard != state.wildcard || names != state.names;
+        if names_changed {
+            state
+                .sent
+                .retain(|name, _| names.contains(name) || wildcard);
+            state.wildcard = wildcard;
+            state.names = names;
+            state.owed = true;
+        }
+        Handled::Request {
+            ty,
+            reply,
+            names_changed,
+        }
+    }
+
+    /// Every service the client names, over all types (wildcards excluded).
+    pub fn named_services(&self) -> BTreeSet<ServiceKey> {
+        self.types
+            .iter()
+            .flat_map(|state| state.names.iter())
+            .filter_map(|name| parse_target(name).ok())
+            .collect()
+    }
+
+    /// Whether any type is subscribed by wildcard.
+    pub fn has_wildcard(&self) -> bool {
+        self.types.iter().any(|state| state.wildcard)
+    }
+
+    /// The subscribed names of a type as Admin shows them (`*` for a wildcard).
+    pub fn subscribed(&self, ty: ResourceType) -> Vec<String> {
+        let state = &self.types[ty.index()];
+        let star = state.wildcard.then(|| "*".to_owned());
+        star.into_iter()
+            .chain(state.names.iter().cloned())
+            .collect()
+    }
+
+    /// What the client should hold of a type now: name → (stamp, service).
+    fn desired(&self, ty: ResourceType, view: &View) -> BTreeMap<String, (Stamp, ServiceKey)> {
+        let state = &self.types[ty.index()];
+        let mut desired = BTreeMap::new();
+        if state.wildcard {
+            for key in &view.existing {
+                if view.exists(key) {
+                    desired.insert(key.to_string(), (Stamp::Present, key.clone()));
+                }
+            }
+        }
+        for name in &state.names {
+            let Ok(key) = parse_target(name) else {
+                continue;
+            };
+            let stamp = match ty {
+                ResourceType::Endpoint => match view.snapshots.get(&key) {
+                    Some(snapshot) if snapshot.exists => Some(Stamp::Version(snapshot.version)),
+                    _ if state.sent.contains_key(name) => Some(Stamp::Empty),
+                    _ => None,
+                },
+                _ => view.exists(&key).then_some(Stamp::Present),
+            };
+            if let Some(stamp) = stamp {
+                desired.insert(name.clone(), (stamp, key));
+            }
+        }
+        desired
+    }
+
+    /// The next response owed or caused by a change, if any, in the order
+    /// CDS, EDS, LDS, RDS. Call until it returns `None`.
+    pub fn next_response(&mut self, view: &View, resources: &Resources) -> Option<Outgoing> {
+        for ty in ResourceType::SEND_ORDER {
+            if !self.types[ty.index()].requested {
+                continue;
+            }
+            let desired = self.desired(ty, view);
+            let state = &self.types[ty.index()];
+            let include: Vec<(&String, &(Stamp, ServiceKey))> = if ty.full_state() {
+                let unchanged = desired.len() == state.sent.len()
+                    && desired
+                        .iter()
+                        .all(|(name, (stamp, _))| state.sent.get(name) == Some(stamp));
+                if unchanged && !state.owed {
+                    continue;
+                }
+                desired.iter().collect()
+            } else {
+                let changed: Vec<_> = desired
+                    .iter()
+                    .filter(|(name, (stamp, _))| state.sent.get(*name) != Some(stamp))
+                    .collect();
+                if changed.is_empty() && !state.owed {
+                    continue;
+                }
+                changed
+            };
+
+            let mut store_version = 0;
+            let mut oldest_event: Option<Instant> = None;
+            let mut resources_out = Vec::with_capacity(include.len());
+            for (name, (_, key)) in &include {
+                let snapshot = view.snapshots.get(key).map(Arc::as_ref);
+                if ty == ResourceType::Endpoint
+                    && let Some(snapshot) = snapshot.filter(|s| s.exists)
+                {
+                    store_version = store_version.max(snapshot.version);
+                    oldest_event = Some(match oldest_event {
+                        Some(at) => at.min(snapshot.event_at),
+                        None => snapshot.event_at,
+                    });
+                }
+                resources_out.push(resources.build(ty, name, key, snapshot));
+            }
+
+            self.nonces += 1;
+            let nonce = self.nonces.to_string();
+            let state = &mut self.types[ty.index()];
+            let push = !state.owed;
+            if ty.full_state() {
+                state.sent.clear();
+            } else {
+                state.sent.retain(|name, _| desired.contains_key(name));
+            }
+            for (name, (stamp, _)) in &include {
+                state.sent.insert((*name).clone(), *stamp);
+            }
+            state.owed = false;
+            state.version += 1;
+            state.nonce.clone_from(&nonce);
+            return Some(Outgoing {
+                response: DiscoveryResponse {
+                    version_info: state.version.to_string(),
+                    resources: resources_out,
+                    type_url: ty.type_url().to_owned(),
+                    nonce,
+                    control_plane: Some(ControlPlane {
+                        identifier: concat!("lookaside lb-server ", env!("CARGO_PKG_VERSION"))
+                            .to_owned(),
+                    }),
+                    ..DiscoveryResponse::default()
+                },
+                ty,
+                push,
+                store_version,
+                oldest_event,
+            });
+        }
+        None
+    }
+
+    /// Copies what Admin shows of a type into `status`.
+    pub fn record(&self, ty: ResourceType, handled: Option<&Reply>, status: &mut XdsStatus) {
+        if let Some(node) = &self.node
+            && status.node_id.is_empty()
+        {
+            status.node_id.clone_from(&node.id);
+            status.node_cluster.clone_from(&node.cluster);
+            status.user_agent.clone_from(&node.user_agent_name);
+        }
+        let state = &self.types[ty.index()];
+        let entry = status.type_mut(ty.type_url());
+        entry.names = self.subscribed(ty);
+        if state.version > 0 {
+            entry.version_sent = state.version.to_string();
+        }
+        match handled {
+            Some(Reply::Ack { version }) => entry.acked_version.clone_from(version),
+            Some(Reply::Nack(nack)) => {
+                entry.nacks += 1;
+                entry.last_nack = Some(nack.clone());
+            }
+            Some(Reply::Subscribe) | None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        api::xds::resources::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE},
+        config::XdsLbPolicy,
+        model::Endpoint,
+    };
+    use envoy_types::pb::{
+        envoy::config::{
+            cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
+        },
+        google::rpc::Status,
+    };
+    use prost::Message;
+
+    const GREETER: &str = "greeter.default:grpc";
+
+    fn resources() -> Resources {
+        Resources::new(XdsLbPolicy::RoundRobin)
+    }
+
+    fn key(target: &str) -> ServiceKey {
+        parse_target(target).unwrap()
+    }
+
+    fn request(type_url: &str, names: &[&str], nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            response_nonce: nonce.into(),
+            ..DiscoveryRequest::default()
+        }
+    }
+
+    fn ack(response: &DiscoveryResponse, names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: response.version_info.clone(),
+            ..request(&response.type_url, names, &response.nonce)
+        }
+    }
+
+    fn nack(response: &DiscoveryResponse, names: &[&str], message: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            error_detail: Some(Status {
+                code: 3,
+                message: message.into(),
+                details: vec![],
+            }),
+            ..request(&response.type_url, names, &response.nonce)
+        }
+    }
+
+    /// A view with each service at `version`, existing with one endpoint per
+    /// listed address suffix, or gone.
+    struct World {
+        view: View,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                view: View::default(),
+            }
+        }
+
+        fn set(&mut self, target: &str, version: u64, endpoints: &[u8]) -> &mut Self {
+            let key = key(target);
+            let snapshot = Snapshot {
+                version,
+                exists: true,
+                endpoints: endpoints
+                    .iter()
+                    .map(|i| Endpoint::new(format!("10.0.0.{i}").parse().unwrap(), 80))
+                    .collect(),
+                ..Snapshot::unknown()
+            };
+            self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
+            self.view.existing.insert(key);
+            self
+        }
+
+        fn remove(&mut self, target: &str, version: u64) -> &mut Self {
+            let key = key(target);
+            let snapshot = Snapshot {
+                version,
+                ..Snapshot::unknown()
+            };
+            self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
+            self.view.existing.remove(&key);
+            self
+        }
+    }
+
+    fn names<M: Message + Default>(
+        response: &DiscoveryResponse,
+        name: impl Fn(&M) -> &str,
+    ) -> Vec<String> {
+        response
+            .resources
+            .iter()
+            .map(|any| name(&M::decode(any.value.as_slice()).unwrap()).to_owned())
+            .collect()
+    }
+
+    fn listeners(response: &DiscoveryResponse) -> Vec<String> {
+        names::<Listener>(response, |l| &l.name)
+    }
+
+    fn clusters(response: &DiscoveryResponse) -> Vec<String> {
+        names::<Cluster>(response, |c| &c.name)
+    }
+
+    fn assignments(response: &DiscoveryResponse) -> Vec<(String, usize)> {
+        response
+            .resources
+            .iter()
+            .map(|any| {
+                let cla = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
+                let count = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+                (cla.cluster_name, count)
+            })
+            .collect()
+    }
+
+    fn next(session: &mut Session, world: &World) -> Outgoing {
+        session
+            .next_response(&world.view, &resources())
+            .expect("a response")
+    }
+
+    fn quiet(session: &mut Session, world: &World) {
+        if let Some(out) = session.next_response(&world.view, &resources()) {
+            panic!("unexpected response: {:?}", out.response);
+        }
+    }
+
+    #[test]
+    fn unknown_listener_gets_an_empty_answer_then_the_listener_when_it_appears() {
+        let mut session = Session::new();
+        let mut world = World::new();
+        let handled = session.handle(&request(LISTENER_TYPE, &[GREETER], ""));
+        assert!(matches!(
+            handled,
+            Handled::Request {
+                reply: Reply::Subscribe,
+                names_changed: true,
+                ..
+            }
+        ));
+        assert_eq!(session.named_services(), BTreeSet::from([key(GREETER)]));
+        let first = next(&mut session, &world);
+        assert!(
+            first.response.resources.is_empty(),
+            "does-not-exist, at once"
+        );
+        assert_eq!(first.response.version_info, "1");
+        assert!(!first.push);
+        quiet(&mut session, &world);
+
+        session.handle(&ack(&first.response, &[GREETER]));
+        world.set(GREETER, 5, &[1]);
+        let second = next(&mut session, &world);
+        assert_eq!(listeners(&second.response), [GREETER]);
+        assert_eq!(second.response.version_info, "2");
+        assert_ne!(second.response.nonce, first.response.nonce);
+        assert!(second.push);
+        quiet(&mut session, &world);
+
+        world.set(GREETER, 6, &[1, 2]);
+        quiet(&mut session, &world);
+    }
+
+    #[test]
+    fn ack_nack_and_stale_nonces() {
+        let mut session = Session::new();
+        let mut world = World::new();
+        world.set(GREETER, 1, &[1]);
+        session.handle(&request(CLUSTER_TYPE, &[GREETER], ""));
+        let v1 = next(&mut session, &world).response;
+        let handled = session.handle(&ack(&v1, &[GREETER]));
+        assert_eq!(
+            handled,
+            Handled::Request {
+                ty: ResourceType::Cluster,
+                reply: Reply::Ack {
+                    version: "1".into()
+                },
+                names_changed: false
+            }
+        );
+
+        world.set("other.default:80", 2, &[3]);
+        session.handle(&request(
+            CLUSTER_TYPE,
+            &[GREETER, "other.default:80"],
+            &v1.nonce,
+        ));
+        let v2 = next(&mut session, &world).response;
+        assert_eq!(clusters(&v2), [GREETER, "other.default:80"]);
+
+        // A NACK of v2 is recorded with v2's version and nonce; nothing is re-sent.
+        let handled = session.handle(&nack(&v2, &[GREETER, "other.default:80"], "bad cluster"));
+        let Handled::Request {
+            reply: Reply::Nack(rejected),
+            ..
+        } = handled
+        else {
+            panic!("NACK expected, got {handled:?}");
+        };
+        assert_eq!(
+            (rejected.version.as_str(), rejected.nonce.as_str()),
+            ("2", v2.nonce.as_str())
+        );
+        assert_eq!(rejected.message, "bad cluster");
+        quiet(&mut session, &world);
+        let mut status = XdsStatus::default();
+        session.record(
+            ResourceType::Cluster,
+            Some(&Reply::Nack(rejected)),
+            &mut status,
+        );
+        assert_eq!(status.types[0].nacks, 1);
+        assert_eq!(status.types[0].version_sent, "2");
+
+        // Stale nonces (old, unknown, or from another type) change nothing,
+        // not even the names they carry.
+        for stale in [&v1.nonce, "no-such-nonce"] {
+            assert_eq!(
+                session.handle(&request(CLUSTER_TYPE, &[], stale)),
+                Handled::Stale {
+                    ty: ResourceType::Cluster
+                }
+            );
+        }
+        quiet(&mut session, &world);
+        assert_eq!(
+            session.subscribed(ResourceType::Cluster),
+            [GREETER, "other.default:80"]
+        );
+
+        // The next change still goes out, as version 3.
+        world.remove("other.default:80", 3);
+        let v3 = next(&mut session, &world).response;
+        assert_eq!(v3.version_info, "3");
+        assert_eq!(clusters(&v3), [GREETER], "a removed cluster is left out");
+    }
+
+    #[test]
+    fn legacy_and_explicit_wildcards() {
+        let mut world = World::new();
+        world.set(GREETER, 1, &[1]).set("b.ns:80", 2, &[2]);
+
+        let mut envoy = Session::new();
+        envoy.handle(&request(CLUSTER_TYPE, &[], ""));
+        assert!(envoy.has_wildcard());
+        assert!(envoy.named_services().is_empty());
+        let v1 = next(&mut envoy, &world).response;
+        assert_eq!(clusters(&v1), ["b.ns:80", GREETER]);
+        envoy.handle(&ack(&v1, &[]));
+        assert!(
+            envoy.has_wildcard(),
+            "an empty ACK keeps the legacy wildcard"
+        );
+        assert_eq!(envoy.subscribed(ResourceType::Cluster), ["*"]);
+
+        world.set("c.ns:80", 3, &[3]);
+        let v2 = next(&mut envoy, &world).response;
+        assert_eq!(clusters(&v2), ["b.ns:80", "c.ns:80", GREETER]);
+        world.remove("b.ns:80", 4);
+        let v3 = next(&mut envoy, &world).response;
+        assert_eq!(clusters(&v3), ["c.ns:80", GREETER]);
+        world.set(GREETER, 5, &[1, 2]);
+        quiet(&mut envoy, &world);
+
+        // Naming something ends a legacy wildcard; an empty list then means nothing.
+        envoy.handle(&ack(&v3, &["c.ns:80"]));
+        assert!(!envoy.has_wildcard());
+        assert_eq!(clusters(&next(&mut envoy, &world).response), ["c.ns:80"]);
+        let mut explicit = Session::new();
+        explicit.handle(&request(LISTENER_TYPE, &["*", "late.ns:80"], ""));
+        assert_eq!(
+            explicit.subscribed(ResourceType::Listener),
+            ["*", "late.ns:80"]
+        );
+        assert_eq!(
+            listeners(&next(&mut explicit, &world).response),
+            ["c.ns:80", GREETER]
+        );
+
+        // RDS and EDS never wildcard.
+        let mut named_only = Session::new();
+        named_only.handle(&request(ENDPOINT_TYPE, &[], ""));
+        assert!(!named_only.has_wildcard());
+        assert!(next(&mut named_only, &world).response.resources.is_empty());
+    }
+
+    #[test]
+    fn eds_sends_what_changed_and_an_empty_assignment_on_removal() {
+        let mut session = Session::new();
+        let mut world = World::new();
+        world.set(GREETER, 1, &[1, 2]).set("b.ns:80", 2, &[3]);
+        session.handle(&request(
+            ENDPOINT_TYPE,
+            &[GREETER, "b.ns:80", "never.ns:80"],
+            "",
+        ));
+        let first = next(&mut session, &world);
+        assert_eq!(
+            assignments(&first.response),
+            [("b.ns:80".into(), 1), (GREETER.into(), 2)],
+            "an unknown service is left out"
+        );
+        assert_eq!(first.store_version, 2);
+
+        world.set(GREETER, 3, &[1, 2, 4]);
+        let update = next(&mut session, &world);
+        assert_eq!(
+            assignments(&update.response),
+            [(GREETER.into(), 3)],
+            "only what changed"
+        );
+        assert!(update.push);
+        assert_eq!(update.store_version, 3);
+        assert!(update.oldest_event.is_some());
+
+        world.remove("b.ns:80", 4);
+        let removed = next(&mut session, &world);
+        assert_eq!(assignments(&removed.response), [("b.ns:80".into(), 0)]);
+        quiet(&mut session, &world);
+
+        world.set("b.ns:80", 5, &[5]).set("never.ns:80", 6, &[6]);
+        let back = next(&mut session, &world);
+        assert_eq!(
+            assignments(&back.response),
+            [("b.ns:80".into(), 1), ("never.ns:80".into(), 1)]
+        );
+
+        // Unsubscribing forgets; subscribing again sends the current state.
+        session.handle(&ack(&back.response, &[GREETER]));
+        assert!(next(&mut session, &world).response.resources.is_empty());
+        let latest = session.types[ResourceType::Endpoint.index()].nonce.clone();
+        session.handle(&DiscoveryRequest {
+            ..request(ENDPOINT_TYPE, &[GREETER, "b.ns:80"], &latest)
+        });
+        assert_eq!(
+            assignments(&next(&mut session, &world).response),
+            [("b.ns:80".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn types_are_independent_and_sent_clusters_first() {
+        let mut session = Session::new();
+        let mut world = World::new();
+        world.set(GREETER, 1, &[1]);
+        session.handle(&request(LISTENER_TYPE, &[GREETER], ""));
+        session.handle(&request(ROUTE_TYPE, &[GREETER], ""));
+        session.handle(&request(ENDPOINT_TYPE, &[GREETER], ""));
+        session.handle(&request(CLUSTER_TYPE, &[GREETER], ""));
+        let order: Vec<&str> =
+            std::iter::from_fn(|| session.next_response(&world.view, &resources()))
+                .map(|out| out.ty.short())
+                .collect();
+        assert_eq!(order, ["cds", "eds", "lds", "rds"]);
+        let versions: BTreeSet<String> = ResourceType::SEND_ORDER
+            .iter()
+            .map(|ty| session.types[ty.index()].version.to_string())
+            .collect();
+        assert_eq!(
+            versions,
+            BTreeSet::from(["1".to_owned()]),
+            "versions count per type"
+        );
+
+        // A NACK of EDS leaves the others alone.
+        let eds_nonce = session.types[ResourceType::Endpoint.index()].nonce.clone();
+        let mut bad = request(ENDPOINT_TYPE, &[GREETER], &eds_nonce);
+        bad.error_detail = Some(Status {
+            code: 3,
+            message: "no".into(),
+            details: vec![],
+        });
+        session.handle(&bad);
+        world.set(GREETER, 2, &[1, 2]);
+        let out = next(&mut session, &world);
+        assert_eq!(out.ty, ResourceType::Endpoint);
+        assert_eq!(out.response.version_info, "2");
+        quiet(&mut session, &world);
+    }
+
+    #[test]
+    fn bad_input_is_ignored_without_harm() {
+        let mut session = Session::new();
+        let world = World::new();
+        assert_eq!(
+            session.handle(&request(
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                &["x"],
+                ""
+            )),
+            Handled::UnknownType
+        );
+        assert_eq!(session.handle(&request("", &[], "7")), Handled::UnknownType);
+        // Invalid targets are accepted as names but never resolve.
+        session.handle(&request(
+            LISTENER_TYPE,
+            &["not a target", "UPPER.case:1"],
+            "99",
+        ));
+        assert!(session.named_services().is_empty());
+        assert!(next(&mut session, &world).response.resources.is_empty());
+        quiet(&mut session, &world);
+    }
+
+    #[test]
+    fn record_fills_node_and_names() {
+        let mut session = Session::new();
+        let mut first = request(LISTENER_TYPE, &[GREETER], "");
+        first.node = Some(Node {
+            id: "node-1".into(),
+            cluster: "c".into(),
+            user_agent_name: "gRPC Python".into(),
+            ..Node::default()
+        });
+        session.handle(&first);
+        let mut status = XdsStatus::default();
+        session.record(ResourceType::Listener, Some(&Reply::Subscribe), &mut status);
+        assert_eq!(status.node_id, "node-1");
+        assert_eq!(status.user_agent, "gRPC Python");
+        assert_eq!(status.types[0].names, [GREETER]);
+        assert_eq!(status.types[0].type_url, LISTENER_TYPE);
+        assert_eq!(status.types[0].version_sent, "");
+    }
+}

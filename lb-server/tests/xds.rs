@@ -1,0 +1,410 @@
+//! lb-server's xDS ADS endpoint driven by raw ADS clients (envoy-types' tonic
+//! client) over loopback: ACK/NACK handling, wildcard and named subscriptions,
+//! and that a misbehaving client never disturbs the others.
+//!
+//! Envoy and proxyless grpcio are exercised in `tests/interop/test_xds.py`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::Cluster, core::v3::Node, endpoint::v3::ClusterLoadAssignment,
+            listener::v3::Listener,
+        },
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    },
+    google::rpc::Status as RpcStatus,
+};
+use lb_server::{Config, LbServer};
+use lookaside_proto::lookaside::v1::{ListSubscribersRequest, Subscriber, admin_client::AdminClient};
+use prost::Message;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Code, Streaming, transport::Channel};
+
+const WAIT: Duration = Duration::from_secs(5);
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const GREETER: &str = "greeter.default:grpc";
+
+fn file_with(services: &[(&str, &[u16])]) -> String {
+    let mut yaml = String::from("services:\n");
+    for (target, ports) in services {
+        yaml += &format!("  {target}:\n");
+        for port in *ports {
+            yaml += &format!("    - address: 127.0.0.1:{port}\n      zone: zone-a\n");
+        }
+    }
+    yaml
+}
+
+/// A running lb-server on loopback with a file source, stopped by its handle.
+struct TestServer {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    async fn start(yaml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lb.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let server = LbServer::bind(Config::for_file(&file)).await.unwrap();
+        let (grpc, http) = (server.grpc_addr(), server.metrics_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            grpc,
+            http,
+            file,
+            _dir: dir,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    fn write_file(&self, yaml: &str) {
+        let tmp = self.file.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.file).unwrap();
+    }
+
+    async fn metrics(&self) -> String {
+        let mut stream = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        let request = "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    /// The xDS subscriber with this node id, once `ready` holds for it.
+    async fn xds_subscriber(&self, node: &str, ready: impl Fn(&Subscriber) -> bool) -> Subscriber {
+        let mut admin = AdminClient::new(self.channel().await);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let subscribers = admin
+                .list_subscribers(ListSubscribersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .subscribers;
+            let found = subscribers
+                .into_iter()
+                .find(|s| s.xds.as_ref().is_some_and(|x| x.node_id == node));
+            match found {
+                Some(subscriber) if ready(&subscriber) => return subscriber,
+                found if tokio::time::Instant::now() > deadline => {
+                    panic!("subscriber {node} not as expected: {found:#?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, &mut self.task).await??
+    }
+}
+
+/// A raw ADS client: sends what the test says, reads what the server sends.
+struct Ads {
+    node: String,
+    tx: mpsc::UnboundedSender<DiscoveryRequest>,
+    rx: Streaming<DiscoveryResponse>,
+    first: bool,
+}
+
+impl Ads {
+    async fn connect(server: &TestServer, node: &str) -> Self {
+        let (tx, requests) = mpsc::unbounded_channel();
+        let rx = AggregatedDiscoveryServiceClient::new(server.channel().await)
+            .stream_aggregated_resources(UnboundedReceiverStream::new(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            node: node.into(),
+            tx,
+            rx,
+            first: true,
+        }
+    }
+
+    fn send(&mut self, mut request: DiscoveryRequest) {
+        if std::mem::take(&mut self.first) {
+            request.node = Some(Node {
+                id: self.node.clone(),
+                user_agent_name: "raw-test-client".into(),
+                ..Node::default()
+            });
+        }
+        self.tx.send(request).unwrap();
+    }
+
+    fn subscribe(&mut self, type_url: &str, names: &[&str]) {
+        self.send(request(type_url, names, "", ""));
+    }
+
+    fn ack(&mut self, response: &DiscoveryResponse, names: &[&str]) {
+        self.send(request(
+            &response.type_url,
+            names,
+            &response.version_info,
+            &response.nonce,
+        ));
+    }
+
+    fn nack(&mut self, response: &DiscoveryResponse, names: &[&str], message: &str) {
+        let mut nack = request(&response.type_url, names, "", &response.nonce);
+        nack.error_detail = Some(RpcStatus {
+            code: Code::InvalidArgument as i32,
+            message: message.into(),
+            details: vec![],
+        });
+        self.send(nack);
+    }
+
+    async fn recv(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("a response in time")
+            .expect("stream healthy")
+            .expect("stream open")
+    }
+
+    async fn recv_type(&mut self, type_url: &str) -> DiscoveryResponse {
+        let response = self.recv().await;
+        assert_eq!(response.type_url, type_url, "{response:?}");
+        response
+    }
+
+    /// Asserts nothing arrives for a short while.
+    async fn quiet(&mut self) {
+        if let Ok(message) = tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await
+        {
+            panic!("unexpected message: {message:?}");
+        }
+    }
+}
+
+fn request(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..DiscoveryRequest::default()
+    }
+}
+
+fn decoded<M: Message + Default>(response: &DiscoveryResponse) -> Vec<M> {
+    response
+        .resources
+        .iter()
+        .map(|any| M::decode(any.value.as_slice()).unwrap())
+        .collect()
+}
+
+fn cluster_names(response: &DiscoveryResponse) -> Vec<String> {
+    decoded::<Cluster>(response)
+        .into_iter()
+        .map(|c| c.name)
+        .collect()
+}
+
+fn listener_names(response: &DiscoveryResponse) -> Vec<String> {
+    decoded::<Listener>(response)
+        .into_iter()
+        .map(|l| l.name)
+        .collect()
+}
+
+/// (cluster name, endpoint count) of each assignment.
+fn assignments(response: &DiscoveryResponse) -> Vec<(String, usize)> {
+    decoded::<ClusterLoadAssignment>(response)
+        .into_iter()
+        .map(|cla| {
+            let count = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+            (cla.cluster_name, count)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_nacking_client_does_not_disturb_others() {
+    let server = TestServer::start(&file_with(&[(GREETER, &[50051])])).await;
+
+    let mut good = Ads::connect(&server, "good-client").await;
+    good.subscribe(CDS, &[GREETER]);
+    let cds = good.recv_type(CDS).await;
+    assert_eq!(cluster_names(&cds), [GREETER]);
+    good.ack(&cds, &[GREETER]);
+    good.subscribe(EDS, &[GREETER]);
+    let eds = good.recv_type(EDS).await;
+    assert_eq!(assignments(&eds), [(GREETER.to_owned(), 1)]);
+    good.ack(&eds, &[GREETER]);
+
+    // The bad client rejects everything and sends nonsense besides.
+    let mut bad = Ads::connect(&server, "bad-client").await;
+    bad.subscribe(EDS, &[GREETER]);
+    let first = bad.recv_type(EDS).await;
+    bad.nack(&first, &[GREETER], "rejected on purpose");
+    bad.send(request(EDS, &[], "42", "no-such-nonce"));
+    bad.nack(&DiscoveryResponse { nonce: "0".into(), type_url: EDS.into(), ..first.clone() }, &[], "stale");
+    bad.send(request("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", &["x"], "", ""));
+    bad.send(request("", &[], "", "1"));
+    bad.quiet().await;
+
+    // A change reaches the good client, and the bad one too: a NACK stops nothing.
+    server.write_file(&file_with(&[(GREETER, &[50051, 50052])]));
+    let update = good.recv_type(EDS).await;
+    assert_eq!(assignments(&update), [(GREETER.to_owned(), 2)]);
+    assert_eq!(update.version_info, "2");
+    good.ack(&update, &[GREETER]);
+    let bad_update = bad.recv_type(EDS).await;
+    assert_eq!(assignments(&bad_update), [(GREETER.to_owned(), 2)]);
+    bad.nack(&bad_update, &[GREETER], "rejected again");
+
+    // The bad client's stream still works for new subscriptions.
+    bad.subscribe(LDS, &[GREETER]);
+    assert_eq!(listener_names(&bad.recv_type(LDS).await), [GREETER]);
+
+    // Admin shows the NACK with the rejected version and nonce, and the good client's ACKs.
+    let shown = server
+        .xds_subscriber("bad-client", |s| {
+            s.xds.as_ref().unwrap().resource_types.iter().any(|t| t.nacks == 2)
+        })
+        .await;
+    let xds = shown.xds.unwrap();
+    assert_eq!(shown.protocol, "xds");
+    assert_eq!(xds.user_agent, "raw-test-client");
+    let eds_state = xds.resource_types.iter().find(|t| t.type_url == EDS).unwrap();
+    let nack = eds_state.last_nack.as_ref().unwrap();
+    assert_eq!(nack.version, bad_update.version_info);
+    assert_eq!(nack.nonce, bad_update.nonce);
+    assert_eq!(nack.message, "rejected again");
+    assert_eq!(nack.code, Code::InvalidArgument as i32);
+    assert_eq!(eds_state.last_acked_version, "");
+    assert_eq!(eds_state.resource_names, [GREETER]);
+    assert_eq!(eds_state.last_version_sent, "2");
+
+    let good_shown = server
+        .xds_subscriber("good-client", |s| {
+            let types = &s.xds.as_ref().unwrap().resource_types;
+            types.iter().any(|t| t.type_url == EDS && t.last_acked_version == "2")
+        })
+        .await;
+    let good_types = good_shown.xds.unwrap().resource_types;
+    assert_eq!(
+        good_types.iter().map(|t| t.type_url.as_str()).collect::<Vec<_>>(),
+        [CDS, EDS],
+        "sorted by type URL"
+    );
+    assert!(good_types.iter().all(|t| t.nacks == 0 && t.last_nack.is_none()));
+    assert!(good_shown.last_version_sent > 0);
+
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(&format!("lookaside_xds_nacks_total{{type_url=\"{EDS}\"}} 2")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("lookaside_subscribers{protocol=\"xds\"} 2"), "{metrics}");
+    assert!(metrics.contains("lookaside_rejected_requests_total{api=\"xds\",reason=\"unknown_type\"} 2"), "{metrics}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn wildcard_cds_and_named_lds_follow_services_appearing_and_going() {
+    let server = TestServer::start(&file_with(&[(GREETER, &[50051])])).await;
+    let mut client = Ads::connect(&server, "envoy-like").await;
+    client.subscribe(CDS, &[]);
+    let cds = client.recv_type(CDS).await;
+    assert_eq!(cluster_names(&cds), [GREETER]);
+    client.ack(&cds, &[]);
+    client.subscribe(LDS, &["late.default:8080"]);
+    let lds = client.recv_type(LDS).await;
+    assert!(lds.resources.is_empty(), "an unknown listener is answered at once, empty");
+    client.ack(&lds, &["late.default:8080"]);
+
+    server.write_file(&file_with(&[(GREETER, &[50051]), ("late.default:8080", &[8080])]));
+    let cds = client.recv_type(CDS).await;
+    assert_eq!(cluster_names(&cds), ["greeter.default:grpc", "late.default:8080"]);
+    client.ack(&cds, &[]);
+    let lds = client.recv_type(LDS).await;
+    assert_eq!(listener_names(&lds), ["late.default:8080"]);
+    client.ack(&lds, &["late.default:8080"]);
+
+    // An endpoint change alone sends no CDS or LDS.
+    server.write_file(&file_with(&[(GREETER, &[50052]), ("late.default:8080", &[8080])]));
+    client.quiet().await;
+
+    // A service that goes is left out of the next CDS response.
+    server.write_file(&file_with(&[("late.default:8080", &[8080])]));
+    let cds = client.recv_type(CDS).await;
+    assert_eq!(cluster_names(&cds), ["late.default:8080"]);
+    client.quiet().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn removed_service_gets_an_empty_assignment_then_its_endpoints_when_back() {
+    let server = TestServer::start(&file_with(&[(GREETER, &[50051, 50052])])).await;
+    let mut client = Ads::connect(&server, "eds-only").await;
+    client.subscribe(EDS, &[GREETER, "never.default:80"]);
+    let first = client.recv_type(EDS).await;
+    assert_eq!(assignments(&first), [(GREETER.to_owned(), 2)]);
+    client.ack(&first, &[GREETER, "never.default:80"]);
+
+    server.write_file("services: {}\n");
+    let gone = client.recv_type(EDS).await;
+    assert_eq!(assignments(&gone), [(GREETER.to_owned(), 0)]);
+    client.ack(&gone, &[GREETER, "never.default:80"]);
+    server.write_file(&file_with(&[(GREETER, &[50053])]));
+    let back = client.recv_type(EDS).await;
+    assert_eq!(assignments(&back), [(GREETER.to_owned(), 1)]);
+    assert_eq!(back.version_info, "3");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn delta_xds_is_unimplemented_and_shutdown_ends_streams() {
+    let server = TestServer::start(&file_with(&[(GREETER, &[50051])])).await;
+    let mut client = AggregatedDiscoveryServiceClient::new(server.channel().await);
+    let status = client
+        .delta_aggregated_resources(tokio_stream::iter(vec![DeltaDiscoveryRequest::default()]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+
+    let mut ads = Ads::connect(&server, "until-shutdown").await;
+    ads.subscribe(CDS, &[]);
+    ads.recv_type(CDS).await;
+    server.shutdown().await.unwrap();
+    let end = tokio::time::timeout(WAIT, ads.rx.message()).await.expect("stream ends");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+}

@@ -1,0 +1,267 @@
+//! Process helpers for end-to-end scenarios on loopback: greeter backends,
+//! lb-server in-process or as a real process, and the file source they share.
+//!
+//! Every server binds `127.0.0.1:0` (or a port it had before, to restart in
+//! place) and is stopped by its own handle.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use greeter::server::{self, ServerOptions};
+use lb_server::{Config, LbServer, store::Store};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// The service every scenario balances.
+pub const TARGET: &str = "greeter.default:grpc";
+
+/// A greeter backend running in this process.
+#[derive(Debug)]
+pub struct Backend {
+    /// Its name, as replies carry it.
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Backend {
+    /// Starts a backend on a port the OS picks.
+    pub async fn start(name: &str) -> Self {
+        Self::start_on(name, ([127, 0, 0, 1], 0).into()).await
+    }
+
+    /// Starts a backend on `addr` (to bring a backend back where it was).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Self {
+        let (listener, addr) = server::bind(addr).await.expect("bind backend");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = ServerOptions {
+            name: name.into(),
+            max_connection_age: None,
+            drain_timeout: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(server::serve(listener, options, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            name: name.into(),
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Stops gracefully: NOT_SERVING, no new connections, calls in flight finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("backend stops within its drain timeout")
+            .expect("backend task")
+            .expect("backend serves cleanly");
+    }
+}
+
+/// One backend line in the file source.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    addr: SocketAddr,
+    name: String,
+    draining: bool,
+    weight: u32,
+}
+
+impl Listed {
+    /// Lists a backend.
+    pub fn of(backend: &Backend) -> Self {
+        Self {
+            addr: backend.addr,
+            name: backend.name.clone(),
+            draining: false,
+            weight: 1,
+        }
+    }
+
+    /// Lists it as draining.
+    pub fn draining(mut self) -> Self {
+        self.draining = true;
+        self
+    }
+
+    /// Lists it with a weight.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
+
+/// The YAML file lb-server reads.
+#[derive(Debug)]
+pub struct SourceFile {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SourceFile {
+    /// A file listing `backends` under [`TARGET`].
+    pub fn new(backends: &[Listed]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = Self {
+            path: dir.path().join("lb.yaml"),
+            _dir: dir,
+        };
+        file.write(backends);
+        file
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Replaces the list atomically (write a temporary file, rename it in place).
+    pub fn write(&self, backends: &[Listed]) {
+        let mut yaml = format!("services:\n  {TARGET}:\n");
+        for b in backends {
+            let _ = writeln!(
+                yaml,
+                "    - address: {}\n      pod: {}\n      weight: {}\n      draining: {}",
+                b.addr, b.name, b.weight, b.draining
+            );
+        }
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).expect("write source file");
+        std::fs::rename(&tmp, &self.path).expect("rename source file");
+    }
+}
+
+/// lb-server in this process, on a file source.
+pub struct InProcessLb {
+    /// gRPC address.
+    pub addr: SocketAddr,
+    store: Arc<Store>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessLb {
+    /// Starts it on `file`, polling every 10 ms.
+    pub async fn start(file: &SourceFile) -> Self {
+        let mut config = Config::for_file(file.path());
+        config.file_poll_interval = Duration::from_millis(10);
+        let server = LbServer::bind(config).await.expect("bind lb-server");
+        let (addr, store) = (server.grpc_addr(), server.store());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            store,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// The URL clients use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The store the file source publishes into.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Stops gracefully.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+/// The real `lb-server` binary as a child process, so it can be killed.
+#[derive(Debug)]
+pub struct LbProcess {
+    /// gRPC address.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+/// The lb-server binary `cargo build --workspace --bins` produces.
+pub fn lb_server_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let binary = target.join("debug/lb-server");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        binary.display()
+    );
+    binary
+}
+
+impl LbProcess {
+    /// Starts lb-server on `file`, on `addr` (port 0: the OS picks).
+    pub fn start(file: &SourceFile, addr: SocketAddr) -> Self {
+        let mut child = Command::new(lb_server_binary())
+            .args(["--source", "file", "--file"])
+            .arg(file.path())
+            .args(["--file-poll-interval", "10ms", "--listen"])
+            .arg(addr.to_string())
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("LB_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start lb-server");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("lb-server logs its address before exiting")
+                .expect("read lb-server log");
+            if let Some(rest) = line.split("grpc=").nth(1) {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .expect("address")
+                    .parse()
+                    .expect("socket address");
+            }
+        };
+        // Drain the log so the pipe never fills.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { addr, child }
+    }
+
+    /// The URL clients use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no goodbye to anyone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LbProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

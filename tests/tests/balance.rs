@@ -1,0 +1,494 @@
+//! End to end: lb-client balancing real greeter backends over lb-server's lists.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use greeter::load::{self, Tally};
+use lb_client::{Channel, Policy};
+use lookaside_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
+use lookaside_tests::local::{Backend, InProcessLb, LbProcess, Listed, SourceFile, TARGET};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn backends(names: &[&str]) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push(Backend::start(name).await);
+    }
+    out
+}
+
+fn listed(backends: &[Backend]) -> Vec<Listed> {
+    backends.iter().map(Listed::of).collect()
+}
+
+async fn channel(lb: &str, policy: Policy) -> Channel {
+    Channel::builder(TARGET)
+        .lb(lb)
+        .policy(policy)
+        .connect()
+        .await
+        .expect("channel")
+}
+
+/// Background traffic through a channel, with a tally readable while it runs.
+struct Traffic {
+    tally: Arc<Tally>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(channel: &Channel, concurrency: usize) -> Self {
+        let tally = Tally::new(concurrency);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(load::run(
+            GreeterClient::new(channel.clone()),
+            None,
+            concurrency,
+            tally.clone(),
+            stop.clone(),
+        ));
+        Self { tally, stop, task }
+    }
+
+    async fn finish(self) -> load::Counts {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        self.tally.counts()
+    }
+}
+
+/// Waits until `check` holds, polling every 5 ms, for at most [`WAIT`].
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn sees(channel: &Channel, backend: &Backend, draining: Option<bool>) -> bool {
+    channel
+        .endpoints()
+        .iter()
+        .any(|e| e.addr == backend.addr && draining.is_none_or(|d| e.draining == d))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_channel_pins_every_call_but_lookaside_spreads_them_within_one_percent() {
+    let backends = backends(&["b1", "b2", "b3"]).await;
+    let file = SourceFile::new(&listed(&backends));
+    let lb = InProcessLb::start(&file).await;
+
+    // The classic experiment: one HTTP/2 connection, every call on one backend.
+    let direct = tonic::transport::Endpoint::from_shared(format!("http://{}", backends[1].addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let tally = Tally::new(10);
+    load::run(
+        GreeterClient::new(direct),
+        Some(3_000),
+        10,
+        tally.clone(),
+        CancellationToken::new(),
+    )
+    .await;
+    let pinned = tally.counts();
+    assert_eq!(pinned.backends.len(), 1, "{pinned:?}");
+    assert_eq!(pinned.ok(), 3_000);
+
+    // Lookaside, round-robin (the default): every backend within 1% of its fair share.
+    let calls = 30_000;
+    let tally = Tally::new(10);
+    let rr = channel(&lb.url(), Policy::RoundRobin).await;
+    load::run(
+        GreeterClient::new(rr),
+        Some(calls),
+        10,
+        tally.clone(),
+        CancellationToken::new(),
+    )
+    .await;
+    let counts = tally.counts();
+    assert_eq!(counts.failed(), 0, "{counts:?}");
+    assert_eq!(counts.backends.len(), 3, "{counts:?}");
+    let fair = calls as f64 / 3.0;
+    for (backend, n) in &counts.backends {
+        let deviation = (*n as f64 - fair).abs() / fair;
+        assert!(
+            deviation <= 0.01,
+            "{backend} got {n}, fair {fair:.0}: {counts:?}"
+        );
+    }
+
+    // The load-aware policies follow latency and load rather than exact
+    // shares, but they too use every backend.
+    for policy in [Policy::LeastRequest, Policy::PeakEwma] {
+        let tally = Tally::new(10);
+        let channel = channel(&lb.url(), policy).await;
+        load::run(
+            GreeterClient::new(channel),
+            Some(6_000),
+            10,
+            tally.clone(),
+            CancellationToken::new(),
+        )
+        .await;
+        let counts = tally.counts();
+        assert_eq!(counts.failed(), 0, "{policy}: {counts:?}");
+        for b in &backends {
+            let n = counts.backends.get(&b.name).copied().unwrap_or(0);
+            assert!(
+                n >= 6_000 / 3 / 2,
+                "{policy}: {} got {n}: {counts:?}",
+                b.name
+            );
+        }
+    }
+    lb.stop().await;
+    for b in backends {
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_are_honoured() {
+    let backends = backends(&["heavy", "light"]).await;
+    let file = SourceFile::new(&[Listed::of(&backends[0]).weight(3), Listed::of(&backends[1])]);
+    let lb = InProcessLb::start(&file).await;
+    let channel = channel(&lb.url(), Policy::RoundRobin).await;
+    let tally = Tally::new(4);
+    load::run(
+        GreeterClient::new(channel),
+        Some(4_000),
+        4,
+        tally.clone(),
+        CancellationToken::new(),
+    )
+    .await;
+    let counts = tally.counts();
+    assert_eq!(counts.backends["heavy"], 3_000, "{counts:?}");
+    assert_eq!(counts.backends["light"], 1_000, "{counts:?}");
+    lb.stop().await;
+    for b in backends {
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_gets_calls_within_100ms_of_being_published() {
+    let mut backends = backends(&["b1", "b2"]).await;
+    let file = SourceFile::new(&listed(&backends));
+    let lb = InProcessLb::start(&file).await;
+    let channel = channel(&lb.url(), Policy::RoundRobin).await;
+    let traffic = Traffic::start(&channel, 4);
+    until("traffic", || traffic.tally.done() > 100).await;
+
+    backends.push(Backend::start("b3").await);
+    let key = lb_server::model::parse_target(TARGET).unwrap();
+    let mut published = lb.store().subscribe(&key);
+    let before = published.current().version;
+    file.write(&listed(&backends));
+    let snapshot = tokio::time::timeout(WAIT, published.next()).await.unwrap();
+    let at = Instant::now();
+    assert!(snapshot.version > before && snapshot.endpoints.len() == 3);
+    until("b3 to serve a call", || {
+        traffic.tally.counts().backends.contains_key("b3")
+    })
+    .await;
+    let took = at.elapsed();
+    assert!(
+        took <= Duration::from_millis(100),
+        "b3 got its first call {took:?} after the publish"
+    );
+    let counts = traffic.finish().await;
+    assert_eq!(counts.failed(), 0, "{counts:?}");
+    lb.stop().await;
+    for b in backends {
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_removing_and_a_rolling_restart_under_load_fail_no_call() {
+    let mut backends = backends(&["b1", "b2", "b3"]).await;
+    let file = SourceFile::new(&listed(&backends));
+    let lb = InProcessLb::start(&file).await;
+    let channel = channel(&lb.url(), Policy::RoundRobin).await;
+    let traffic = Traffic::start(&channel, 10);
+    until("traffic", || traffic.tally.done() > 200).await;
+
+    // Drain b1: it stops getting new calls while the others carry the load.
+    let mut list = listed(&backends);
+    list[0] = list[0].clone().draining();
+    file.write(&list);
+    until("the client to see b1 draining", || {
+        sees(&channel, &backends[0], Some(true))
+    })
+    .await;
+    let at_drain = traffic.tally.counts();
+    until("more traffic", || {
+        traffic.tally.done() > at_drain.ok() + 2_000
+    })
+    .await;
+    let after = traffic.tally.counts().since(&at_drain);
+    // A call picked just before the drain landed may still finish on b1.
+    assert!(
+        after.backends.get("b1").copied().unwrap_or(0) <= 10,
+        "{after:?}"
+    );
+
+    // Rolling restart: each backend drained, stopped and replaced by a new one.
+    for round in 0..backends.len() {
+        let old = backends.remove(0);
+        let mut list: Vec<Listed> = listed(&backends);
+        list.push(Listed::of(&old).draining());
+        file.write(&list);
+        until("the client to see the drain", || {
+            sees(&channel, &old, Some(true))
+        })
+        .await;
+        // Removed from the list, then stopped: calls in flight finish first.
+        file.write(&listed(&backends));
+        until("the client to drop it", || !sees(&channel, &old, None)).await;
+        old.stop().await;
+        let fresh = Backend::start(&format!("new-{round}")).await;
+        backends.push(fresh);
+        file.write(&listed(&backends));
+        until("the new backend to serve", || {
+            traffic
+                .tally
+                .counts()
+                .backends
+                .contains_key(&format!("new-{round}"))
+        })
+        .await;
+    }
+    let counts = traffic.finish().await;
+    assert_eq!(counts.failed(), 0, "{counts:?}");
+    for round in 0..3 {
+        assert!(counts.backends[&format!("new-{round}")] > 0);
+    }
+    lb.stop().await;
+    for b in backends {
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_server_killed_and_restarted_under_load_fails_no_call() {
+    let mut backends = backends(&["b1", "b2", "b3"]).await;
+    let file = SourceFile::new(&listed(&backends));
+    let lb = LbProcess::start(&file, ([127, 0, 0, 1], 0).into());
+    let addr = lb.addr;
+    let channel = channel(&lb.url(), Policy::RoundRobin).await;
+    let traffic = Traffic::start(&channel, 10);
+    until("traffic", || traffic.tally.done() > 200).await;
+
+    lb.kill();
+    let at_kill = traffic.tally.done();
+    until("traffic on the cached list", || {
+        traffic.tally.done() > at_kill + 1_000
+    })
+    .await;
+    // Changes made while the LB server is gone: b4 added, b1 removed (still up).
+    backends.push(Backend::start("b4").await);
+    file.write(&listed(&backends[1..]));
+    let lb = LbProcess::start(&file, addr);
+    until("the client to pick up the change", || {
+        sees(&channel, &backends[3], None) && !sees(&channel, &backends[0], None)
+    })
+    .await;
+    until("b4 to serve", || {
+        traffic.tally.counts().backends.contains_key("b4")
+    })
+    .await;
+    let counts = traffic.finish().await;
+    assert_eq!(counts.failed(), 0, "{counts:?}");
+    assert!(channel.stats().lb_errors >= 1);
+    lb.kill();
+    for b in backends {
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_lb_servers_the_client_fails_over_when_one_dies() {
+    let mut backends = backends(&["b1", "b2"]).await;
+    let file = SourceFile::new(&listed(&backends));
+    let first = LbProcess::start(&file, ([127, 0, 0, 1], 0).into());
+    let second = LbProcess::start(&file, ([127, 0, 0, 1], 0).into());
+    let channel = Channel::builder(TARGET)
+        .lb(first.url())
+        .lb(second.url())
+        .connect()
+        .await
+        .unwrap();
+    let traffic = Traffic::start(&channel, 4);
+    until("traffic", || traffic.tally.done() > 100).await;
+    first.kill();
+    backends.push(Backend::start("b3").await);
+    file.write(&listed(&backends));
+    until("the change through the second LB server", || {
+        sees(&channel, &backends[2], None)
+    })
+    .await;
+    until("b3 to serve", || {
+        traffic.tally.counts().backends.contains_key("b3")
+    })
+    .await;
+    let counts = traffic.finish().await;
+    assert_eq!(counts.failed(), 0, "{counts:?}");
+    second.kill();
+    for b in backends {
+        b.stop().await;
+    }
+}
+
+async fn say_hello(channel: &Channel) -> Result<String, tonic::Status> {
+    let reply = GreeterClient::new(channel.clone())
+        .say_hello(HelloRequest { name: "t".into() })
+        .await?;
+    Ok(reply.into_inner().backend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_dead_fails_fast_with_the_reason_and_recovers() {
+    let backends = backends(&["b1", "b2"]).await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let file = SourceFile::new(&listed(&backends));
+    let lb = InProcessLb::start(&file).await;
+    let channel = Channel::builder(TARGET)
+        .lb(lb.url())
+        .ejection(Duration::from_millis(50), Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    assert!(say_hello(&channel).await.is_ok());
+    for b in backends {
+        b.stop().await;
+    }
+    // Once the client knows the backends are down, calls fail at once and say why.
+    until("the client to see the backends down", || {
+        channel.endpoints().iter().all(|e| !e.connected)
+    })
+    .await;
+    let mut last = None;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let status = say_hello(&channel).await.unwrap_err();
+        let took = started.elapsed();
+        if status.message().contains("unavailable (2 unreachable") {
+            assert!(took < Duration::from_millis(50), "took {took:?}");
+            last = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = last.expect("a fail-fast UNAVAILABLE that names the reason");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains(TARGET), "{}", status.message());
+
+    // One comes back where it was: calls succeed again.
+    let back = Backend::start_on("b1-again", addrs[0]).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(backend) = say_hello(&channel).await {
+            assert_eq!(backend, "b1-again");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lb.stop().await;
+    back.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_addresses_serve_while_no_lb_server_answers() {
+    let backends = backends(&["fb1", "fb2"]).await;
+    // An LB address nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut builder = Channel::builder(TARGET).lb(format!("http://{closed}"));
+    for b in &backends {
+        builder = builder.fallback(b.addr.to_string());
+    }
+    let channel = builder.connect().await.unwrap();
+    let mut seen = BTreeMap::new();
+    for _ in 0..20 {
+        *seen.entry(say_hello(&channel).await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // Without fallback, calls say that no LB server answered.
+    let lonely = Channel::builder(TARGET)
+        .lb(format!("http://{closed}"))
+        .ready_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let status = say_hello(&lonely).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("no answer from an LB server yet"),
+        "{}",
+        status.message()
+    );
+    for b in backends {
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_service_uses_the_fallback_or_says_so() {
+    let backends = backends(&["fb"]).await;
+    let file = SourceFile::new(&listed(&backends));
+    let lb = InProcessLb::start(&file).await;
+    let unknown = Channel::builder("nope.default:grpc")
+        .lb(lb.url())
+        .connect()
+        .await
+        .unwrap();
+    let status = say_hello(&unknown).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status
+            .message()
+            .contains("does not know service nope.default:grpc"),
+        "{}",
+        status.message()
+    );
+
+    let with_fallback = Channel::builder("nope.default:grpc")
+        .lb(lb.url())
+        .fallback(format!("dns:///localhost:{}", backends[0].addr.port()))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(say_hello(&with_fallback).await.unwrap(), "fb");
+
+    let malformed = Channel::builder("not a target")
+        .lb(lb.url())
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        malformed.to_string().contains("rejected target"),
+        "{malformed}"
+    );
+    lb.stop().await;
+    for b in backends {
+        b.stop().await;
+    }
+}
