@@ -134,12 +134,14 @@ impl Builder {
     }
 
     /// Subscribes and waits (up to the ready timeout) until the first list has
-    /// arrived and a backend is connected. Returns early with an error if the
-    /// LB server rejects the target; otherwise returns the channel even if no
-    /// LB server has answered, and calls explain why they fail.
+    /// arrived and a backend is connected, or every LB server has been tried
+    /// once without an answer. Returns an error if the LB server rejects the
+    /// target; otherwise returns the channel even if no LB server has
+    /// answered: it keeps trying, and calls say why they fail meanwhile.
     pub async fn connect(self) -> Result<Channel, Error> {
         let ready_timeout = self.ready_timeout;
         let target = self.target.clone();
+        let lb_servers = self.lbs.len() as u64;
         let channel = self.connect_lazy()?;
         let pool = &channel.inner.pool;
         let mut changes = pool.changes();
@@ -152,7 +154,11 @@ impl Builder {
                         message: message.clone(),
                     });
                 }
-                ListState::Waiting { .. } => false,
+                // Every LB server has been tried once and none answered:
+                // return now; calls will say why until one answers.
+                ListState::Waiting { last_error } => {
+                    last_error.is_some() && pool.counters.lb_errors.get() >= lb_servers
+                }
                 ListState::Unknown => true,
                 ListState::Lb { .. } | ListState::Fallback { .. } => {
                     let picker = pool.picker.load();

@@ -6,6 +6,12 @@
 //! for the subscriber counts, and `FANOUT_ROUNDS=5`). lb-server runs as its own
 //! process (the release binary) so its RSS can be read from /proc.
 //!
+//! Protocols: `discovery` (the default: `lookaside.v1.Discovery/Watch`) and
+//! `ads` (xDS: each subscriber asks for the target's Listener, Cluster and
+//! ClusterLoadAssignment as a proxyless gRPC client does, ACKs every response,
+//! and is timed on the EDS update). Name them among the arguments, e.g.
+//! `-- ads 1000 10000` or `-- discovery ads 1000`; one table per protocol.
+//!
 //! Latency is measured from the moment the benchmark renames the new file into
 //! place; the file source polls every millisecond here, so up to 1 ms of each
 //! figure is polling, not fan-out.
@@ -19,9 +25,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use envoy_types::pb::envoy::{
+    config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment},
+    service::discovery::v3::{
+        DiscoveryRequest, DiscoveryResponse,
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    },
+};
 use lookaside_proto::lookaside::v1::{WatchRequest, discovery_client::DiscoveryClient};
+use prost::Message;
 use tokio::sync::{Semaphore, mpsc};
-use tonic::transport::Endpoint;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
 
 const TARGET: &str = "bench.default:grpc";
 
@@ -100,6 +115,96 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Which API the subscribers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Discovery,
+    Ads,
+}
+
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// One Discovery subscriber: reports the endpoint count of every update.
+async fn discovery_subscriber(
+    channel: Channel,
+    ready: impl FnOnce(),
+    seen: mpsc::UnboundedSender<(usize, Instant)>,
+) {
+    let mut stream = DiscoveryClient::new(channel)
+        .watch(WatchRequest {
+            target: TARGET.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    ready();
+    while let Ok(Some(update)) = stream.message().await {
+        let _ = seen.send((update.endpoints.len(), Instant::now()));
+    }
+}
+
+fn ads_request(
+    type_url: &str,
+    response: Option<&DiscoveryResponse>,
+    node: Option<Node>,
+) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names: vec![TARGET.into()],
+        version_info: response.map(|r| r.version_info.clone()).unwrap_or_default(),
+        response_nonce: response.map(|r| r.nonce.clone()).unwrap_or_default(),
+        node,
+        ..DiscoveryRequest::default()
+    }
+}
+
+/// One ADS subscriber shaped like a proxyless gRPC client: LDS, CDS and EDS
+/// for the target, every response ACKed; reports the endpoint count of every
+/// EDS update after the first.
+async fn ads_subscriber(
+    channel: Channel,
+    id: usize,
+    ready: impl FnOnce(),
+    seen: mpsc::UnboundedSender<(usize, Instant)>,
+) {
+    let (tx, requests) = mpsc::unbounded_channel();
+    let node = Node {
+        id: format!("bench-{id}"),
+        ..Node::default()
+    };
+    for (i, type_url) in [LDS, CDS, EDS].into_iter().enumerate() {
+        let node = (i == 0).then(|| node.clone());
+        tx.send(ads_request(type_url, None, node)).unwrap();
+    }
+    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(UnboundedReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ready = Some(ready);
+    while let Ok(Some(response)) = stream.message().await {
+        let at = Instant::now();
+        let _ = tx.send(ads_request(&response.type_url, Some(&response), None));
+        if response.type_url != EDS {
+            continue;
+        }
+        let Some(any) = response.resources.first() else {
+            continue;
+        };
+        let cla = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
+        let count = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+        match ready.take() {
+            Some(ready) => ready(),
+            None => {
+                let _ = seen.send((count, at));
+            }
+        }
+    }
+}
+
 struct Row {
     subscribers: usize,
     p50: Duration,
@@ -108,7 +213,7 @@ struct Row {
     kib_per_subscriber: f64,
 }
 
-async fn run(subscribers: usize, rounds: usize) -> Row {
+async fn run(protocol: Protocol, subscribers: usize, rounds: usize) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("lb.yaml");
     let mut endpoints = 10;
@@ -138,25 +243,20 @@ async fn run(subscribers: usize, rounds: usize) -> Row {
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(usize, Instant)>();
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
     let connecting = Arc::new(Semaphore::new(256));
-    for _ in 0..subscribers {
+    for id in 0..subscribers {
         let permit = connecting.clone().acquire_owned().await.unwrap();
         let url = url.clone();
         let seen_tx = seen_tx.clone();
         let ready_tx = ready_tx.clone();
         tokio::spawn(async move {
             let channel = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
-            let mut stream = DiscoveryClient::new(channel)
-                .watch(WatchRequest {
-                    target: TARGET.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            stream.message().await.unwrap().unwrap();
-            drop(permit);
-            ready_tx.send(()).unwrap();
-            while let Ok(Some(update)) = stream.message().await {
-                let _ = seen_tx.send((update.endpoints.len(), Instant::now()));
+            let ready = move || {
+                drop(permit);
+                ready_tx.send(()).unwrap();
+            };
+            match protocol {
+                Protocol::Discovery => discovery_subscriber(channel, ready, seen_tx).await,
+                Protocol::Ads => ads_subscriber(channel, id, ready, seen_tx).await,
             }
         });
     }
@@ -196,10 +296,19 @@ async fn run(subscribers: usize, rounds: usize) -> Row {
 }
 
 fn main() {
-    let counts: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let counts: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let mut protocols: Vec<Protocol> = args
+        .iter()
+        .filter_map(|a| match a.as_str() {
+            "discovery" => Some(Protocol::Discovery),
+            "ads" | "xds" => Some(Protocol::Ads),
+            _ => None,
+        })
         .collect();
+    if protocols.is_empty() {
+        protocols.push(Protocol::Discovery);
+    }
     let counts = if counts.is_empty() {
         vec![1_000, 10_000]
     } else {
@@ -215,23 +324,29 @@ fn main() {
         "open-file limit {limit} is too low for the subscriber count"
     );
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let rows: Vec<Row> = counts
-        .iter()
-        .map(|&n| runtime.block_on(run(n, rounds)))
-        .collect();
-    println!(
-        "\nfan-out: one endpoint change to N Discovery subscribers, each on its own connection ({rounds} changes each)\n"
-    );
-    println!("| subscribers | p50 ms | p99 ms | max ms | server RSS KiB / idle subscriber |");
-    println!("|---:|---:|---:|---:|---:|");
-    for row in rows {
+    for protocol in protocols {
+        let rows: Vec<Row> = counts
+            .iter()
+            .map(|&n| runtime.block_on(run(protocol, n, rounds)))
+            .collect();
+        let who = match protocol {
+            Protocol::Discovery => "Discovery subscribers",
+            Protocol::Ads => "xDS ADS subscribers (LDS+CDS+EDS, timed on EDS)",
+        };
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.1} |",
-            row.subscribers,
-            ms(row.p50),
-            ms(row.p99),
-            ms(row.max),
-            row.kib_per_subscriber
+            "\nfan-out: one endpoint change to N {who}, each on its own connection ({rounds} changes each)\n"
         );
+        println!("| subscribers | p50 ms | p99 ms | max ms | server RSS KiB / idle subscriber |");
+        println!("|---:|---:|---:|---:|---:|");
+        for row in rows {
+            println!(
+                "| {} | {:.2} | {:.2} | {:.2} | {:.1} |",
+                row.subscribers,
+                ms(row.p50),
+                ms(row.p99),
+                ms(row.max),
+                row.kib_per_subscriber
+            );
+        }
     }
 }

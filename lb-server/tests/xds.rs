@@ -20,7 +20,9 @@ use envoy_types::pb::{
     google::rpc::Status as RpcStatus,
 };
 use lb_server::{Config, LbServer};
-use lookaside_proto::lookaside::v1::{ListSubscribersRequest, Subscriber, admin_client::AdminClient};
+use lookaside_proto::lookaside::v1::{
+    ListSubscribersRequest, Subscriber, admin_client::AdminClient,
+};
 use prost::Message;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -205,7 +207,8 @@ impl Ads {
 
     /// Asserts nothing arrives for a short while.
     async fn quiet(&mut self) {
-        if let Ok(message) = tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await
+        if let Ok(message) =
+            tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await
         {
             panic!("unexpected message: {message:?}");
         }
@@ -275,8 +278,21 @@ async fn a_nacking_client_does_not_disturb_others() {
     let first = bad.recv_type(EDS).await;
     bad.nack(&first, &[GREETER], "rejected on purpose");
     bad.send(request(EDS, &[], "42", "no-such-nonce"));
-    bad.nack(&DiscoveryResponse { nonce: "0".into(), type_url: EDS.into(), ..first.clone() }, &[], "stale");
-    bad.send(request("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", &["x"], "", ""));
+    bad.nack(
+        &DiscoveryResponse {
+            nonce: "0".into(),
+            type_url: EDS.into(),
+            ..first.clone()
+        },
+        &[],
+        "stale",
+    );
+    bad.send(request(
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+        &["x"],
+        "",
+        "",
+    ));
     bad.send(request("", &[], "", "1"));
     bad.quiet().await;
 
@@ -297,13 +313,22 @@ async fn a_nacking_client_does_not_disturb_others() {
     // Admin shows the NACK with the rejected version and nonce, and the good client's ACKs.
     let shown = server
         .xds_subscriber("bad-client", |s| {
-            s.xds.as_ref().unwrap().resource_types.iter().any(|t| t.nacks == 2)
+            s.xds
+                .as_ref()
+                .unwrap()
+                .resource_types
+                .iter()
+                .any(|t| t.nacks == 2)
         })
         .await;
     let xds = shown.xds.unwrap();
     assert_eq!(shown.protocol, "xds");
     assert_eq!(xds.user_agent, "raw-test-client");
-    let eds_state = xds.resource_types.iter().find(|t| t.type_url == EDS).unwrap();
+    let eds_state = xds
+        .resource_types
+        .iter()
+        .find(|t| t.type_url == EDS)
+        .unwrap();
     let nack = eds_state.last_nack.as_ref().unwrap();
     assert_eq!(nack.version, bad_update.version_info);
     assert_eq!(nack.nonce, bad_update.nonce);
@@ -316,25 +341,43 @@ async fn a_nacking_client_does_not_disturb_others() {
     let good_shown = server
         .xds_subscriber("good-client", |s| {
             let types = &s.xds.as_ref().unwrap().resource_types;
-            types.iter().any(|t| t.type_url == EDS && t.last_acked_version == "2")
+            types
+                .iter()
+                .any(|t| t.type_url == EDS && t.last_acked_version == "2")
         })
         .await;
     let good_types = good_shown.xds.unwrap().resource_types;
     assert_eq!(
-        good_types.iter().map(|t| t.type_url.as_str()).collect::<Vec<_>>(),
+        good_types
+            .iter()
+            .map(|t| t.type_url.as_str())
+            .collect::<Vec<_>>(),
         [CDS, EDS],
         "sorted by type URL"
     );
-    assert!(good_types.iter().all(|t| t.nacks == 0 && t.last_nack.is_none()));
+    assert!(
+        good_types
+            .iter()
+            .all(|t| t.nacks == 0 && t.last_nack.is_none())
+    );
     assert!(good_shown.last_version_sent > 0);
 
     let metrics = server.metrics().await;
     assert!(
-        metrics.contains(&format!("lookaside_xds_nacks_total{{type_url=\"{EDS}\"}} 2")),
+        metrics.contains(&format!(
+            "lookaside_xds_nacks_total{{type_url=\"{EDS}\"}} 2"
+        )),
         "{metrics}"
     );
-    assert!(metrics.contains("lookaside_subscribers{protocol=\"xds\"} 2"), "{metrics}");
-    assert!(metrics.contains("lookaside_rejected_requests_total{api=\"xds\",reason=\"unknown_type\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("lookaside_subscribers{protocol=\"xds\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("lookaside_rejected_requests_total{api=\"xds\",reason=\"unknown_type\"} 2"),
+        "{metrics}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -348,19 +391,31 @@ async fn wildcard_cds_and_named_lds_follow_services_appearing_and_going() {
     client.ack(&cds, &[]);
     client.subscribe(LDS, &["late.default:8080"]);
     let lds = client.recv_type(LDS).await;
-    assert!(lds.resources.is_empty(), "an unknown listener is answered at once, empty");
+    assert!(
+        lds.resources.is_empty(),
+        "an unknown listener is answered at once, empty"
+    );
     client.ack(&lds, &["late.default:8080"]);
 
-    server.write_file(&file_with(&[(GREETER, &[50051]), ("late.default:8080", &[8080])]));
+    server.write_file(&file_with(&[
+        (GREETER, &[50051]),
+        ("late.default:8080", &[8080]),
+    ]));
     let cds = client.recv_type(CDS).await;
-    assert_eq!(cluster_names(&cds), ["greeter.default:grpc", "late.default:8080"]);
+    assert_eq!(
+        cluster_names(&cds),
+        ["greeter.default:grpc", "late.default:8080"]
+    );
     client.ack(&cds, &[]);
     let lds = client.recv_type(LDS).await;
     assert_eq!(listener_names(&lds), ["late.default:8080"]);
     client.ack(&lds, &["late.default:8080"]);
 
     // An endpoint change alone sends no CDS or LDS.
-    server.write_file(&file_with(&[(GREETER, &[50052]), ("late.default:8080", &[8080])]));
+    server.write_file(&file_with(&[
+        (GREETER, &[50052]),
+        ("late.default:8080", &[8080]),
+    ]));
     client.quiet().await;
 
     // A service that goes is left out of the next CDS response.
@@ -405,6 +460,8 @@ async fn delta_xds_is_unimplemented_and_shutdown_ends_streams() {
     ads.subscribe(CDS, &[]);
     ads.recv_type(CDS).await;
     server.shutdown().await.unwrap();
-    let end = tokio::time::timeout(WAIT, ads.rx.message()).await.expect("stream ends");
+    let end = tokio::time::timeout(WAIT, ads.rx.message())
+        .await
+        .expect("stream ends");
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 }

@@ -158,14 +158,12 @@ async fn next_response(
             },
             Some((key, snapshot)) = s.watches.next(), if !s.watches.is_empty() => {
                 s.view.snapshots.insert(key, snapshot);
-                // Take every other change that is already there: one response for all.
-                while let Some(Some((key, snapshot))) = s.watches.next().now_or_never() {
-                    s.view.snapshots.insert(key, snapshot);
-                }
+                s.catch_up();
             }
             changed = s.service_set.changed(), if s.watching_set => {
                 if changed.is_ok() {
                     s.refresh_existing();
+                    s.catch_up();
                 }
             }
         }
@@ -259,6 +257,19 @@ impl StreamState {
             self.view.existing.clear();
         }
         self.watching_set = wildcard;
+    }
+
+    /// Takes in every store change already there, per service and to the
+    /// set, so one response covers them all and the set and the services
+    /// agree (the store moves both under one lock): CDS then goes out before
+    /// the LDS that needs it.
+    fn catch_up(&mut self) {
+        while let Some(Some((key, snapshot))) = self.watches.next().now_or_never() {
+            self.view.snapshots.insert(key, snapshot);
+        }
+        if self.watching_set && self.service_set.has_changed().unwrap_or(false) {
+            self.refresh_existing();
+        }
     }
 
     fn refresh_existing(&mut self) {

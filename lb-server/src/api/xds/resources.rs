@@ -36,7 +36,8 @@ use envoy_types::{
                 listener::v3::{ApiListener, Listener},
                 route::v3::{
                     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
-                    route_action::ClusterSpecifier, route_match::PathSpecifier,
+                    route_action::{ClusterSpecifier, MaxStreamDuration},
+                    route_match::PathSpecifier,
                 },
             },
             extensions::{
@@ -57,7 +58,7 @@ use envoy_types::{
             },
             r#type::v3::Percent,
         },
-        google::protobuf::{Any, UInt32Value},
+        google::protobuf::{Any, Duration, UInt32Value},
     },
     util::pack_any,
 };
@@ -185,8 +186,11 @@ impl Resources {
     }
 }
 
-/// The domains a service's virtual host matches: the name asked for, and the
-/// short and cluster-local host names with and without the port.
+/// The domains a service's virtual host matches: the name asked for, the
+/// short and cluster-local host names with and without the port, and last
+/// `*`: the route configuration belongs to one target already, and an Envoy
+/// sidecar listener that takes it over RDS sees whatever authority the app
+/// sends (`localhost:15001`).
 fn domains(name: &str, key: &ServiceKey) -> Vec<String> {
     let short = format!("{}.{}", key.name(), key.namespace());
     let long = format!("{short}.svc.cluster.local");
@@ -197,6 +201,7 @@ fn domains(name: &str, key: &ServiceKey) -> Vec<String> {
         short.clone(),
         format!("{long}:{port}"),
         long,
+        "*".to_owned(),
     ] {
         if !domains.contains(&domain) {
             domains.push(domain);
@@ -206,6 +211,8 @@ fn domains(name: &str, key: &ServiceKey) -> Vec<String> {
 }
 
 /// One virtual host for the service with one default route to its cluster.
+/// No route timeout (Envoy's default of 15 s would cut long-lived gRPC
+/// streams); the client's `grpc-timeout` is the deadline, in Envoy and gRPC.
 fn virtual_host(name: &str, key: &ServiceKey) -> VirtualHost {
     VirtualHost {
         name: key.to_string(),
@@ -217,6 +224,11 @@ fn virtual_host(name: &str, key: &ServiceKey) -> VirtualHost {
             }),
             action: Some(route::Action::Route(RouteAction {
                 cluster_specifier: Some(ClusterSpecifier::Cluster(key.to_string())),
+                timeout: Some(Duration::default()),
+                max_stream_duration: Some(MaxStreamDuration {
+                    grpc_timeout_header_max: Some(Duration::default()),
+                    ..MaxStreamDuration::default()
+                }),
                 ..RouteAction::default()
             })),
             ..Route::default()
@@ -545,7 +557,8 @@ mod tests {
                 asked,
                 "greeter.default:grpc",
                 "greeter.default",
-                "greeter.default.svc.cluster.local"
+                "greeter.default.svc.cluster.local",
+                "*"
             ]
         );
         let route = &host.routes[0];
@@ -561,6 +574,9 @@ mod tests {
             Some(ClusterSpecifier::Cluster("greeter.default:grpc".into())),
             "routes point at the canonical cluster name"
         );
+        assert_eq!(action.timeout, Some(Duration::default()), "no 15 s cut-off");
+        let max = action.max_stream_duration.as_ref().unwrap();
+        assert_eq!(max.grpc_timeout_header_max, Some(Duration::default()));
     }
 
     #[test]

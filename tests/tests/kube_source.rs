@@ -1,0 +1,611 @@
+//! lb-server's Kubernetes source, driven through kube-rs against the API
+//! server stand-in over the real list/watch wire protocol. Each test observes
+//! the store the way a subscriber would; every wait is bounded.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use lb_server::{
+    metrics::Metrics,
+    model::{ServiceKey, Snapshot},
+    source::kube::KubeSource,
+    store::{Store, Subscription},
+};
+use lookaside_tests::kube_api::{Counters, KubeApi, ep, eps, slice};
+use tokio::{sync::watch, task::JoinHandle, time::timeout};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A KubeSource running against a stand-in.
+struct Running {
+    api: KubeApi,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    synced: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+async fn start(api: KubeApi, namespaces: &[&str]) -> Running {
+    let store = Store::new();
+    let metrics = Arc::new(Metrics::new());
+    let (synced_tx, synced) = watch::channel(false);
+    let shutdown = CancellationToken::new();
+    let namespaces = namespaces.iter().map(|ns| (*ns).to_owned()).collect();
+    let source = KubeSource::new(
+        api.client(),
+        namespaces,
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+    )
+    .backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let task = tokio::spawn(source.run(synced_tx, shutdown.clone()));
+    Running {
+        api,
+        store,
+        metrics,
+        synced,
+        shutdown,
+        task,
+    }
+}
+
+impl Running {
+    async fn synced(&mut self) {
+        timeout(WAIT, self.synced.wait_for(|synced| *synced))
+            .await
+            .expect("the source syncs in time")
+            .expect("the source keeps its sender");
+    }
+
+    async fn api_until(&self, what: &str, condition: impl FnMut(&Counters) -> bool) -> Counters {
+        timeout(WAIT, self.api.until(condition))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", self.api.counters()))
+    }
+
+    fn errors(&self) -> u64 {
+        self.metrics
+            .source_errors
+            .with_label_values(&["kube"])
+            .get()
+    }
+
+    fn restarts(&self) -> u64 {
+        self.metrics.watch_restarts.get()
+    }
+
+    /// Every key in the store with its version.
+    fn versions(&self) -> BTreeMap<String, u64> {
+        self.store
+            .services()
+            .into_iter()
+            .map(|view| (view.key.to_string(), view.snapshot.version))
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        timeout(WAIT, self.task)
+            .await
+            .expect("the source stops on shutdown")
+            .expect("the source does not panic");
+        self.api.shutdown().await;
+    }
+}
+
+fn key(target: &str) -> ServiceKey {
+    target.parse().unwrap()
+}
+
+/// Waits until the subscription's newest snapshot satisfies `condition`.
+async fn until(
+    sub: &mut Subscription,
+    what: &str,
+    condition: impl Fn(&Snapshot) -> bool,
+) -> Arc<Snapshot> {
+    let wait = async {
+        let mut snapshot = sub.current();
+        while !condition(&snapshot) {
+            snapshot = sub.next().await;
+        }
+        snapshot
+    };
+    timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn addresses(snapshot: &Snapshot) -> Vec<String> {
+    snapshot
+        .endpoints
+        .iter()
+        .map(|e| {
+            let draining = if e.draining { " draining" } else { "" };
+            format!("{}:{}{draining}", e.address, e.port)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_initial_list_is_published_at_once_and_marks_synced() {
+    let api = KubeApi::start().await;
+    for i in 0..3u8 {
+        api.apply(
+            slice("default", &format!("greeter-{i}"), "greeter")
+                .port("grpc", 50051)
+                .endpoints(eps(i, 120)),
+        );
+    }
+    api.apply(
+        slice("default", "billing-v6", "billing")
+            .ipv6()
+            .port("http", 8080)
+            .endpoint(ep("fd00::1").zone("a").node("n1").pod("billing-1")),
+    );
+    let mut running = start(api, &[]).await;
+    running.synced().await;
+
+    // Synced means published: no waiting for the store after this point.
+    let greeter = running
+        .store
+        .get(&key("greeter.default:grpc"))
+        .expect("greeter");
+    assert_eq!(greeter.endpoints.len(), 360);
+    let billing = running
+        .store
+        .get(&key("billing.default:8080"))
+        .expect("billing");
+    assert_eq!(addresses(&billing), ["fd00::1:8080"]);
+    assert_eq!(
+        (
+            billing.endpoints[0].zone.as_str(),
+            billing.endpoints[0].node.as_str(),
+            billing.endpoints[0].pod.as_str()
+        ),
+        ("a", "n1", "billing-1")
+    );
+    // Each key was published exactly once: the store's version counter
+    // counts publishes, so a per-slice publish would push it past the key count.
+    let versions = running.versions();
+    assert_eq!(versions.len(), 4, "{versions:?}");
+    assert_eq!(versions.values().max().copied(), Some(4), "{versions:?}");
+    assert_eq!(running.api.lists(), 1);
+    assert_eq!((running.errors(), running.restarts()), (0, 0));
+    let list = &running.api.requests()[0];
+    assert!(
+        list.starts_with("/apis/discovery.k8s.io/v1/endpointslices?")
+            && list.contains("labelSelector=kubernetes.io%2Fservice-name"),
+        "{list}"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn synced_waits_for_a_successful_list_and_errors_publish_nothing() {
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    api.set_failing(true);
+    let mut running = start(api, &[]).await;
+    running.api_until("failed lists", |c| c.failed >= 2).await;
+    assert!(!*running.synced.borrow(), "not synced without a list");
+    assert!(running.errors() >= 1);
+    assert!(running.store.services().is_empty());
+
+    running.api.set_failing(false);
+    running.synced().await;
+    assert!(running.store.get(&key("greeter.default:grpc")).is_some());
+    assert_eq!(
+        running.restarts(),
+        0,
+        "failed attempts before the first list are not restarts"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn added_modified_and_deleted_slices_are_reflected() {
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1"))
+            .endpoint(ep("10.0.0.2")),
+    );
+    let mut running = start(api, &[]).await;
+    running.synced().await;
+    let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
+    assert_eq!(
+        addresses(&greeter.current()),
+        ["10.0.0.1:50051", "10.0.0.2:50051"]
+    );
+
+    // ADDED: a second slice of the same service.
+    running.api.apply(
+        slice("default", "greeter-b", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.3")),
+    );
+    until(&mut greeter, "the added slice", |s| s.endpoints.len() == 3).await;
+
+    // MODIFIED: one endpoint starts draining, one stops being ready.
+    running.api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1").draining())
+            .endpoint(ep("10.0.0.2").ready(false)),
+    );
+    let snapshot = until(&mut greeter, "the modified slice", |s| {
+        s.endpoints.len() == 2
+    })
+    .await;
+    assert_eq!(
+        addresses(&snapshot),
+        ["10.0.0.1:50051 draining", "10.0.0.3:50051"]
+    );
+
+    // A new service appears.
+    let mut late = running.store.subscribe(&key("late.default:http"));
+    running.api.apply(
+        slice("default", "late-a", "late")
+            .port("http", 80)
+            .endpoint(ep("10.0.9.1")),
+    );
+    until(&mut late, "a new service", |s| s.exists).await;
+
+    // DELETED: one slice, then the last one.
+    assert!(running.api.delete("default", "greeter-b"));
+    let snapshot = until(&mut greeter, "one slice deleted", |s| {
+        s.endpoints.len() == 1
+    })
+    .await;
+    assert_eq!(addresses(&snapshot), ["10.0.0.1:50051 draining"]);
+    assert!(running.api.delete("default", "greeter-a"));
+    until(&mut greeter, "the service removed", |s| !s.exists).await;
+    assert!(running.store.get(&key("greeter.default:50051")).is_none());
+    assert!(
+        running.store.get(&key("late.default:80")).is_some(),
+        "others untouched"
+    );
+    assert_eq!(
+        (running.errors(), running.restarts(), running.api.lists()),
+        (0, 0, 1)
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_410_after_compaction_relists_and_republishes_nothing_unchanged() {
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    api.apply(
+        slice("default", "billing-a", "billing")
+            .port("http", 8080)
+            .endpoint(ep("10.1.0.1")),
+    );
+    let mut running = start(api, &[]).await;
+    running.synced().await;
+    let before = running.versions();
+
+    running.api.compact();
+    running.api.drop_watches();
+    // Resume from the old version (410 Expired), re-list, watch again.
+    let counters = running
+        .api_until("the re-list and a new watch", |c| {
+            c.lists == 2 && c.watches == 3 && c.open_watches == 1
+        })
+        .await;
+    assert_eq!(counters.expired, 1);
+    assert_eq!(running.restarts(), 1);
+    assert!(
+        running.errors() >= 1,
+        "the 410 is counted as a source error"
+    );
+    assert_eq!(
+        running.versions(),
+        before,
+        "an unchanged re-list publishes nothing"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn changes_during_an_outage_are_published_as_a_difference_after_a_relist() {
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    api.apply(
+        slice("default", "billing-a", "billing")
+            .port("http", 8080)
+            .endpoint(ep("10.1.0.1")),
+    );
+    api.apply(
+        slice("default", "legacy-a", "legacy")
+            .port("http", 80)
+            .endpoint(ep("10.2.0.1")),
+    );
+    let mut running = start(api, &[]).await;
+    running.synced().await;
+    let before = running.versions();
+
+    // The API server goes away: the watch drops and every retry fails.
+    running.api.set_failing(true);
+    running.api.drop_watches();
+    running.api_until("failed retries", |c| c.failed >= 2).await;
+    assert!(running.errors() >= 1);
+    assert_eq!(
+        running.versions(),
+        before,
+        "an outage publishes nothing, least of all an empty list"
+    );
+
+    // Meanwhile the cluster changes and the history is compacted.
+    running.api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.9")),
+    );
+    assert!(running.api.delete("default", "legacy-a"));
+    running.api.apply(
+        slice("default", "fresh-a", "fresh")
+            .port("grpc", 50051)
+            .endpoint(ep("10.3.0.1")),
+    );
+    running.api.compact();
+    running.api.set_failing(false);
+
+    running
+        .api_until("the re-list and a new watch", |c| {
+            c.lists == 2 && c.open_watches == 1
+        })
+        .await;
+    let after = running.versions();
+    assert_eq!(
+        after["billing.default:http"], before["billing.default:http"],
+        "unchanged keeps its version"
+    );
+    assert_eq!(
+        after["billing.default:8080"],
+        before["billing.default:8080"]
+    );
+    assert!(after["greeter.default:grpc"] > before["greeter.default:grpc"]);
+    assert_eq!(
+        addresses(&running.store.get(&key("greeter.default:grpc")).unwrap()),
+        ["10.0.0.9:50051"]
+    );
+    assert!(!after.contains_key("legacy.default:http") && !after.contains_key("legacy.default:80"));
+    assert!(after.contains_key("fresh.default:grpc"));
+    assert_eq!(running.restarts(), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn dropped_or_ended_watches_resume_without_a_relist_and_keep_state() {
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    let mut running = start(api, &[]).await;
+    running.synced().await;
+    let before = running.versions();
+    let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
+    greeter.current();
+
+    running.api.drop_watches();
+    running
+        .api_until("a resumed watch", |c| c.watches == 2 && c.open_watches == 1)
+        .await;
+    running.api.end_watches();
+    running
+        .api_until("another resumed watch", |c| {
+            c.watches == 3 && c.open_watches == 1
+        })
+        .await;
+    assert_eq!(
+        running.versions(),
+        before,
+        "nothing published across the reconnects"
+    );
+
+    running.api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.2")),
+    );
+    let snapshot = until(&mut greeter, "a change after the reconnects", |s| {
+        addresses(s) == ["10.0.0.2:50051"]
+    })
+    .await;
+    assert_eq!(
+        snapshot.version,
+        before["greeter.default:grpc"] + 2,
+        "one publish per key, no empty one between"
+    );
+    assert_eq!((running.api.lists(), running.restarts()), (1, 0));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn namespaced_mode_sees_only_its_namespaces_through_namespaced_urls() {
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("a", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    api.apply(
+        slice("b", "greeter-b", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.1.1")),
+    );
+    // Two namespaces, one of them empty: synced needs both watchers.
+    let mut running = start(api, &["a", "c"]).await;
+    running.synced().await;
+    assert!(running.store.get(&key("greeter.a:grpc")).is_some());
+    assert!(running.store.get(&key("greeter.b:grpc")).is_none());
+
+    let mut in_a = running.store.subscribe(&key("greeter.a:grpc"));
+    running.api.apply(
+        slice("b", "greeter-b", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.1.2")),
+    );
+    running.api.apply(
+        slice("a", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.2")),
+    );
+    until(&mut in_a, "the change in a", |s| {
+        addresses(s) == ["10.0.0.2:50051"]
+    })
+    .await;
+    assert!(running.store.get(&key("greeter.b:grpc")).is_none());
+    assert_eq!(running.store.services().len(), 2, "only a's two keys");
+
+    let requests = running.api.requests();
+    for prefix in [
+        "/apis/discovery.k8s.io/v1/namespaces/a/",
+        "/apis/discovery.k8s.io/v1/namespaces/c/",
+    ] {
+        assert!(
+            requests.iter().any(|r| r.starts_with(prefix)),
+            "{prefix} in {requests:?}"
+        );
+    }
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.starts_with("/apis/discovery.k8s.io/v1/namespaces/")),
+        "no cluster-wide request: {requests:?}"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn bookmarks_disturb_nothing_and_spare_a_relist_after_compaction() {
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    api.apply(
+        slice("default", "billing-a", "billing")
+            .port("http", 8080)
+            .endpoint(ep("10.1.0.1")),
+    );
+    let mut running = start(api, &[]).await;
+    running.synced().await;
+    let before = running.versions();
+    let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
+    greeter.current();
+
+    for _ in 0..3 {
+        running.api.bookmark();
+    }
+    running.api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.2")),
+    );
+    until(&mut greeter, "a change after bookmarks", |s| {
+        addresses(s) == ["10.0.0.2:50051"]
+    })
+    .await;
+    assert_eq!(
+        running.api.counters().bookmarks,
+        3,
+        "the watch asked for bookmarks"
+    );
+    let after = running.versions();
+    assert_eq!(
+        after["billing.default:http"],
+        before["billing.default:http"]
+    );
+
+    // Compaction moves the revision on; a bookmark carries it to the watcher,
+    // so resuming after the stream ends needs no re-list.
+    running.api.compact();
+    running.api.bookmark();
+    running.api.end_watches();
+    running
+        .api_until("a resumed watch", |c| c.watches >= 2 && c.open_watches == 1)
+        .await;
+    let counters = running.api.counters();
+    assert_eq!(
+        (counters.watches, counters.expired, counters.lists),
+        (2, 0, 1),
+        "{counters:?}"
+    );
+    assert_eq!((running.errors(), running.restarts()), (0, 0));
+    assert_eq!(running.versions(), after);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn slices_without_the_service_name_label_are_ignored() {
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("default", "orphan-a", "orphan")
+            .without_service_label()
+            .port("grpc", 50051)
+            .endpoint(ep("10.9.0.1")),
+    );
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    let mut running = start(api, &[]).await;
+    running.synced().await;
+    let keys: Vec<String> = running.versions().into_keys().collect();
+    assert_eq!(keys, ["greeter.default:50051", "greeter.default:grpc"]);
+
+    // A later unlabelled slice never arrives; events stay in order, so once
+    // the labelled change is seen the unlabelled one would have been too.
+    let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
+    running.api.apply(
+        slice("default", "orphan-b", "greeter")
+            .without_service_label()
+            .port("grpc", 50051)
+            .endpoint(ep("10.9.0.2")),
+    );
+    running.api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.2")),
+    );
+    let snapshot = until(&mut greeter, "the labelled change", |s| {
+        addresses(s) == ["10.0.0.2:50051"]
+    })
+    .await;
+    assert_eq!(
+        snapshot.endpoints.len(),
+        1,
+        "the unlabelled slice's endpoint is not merged"
+    );
+
+    // Removing the label takes the slice, and so the service, away.
+    running.api.apply(
+        slice("default", "greeter-a", "greeter")
+            .without_service_label()
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.2")),
+    );
+    until(&mut greeter, "the service removed", |s| !s.exists).await;
+    assert!(running.store.services().is_empty());
+    running.stop().await;
+}
