@@ -71,6 +71,7 @@ impl Backend {
         let options = ServerOptions {
             name: name.into(),
             max_connection_age: None,
+            shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
         };
         let task = tokio::spawn(server::serve(listener, options, async {

@@ -48,13 +48,18 @@ pub struct ServerOptions {
     /// Close each connection after this long (grpc-go's `MaxConnectionAge`),
     /// so DNS-mode clients re-resolve. `None` keeps connections open.
     pub max_connection_age: Option<Duration>,
-    /// How long to wait for calls in flight after shutdown starts.
+    /// After shutdown starts, keep serving (while reporting NOT_SERVING) this
+    /// long, so that endpoint updates reach every client before the listener
+    /// closes: Kubernetes removes a terminating pod from EndpointSlices at the
+    /// same time as it sends SIGTERM.
+    pub shutdown_delay: Duration,
+    /// How long to wait for calls in flight after the listener closes.
     pub drain_timeout: Duration,
 }
 
 /// Serves the greeter on `listener` until `shutdown`, then reports
-/// NOT_SERVING, stops accepting and finishes calls in flight (bounded by
-/// `drain_timeout`).
+/// NOT_SERVING, keeps serving for `shutdown_delay`, stops accepting and
+/// finishes calls in flight (bounded by `drain_timeout`).
 pub async fn serve(
     listener: TcpListener,
     options: ServerOptions,
@@ -80,6 +85,7 @@ pub async fn serve(
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_timeout = options.drain_timeout;
+    let shutdown_delay = options.shutdown_delay;
     let router = builder
         .add_service(GreeterServer::new(GreeterService::new(options.name)))
         .add_service(health_service)
@@ -98,6 +104,10 @@ pub async fn serve(
     health
         .set_not_serving::<GreeterServer<GreeterService>>()
         .await;
+    if !shutdown_delay.is_zero() {
+        tracing::info!(?shutdown_delay, "NOT_SERVING; still serving until the delay passes");
+        tokio::time::sleep(shutdown_delay).await;
+    }
     let _ = stop_tx.send(());
     match tokio::time::timeout(drain_timeout, serving).await {
         Ok(joined) => joined??,

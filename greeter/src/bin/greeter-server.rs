@@ -18,7 +18,11 @@ struct Args {
     /// Close connections after this many seconds (like grpc-go's MaxConnectionAge).
     #[arg(long, env = "GREETER_MAX_CONNECTION_AGE", value_parser = parse_seconds)]
     max_connection_age: Option<Duration>,
-    /// Seconds to finish calls in flight after SIGTERM.
+    /// Seconds to keep serving after SIGTERM while reporting NOT_SERVING, so
+    /// endpoint updates reach clients before the listener closes.
+    #[arg(long, env = "GREETER_SHUTDOWN_DELAY", default_value = "0", value_parser = parse_seconds)]
+    shutdown_delay: Duration,
+    /// Seconds to finish calls in flight once the listener has closed.
     #[arg(long, env = "GREETER_DRAIN_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
     drain_timeout: Duration,
 }
@@ -56,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let options = ServerOptions {
         name,
         max_connection_age: args.max_connection_age,
+        shutdown_delay: args.shutdown_delay,
         drain_timeout: args.drain_timeout,
     };
     server::serve(listener, options, shutdown()).await
