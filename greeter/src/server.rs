@@ -105,7 +105,10 @@ pub async fn serve(
         .set_not_serving::<GreeterServer<GreeterService>>()
         .await;
     if !shutdown_delay.is_zero() {
-        tracing::info!(?shutdown_delay, "NOT_SERVING; still serving until the delay passes");
+        tracing::info!(
+            ?shutdown_delay,
+            "NOT_SERVING; still serving until the delay passes"
+        );
         tokio::time::sleep(shutdown_delay).await;
     }
     let _ = stop_tx.send(());

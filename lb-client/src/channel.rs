@@ -134,10 +134,11 @@ impl Builder {
     }
 
     /// Subscribes and waits (up to the ready timeout) until the first list has
-    /// arrived and a backend is connected, or every LB server has been tried
-    /// once without an answer. Returns an error if the LB server rejects the
-    /// target; otherwise returns the channel even if no LB server has
-    /// answered: it keeps trying, and calls say why they fail meanwhile.
+    /// arrived and every backend's first connection attempt has ended, or
+    /// every LB server has been tried once without an answer. Returns an
+    /// error if the LB server rejects the target; otherwise returns the
+    /// channel even if no LB server has answered: it keeps trying, and calls
+    /// say why they fail meanwhile.
     pub async fn connect(self) -> Result<Channel, Error> {
         let ready_timeout = self.ready_timeout;
         let target = self.target.clone();
@@ -160,12 +161,14 @@ impl Builder {
                     last_error.is_some() && pool.counters.lb_errors.get() >= lb_servers
                 }
                 ListState::Unknown => true,
-                ListState::Lb { .. } | ListState::Fallback { .. } => {
-                    let picker = pool.picker.load();
-                    let now = now_nanos();
-                    picker.endpoints().is_empty()
-                        || picker.endpoints().iter().any(|e| e.available(now))
-                }
+                // Every connection attempted (so the first calls spread over
+                // all backends), or nothing to connect to.
+                ListState::Lb { .. } | ListState::Fallback { .. } => pool
+                    .picker
+                    .load()
+                    .endpoints()
+                    .iter()
+                    .all(|e| e.conn() != crate::endpoint::Conn::Connecting),
             };
             if ready {
                 return Ok(channel);

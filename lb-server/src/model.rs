@@ -106,7 +106,9 @@ pub enum TargetError {
     #[error("missing port in {0:?}: expected NAME.NAMESPACE:PORT")]
     MissingPort(String),
     /// The port is neither a valid name nor a number in 1..=65535.
-    #[error("bad port {0:?}: expected a port name (IANA_SVC_NAME) or a number in 1..=65535")]
+    #[error(
+        "bad port {0:?}: expected a port name (a DNS label with a letter) or a number in 1..=65535"
+    )]
     BadPort(String),
     /// The host is not `NAME.NAMESPACE` or `NAME.NAMESPACE.svc.cluster.local`.
     #[error("bad host {0:?}: expected NAME.NAMESPACE or NAME.NAMESPACE.svc.cluster.local")]
@@ -165,19 +167,10 @@ fn parse_port(port: &str) -> Result<PortRef, TargetError> {
     Ok(PortRef::Name(port.into()))
 }
 
-/// A Kubernetes port name (IANA_SVC_NAME): at most 15 of `[a-z0-9-]`, at least
-/// one letter, no leading, trailing or doubled '-'.
+/// A port name as Services and EndpointSlices allow it: a DNS-1123 label
+/// with at least one letter (all digits would read as a number).
 fn check_port_name(port: &str) -> Result<(), TargetError> {
-    let ok = !port.is_empty()
-        && port.len() <= 15
-        && port
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && port.bytes().any(|b| b.is_ascii_lowercase())
-        && !port.starts_with('-')
-        && !port.ends_with('-')
-        && !port.contains("--");
-    if ok {
+    if check_label(port, "port").is_ok() && port.bytes().any(|b| b.is_ascii_lowercase()) {
         Ok(())
     } else {
         Err(TargetError::BadPort(port.into()))
@@ -339,6 +332,8 @@ mod tests {
             key("default", "greeter", PortRef::Number(50051))
         );
         assert_eq!(want.to_string(), "greeter.default:grpc");
+        // Service port names are DNS labels: longer than IANA's 15 is fine.
+        assert!(parse_target("greeter.default:grpc-web-internal-v2").is_ok());
     }
 
     #[test]
@@ -353,8 +348,8 @@ mod tests {
             ("greeter.default:65536", "bad port"),
             ("greeter.default:", "bad port"),
             ("greeter.default:GRPC", "bad port"),
-            ("greeter.default:grpc--x", "bad port"),
-            ("greeter.default:abcdefghijklmnop", "bad port"),
+            ("greeter.default:-grpc", "bad port"),
+            (&format!("greeter.default:{}", "p".repeat(64)), "bad port"),
             ("greeter.default:123-", "bad port"),
             ("Greeter.default:grpc", "bad service name"),
             ("greeter.-ns:grpc", "bad namespace"),

@@ -335,11 +335,9 @@ impl KubeApi {
     /// Bound it with a timeout.
     pub async fn until(&self, mut condition: impl FnMut(&Counters) -> bool) -> Counters {
         let mut rx = self.shared.counters.subscribe();
-        let counters = *rx
-            .wait_for(|c| condition(c))
+        *rx.wait_for(|c| condition(c))
             .await
-            .expect("the sender lives as long as the server");
-        counters
+            .expect("the sender lives as long as the server")
     }
 
     /// Every EndpointSlice request so far, as path and query.
@@ -464,13 +462,14 @@ fn flag(value: &str) -> bool {
     matches!(value, "true" | "1")
 }
 
-fn parse_version(value: &str) -> Result<u64, Response> {
+/// A resource version, or the 400 response for a malformed one.
+fn parse_version(value: &str) -> Result<u64, Box<Response>> {
     value.parse().map_err(|_| {
-        status(
+        Box::new(status(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             format!("invalid resourceVersion {value:?}"),
-        )
+        ))
     })
 }
 
@@ -508,7 +507,7 @@ fn list(shared: &Shared, filter: &Filter, params: &Params) -> Response {
                 );
             }
             (Some(version), Some("Exact")) => match parse_version(version) {
-                Err(response) => return response,
+                Err(response) => return *response,
                 Ok(version) if version < state.compacted => {
                     drop(state);
                     shared.counters.send_modify(|c| c.expired += 1);
@@ -521,7 +520,7 @@ fn list(shared: &Shared, filter: &Filter, params: &Params) -> Response {
                 Ok(version) => version,
             },
             (Some(version), None | Some("NotOlderThan")) => match parse_version(version) {
-                Err(response) => return response,
+                Err(response) => return *response,
                 Ok(_) => state.revision,
             },
             (Some(_), Some(other)) => {
@@ -608,7 +607,7 @@ fn watch(shared: &Arc<Shared>, filter: Filter, params: &Params) -> Response {
     } else if let Some(version) = version {
         let version = match parse_version(version) {
             Ok(version) => version,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         if version < state.compacted {
             let message = format!("too old resource version: {version} ({})", state.compacted);
@@ -935,7 +934,7 @@ pub fn slice(namespace: &str, name: &str, service: &str) -> SliceBuilder {
     })
 }
 
-/// Builds an EndpointSlice fixture; see [`slice`].
+/// Builds an EndpointSlice fixture; see [`slice()`].
 #[derive(Debug, Clone)]
 pub struct SliceBuilder(EndpointSlice);
 
@@ -1193,7 +1192,9 @@ mod tests {
             .await
             .unwrap();
         let mut stream = std::pin::pin!(stream);
-        server.until(|c| c.open_watches == 1).await;
+        tokio::time::timeout(WAIT, server.until(|c| c.open_watches == 1))
+            .await
+            .unwrap();
         server.apply(slice("default", "greeter-a", "greeter").port("grpc", 50051));
         server.apply(slice("default", "unlabeled", "greeter").without_service_label());
         server.bookmark();
@@ -1339,7 +1340,9 @@ mod tests {
             .await
             .unwrap();
         let mut stream = std::pin::pin!(stream);
-        server.until(|c| c.open_watches == 1).await;
+        tokio::time::timeout(WAIT, server.until(|c| c.open_watches == 1))
+            .await
+            .unwrap();
         server.apply(slice("b", "greeter-b", "greeter").label("x", "y"));
         server.apply(slice("a", "greeter-a", "greeter").without_service_label());
         server.apply(slice("a", "greeter-a", "greeter"));
@@ -1373,28 +1376,32 @@ mod tests {
         let api: Api<EndpointSlice> = Api::all(server.client());
         let stream = watcher(api, watcher::Config::default().streaming_lists());
         let mut stream = std::pin::pin!(stream);
-        let mut next = async || match tokio::time::timeout(WAIT, stream.try_next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
-            Event::Init => "init".to_owned(),
-            Event::InitApply(o) => format!("init-apply {}", o.metadata.name.unwrap()),
-            Event::InitDone => "init-done".to_owned(),
-            Event::Apply(o) => format!("apply {}", o.metadata.name.unwrap()),
-            Event::Delete(o) => format!("delete {}", o.metadata.name.unwrap()),
+        let mut next = async || {
+            loop {
+                let event = tokio::time::timeout(WAIT, stream.next())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                return match event {
+                    // A dropped connection surfaces as an error before the resume.
+                    Err(_) => continue,
+                    Ok(Event::Init) => "init".to_owned(),
+                    Ok(Event::InitApply(o)) => format!("init-apply {}", o.metadata.name.unwrap()),
+                    Ok(Event::InitDone) => "init-done".to_owned(),
+                    Ok(Event::Apply(o)) => format!("apply {}", o.metadata.name.unwrap()),
+                    Ok(Event::Delete(o)) => format!("delete {}", o.metadata.name.unwrap()),
+                };
+            }
         };
         for want in ["init", "init-apply a", "init-apply b", "init-done"] {
             assert_eq!(next().await, want);
         }
         assert!(server.requests()[0].contains("sendInitialEvents=true"));
+        // The watcher is lazy: it reconnects when polled, from its last version.
         server.drop_watches();
-        server
-            .until(|c| c.watches == 2 && c.open_watches == 1)
-            .await;
         server.apply(slice("default", "c", "greeter"));
         assert_eq!(next().await, "apply c", "resumed without a re-list");
+        assert_eq!(server.watches(), 2);
         assert_eq!(server.lists(), 0);
     }
 }

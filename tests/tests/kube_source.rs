@@ -24,6 +24,7 @@ struct Running {
     synced: watch::Receiver<bool>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    watchers: usize,
 }
 
 async fn start(api: KubeApi, namespaces: &[&str]) -> Running {
@@ -31,6 +32,7 @@ async fn start(api: KubeApi, namespaces: &[&str]) -> Running {
     let metrics = Arc::new(Metrics::new());
     let (synced_tx, synced) = watch::channel(false);
     let shutdown = CancellationToken::new();
+    let watchers = namespaces.len().max(1);
     let namespaces = namespaces.iter().map(|ns| (*ns).to_owned()).collect();
     let source = KubeSource::new(
         api.client(),
@@ -47,6 +49,7 @@ async fn start(api: KubeApi, namespaces: &[&str]) -> Running {
         synced,
         shutdown,
         task,
+        watchers,
     }
 }
 
@@ -56,6 +59,14 @@ impl Running {
             .await
             .expect("the source syncs in time")
             .expect("the source keeps its sender");
+    }
+
+    /// Waits until every watcher has its watch open (it opens them after
+    /// applying the list, so right after `synced` they may not be yet).
+    async fn watching(&self) {
+        let watchers = self.watchers;
+        self.api_until("open watches", |c| c.open_watches == watchers)
+            .await;
     }
 
     async fn api_until(&self, what: &str, condition: impl FnMut(&Counters) -> bool) -> Counters {
@@ -145,6 +156,7 @@ async fn the_initial_list_is_published_at_once_and_marks_synced() {
     );
     let mut running = start(api, &[]).await;
     running.synced().await;
+    running.watching().await;
 
     // Synced means published: no waiting for the store after this point.
     let greeter = running
@@ -198,6 +210,7 @@ async fn synced_waits_for_a_successful_list_and_errors_publish_nothing() {
 
     running.api.set_failing(false);
     running.synced().await;
+    running.watching().await;
     assert!(running.store.get(&key("greeter.default:grpc")).is_some());
     assert_eq!(
         running.restarts(),
@@ -218,6 +231,7 @@ async fn added_modified_and_deleted_slices_are_reflected() {
     );
     let mut running = start(api, &[]).await;
     running.synced().await;
+    running.watching().await;
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     assert_eq!(
         addresses(&greeter.current()),
@@ -293,6 +307,7 @@ async fn a_410_after_compaction_relists_and_republishes_nothing_unchanged() {
     );
     let mut running = start(api, &[]).await;
     running.synced().await;
+    running.watching().await;
     let before = running.versions();
 
     running.api.compact();
@@ -337,6 +352,7 @@ async fn changes_during_an_outage_are_published_as_a_difference_after_a_relist()
     );
     let mut running = start(api, &[]).await;
     running.synced().await;
+    running.watching().await;
     let before = running.versions();
 
     // The API server goes away: the watch drops and every retry fails.
@@ -400,6 +416,7 @@ async fn dropped_or_ended_watches_resume_without_a_relist_and_keep_state() {
     );
     let mut running = start(api, &[]).await;
     running.synced().await;
+    running.watching().await;
     let before = running.versions();
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     greeter.current();
@@ -454,6 +471,7 @@ async fn namespaced_mode_sees_only_its_namespaces_through_namespaced_urls() {
     // Two namespaces, one of them empty: synced needs both watchers.
     let mut running = start(api, &["a", "c"]).await;
     running.synced().await;
+    running.watching().await;
     assert!(running.store.get(&key("greeter.a:grpc")).is_some());
     assert!(running.store.get(&key("greeter.b:grpc")).is_none());
 
@@ -509,6 +527,7 @@ async fn bookmarks_disturb_nothing_and_spare_a_relist_after_compaction() {
     );
     let mut running = start(api, &[]).await;
     running.synced().await;
+    running.watching().await;
     let before = running.versions();
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     greeter.current();
@@ -571,6 +590,7 @@ async fn slices_without_the_service_name_label_are_ignored() {
     );
     let mut running = start(api, &[]).await;
     running.synced().await;
+    running.watching().await;
     let keys: Vec<String> = running.versions().into_keys().collect();
     assert_eq!(keys, ["greeter.default:50051", "greeter.default:grpc"]);
 

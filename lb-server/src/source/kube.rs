@@ -1,7 +1,7 @@
 //! The Kubernetes source: watches `discovery.k8s.io/v1` EndpointSlices and
 //! publishes every service port's endpoints into the [`Store`].
 //!
-//! One kube-runtime [`watcher`] per namespace (or one cluster-wide) lists and
+//! One kube-runtime [`watcher()`] per namespace (or one cluster-wide) lists and
 //! watches the slices labelled `kubernetes.io/service-name`; the label's value
 //! and the slice's namespace name the service.
 //!
@@ -78,9 +78,10 @@ impl fmt::Debug for KubeSource {
 }
 
 impl KubeSource {
-    /// A source over `client`. With `namespaces` empty it watches the whole
-    /// cluster (`Api::all`, needs a ClusterRole); otherwise it runs one watcher
-    /// per namespace (`Api::namespaced`), so a namespaced Role suffices.
+    /// A source over `client`. With `namespaces` empty (empty names are
+    /// ignored) it watches the whole cluster (`Api::all`, needs a ClusterRole);
+    /// otherwise it runs one watcher per distinct namespace (`Api::namespaced`),
+    /// so a namespaced Role suffices.
     pub fn new(
         client: Client,
         namespaces: Vec<String>,
@@ -102,8 +103,10 @@ impl KubeSource {
     /// Sets the retry delay after a watch error: it starts at `min`, doubles
     /// up to `max`, and each delay gets up to as much again in random jitter,
     /// so many servers do not retry in lockstep. It resets after any success.
-    /// The default is 800 ms to 30 s, as client-go's reflector.
+    /// The default is 800 ms to 30 s, as client-go's reflector; `min` is at
+    /// least 1 ms so a failing API server is never retried in a busy loop.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
         self.backoff = BackoffPolicy {
             min,
             max: max.max(min),
@@ -114,10 +117,14 @@ impl KubeSource {
     /// Runs until `shutdown` is cancelled. Sets `synced` to true once every
     /// watcher has applied its first full list.
     pub async fn run(self, synced: watch::Sender<bool>, shutdown: CancellationToken) {
-        let scopes: Vec<Option<String>> = if self.namespaces.is_empty() {
+        let unique: BTreeSet<String> = self
+            .namespaces
+            .into_iter()
+            .filter(|ns| !ns.is_empty())
+            .collect();
+        let scopes: Vec<Option<String>> = if unique.is_empty() {
             vec![None]
         } else {
-            let unique: BTreeSet<String> = self.namespaces.into_iter().collect();
             unique.into_iter().map(Some).collect()
         };
         let mut pending = scopes.len();
@@ -352,11 +359,23 @@ impl Slices {
     /// Recomputes one service from its slices and diffs it against what it
     /// last published.
     fn recompute(&mut self, service: &ServiceId) -> Vec<Update> {
-        let current = match self.by_service.get(service) {
-            Some(slices) => service_endpoints(&service.0, &service.1, slices.values()),
-            None => BTreeMap::new(),
+        let (mut current, exists) = match self.by_service.get(service) {
+            Some(slices) => (
+                service_endpoints(&service.0, &service.1, slices.values()),
+                true,
+            ),
+            None => (BTreeMap::new(), false),
         };
         let previous = self.published.remove(service).unwrap_or_default();
+        // A service scaled to zero keeps a slice with no ports and no
+        // endpoints: it still exists, so its keys stay, with no endpoints,
+        // rather than reading as unknown services.
+        if exists && current.is_empty() {
+            current = previous
+                .keys()
+                .map(|key| (key.clone(), Vec::new()))
+                .collect();
+        }
         let mut updates = Vec::new();
         for key in previous.keys() {
             if !current.contains_key(key) {
@@ -929,10 +948,13 @@ mod tests {
         );
     }
 
+    /// `ready`, `serving`, `terminating`.
+    type Conditions = (Option<bool>, Option<bool>, Option<bool>);
+
     #[test]
     fn conditions_decide_ready_draining_or_left_out() {
         // (ready, serving, terminating) -> None = left out, Some(draining)
-        let cases: &[((Option<bool>, Option<bool>, Option<bool>), Option<bool>)] = &[
+        let cases: &[(Conditions, Option<bool>)] = &[
             ((None, None, None), Some(false)),
             ((Some(true), None, None), Some(false)),
             ((Some(false), None, None), None),
@@ -1085,6 +1107,27 @@ mod tests {
             ])
         );
         assert_eq!(published(&updates).len(), 2);
+    }
+
+    #[test]
+    fn a_service_scaled_to_zero_keeps_its_keys_with_no_endpoints() {
+        let (mut state, _) = listed([slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1"))
+            .build()]);
+        // The EndpointSlice controller leaves a slice with no ports and no endpoints.
+        let updates = state.handle(Event::Apply(
+            slice("default", "greeter-a", "greeter").build(),
+        ));
+        assert!(removed(&updates).is_empty());
+        let published = published(&updates);
+        assert_eq!(published.len(), 2);
+        assert!(published.values().all(Vec::is_empty));
+        // Deleting the last slice removes the service.
+        let gone = state.handle(Event::Delete(
+            slice("default", "greeter-a", "greeter").build(),
+        ));
+        assert_eq!(removed(&gone).len(), 2);
     }
 
     #[test]

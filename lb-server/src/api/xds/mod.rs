@@ -98,7 +98,7 @@ impl AggregatedDiscoveryService for XdsApi {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<AdsStream>, Status> {
         let peer = super::peer(&request);
-        let span = tracing::info_span!("xds", %peer);
+        let span = tracing::info_span!("xds", %peer, node = tracing::field::Empty);
         span.in_scope(|| tracing::debug!("ADS stream started"));
         let guard = self
             .shared
@@ -114,7 +114,7 @@ impl AggregatedDiscoveryService for XdsApi {
             inbound: request.into_inner(),
             inbound_open: true,
             guard,
-            resources: self.resources,
+            resources: self.resources.clone(),
             shared: self.shared.clone(),
             span,
         };
@@ -159,11 +159,13 @@ async fn next_response(
             Some((key, snapshot)) = s.watches.next(), if !s.watches.is_empty() => {
                 s.view.snapshots.insert(key, snapshot);
                 s.catch_up();
+                s.session.view_changed();
             }
             changed = s.service_set.changed(), if s.watching_set => {
                 if changed.is_ok() {
                     s.refresh_existing();
                     s.catch_up();
+                    s.session.view_changed();
                 }
             }
         }
@@ -172,7 +174,11 @@ async fn next_response(
 
 impl StreamState {
     fn handle(&mut self, request: &DiscoveryRequest) {
+        let had_node = self.session.node().is_some();
         let handled = self.session.handle(request);
+        if !had_node && let Some(node) = self.session.node() {
+            self.span.record("node", node.id.as_str());
+        }
         match &handled {
             Handled::UnknownType => {
                 tracing::debug!(type_url = %request.type_url, "ignoring a type lb-server does not serve");
@@ -212,8 +218,9 @@ impl StreamState {
                         .inc();
                 }
                 let session = &self.session;
-                self.guard
-                    .record_xds(|status| session.record(*ty, Some(reply), status));
+                self.guard.record_xds(|status| {
+                    session.record(*ty, Some(reply), *names_changed, status);
+                });
                 if *names_changed {
                     tracing::debug!(
                         r#type = ty.short(),
@@ -313,7 +320,7 @@ impl StreamState {
         }
         let session = &self.session;
         self.guard
-            .record_xds(|status| session.record(ty, None, status));
+            .record_xds(|status| session.record(ty, None, false, status));
     }
 }
 

@@ -11,7 +11,11 @@
 //! and Cluster depend only on the service existing (and the configured
 //! balancing policy), so they are re-sent only when a service appears or goes.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 use envoy_types::{
     pb::{
@@ -157,20 +161,59 @@ impl ResourceType {
     }
 }
 
-/// Builds resources; holds what the configuration decides about them.
-#[derive(Debug, Clone, Copy)]
+/// The most resources [`Resources`] keeps encoded; past it the cache starts over.
+const MAX_CACHED: usize = 50_000;
+
+/// Builds resources, holding what the configuration decides about them, and
+/// keeps each one encoded for the streams that send it next: ten thousand
+/// clients of one service then cost one encoding per change, not ten thousand.
+#[derive(Debug, Clone)]
 pub struct Resources {
     lb_policy: XdsLbPolicy,
+    // std Mutex: held for one lookup or insert, never across `.await`.
+    // Per type: name -> (content version, encoded resource).
+    cache: Arc<Mutex<[HashMap<String, (u64, Any)>; 4]>>,
 }
 
 impl Resources {
     /// A builder whose clusters use `lb_policy`.
     pub fn new(lb_policy: XdsLbPolicy) -> Self {
-        Self { lb_policy }
+        Self {
+            lb_policy,
+            cache: Arc::default(),
+        }
     }
 
     /// One resource of a type, named `name`, for the service `key` at `snapshot`.
     pub fn build(
+        &self,
+        ty: ResourceType,
+        name: &str,
+        key: &ServiceKey,
+        snapshot: Option<&Snapshot>,
+    ) -> Any {
+        // What the content depends on: the snapshot for an assignment, nothing
+        // else for the rest. An empty assignment is rare and not cached.
+        let version = match (ty, snapshot) {
+            (ResourceType::Endpoint, Some(snapshot)) if snapshot.exists => snapshot.version,
+            (ResourceType::Endpoint, _) => return self.encode(ty, name, key, snapshot),
+            _ => 0,
+        };
+        if let Some((cached, any)) = self.cache.lock().unwrap()[ty.index()].get(name)
+            && *cached == version
+        {
+            return any.clone();
+        }
+        let any = self.encode(ty, name, key, snapshot);
+        let mut cache = self.cache.lock().unwrap();
+        if cache.iter().map(HashMap::len).sum::<usize>() >= MAX_CACHED {
+            cache.iter_mut().for_each(HashMap::clear);
+        }
+        cache[ty.index()].insert(name.to_owned(), (version, any.clone()));
+        any
+    }
+
+    fn encode(
         &self,
         ty: ResourceType,
         name: &str,
@@ -606,6 +649,50 @@ mod tests {
         ));
         let round_robin = super::cluster("a.b:80", &key(), XdsLbPolicy::RoundRobin);
         assert_eq!(round_robin.lb_policy, LbPolicy::RoundRobin as i32);
+    }
+
+    #[test]
+    fn build_reuses_an_encoding_until_the_snapshot_changes() {
+        let resources = Resources::new(XdsLbPolicy::RoundRobin);
+        let first = snapshot(vec![ep(1)]);
+        let second = Snapshot {
+            version: 8,
+            ..snapshot(vec![ep(1), ep(2)])
+        };
+        let name = "greeter.default:grpc";
+        let count = |any: &Any| {
+            let cla = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
+            cla.endpoints
+                .iter()
+                .map(|l| l.lb_endpoints.len())
+                .sum::<usize>()
+        };
+        let build = |snapshot: Option<&Snapshot>| {
+            resources.build(ResourceType::Endpoint, name, &key(), snapshot)
+        };
+        assert_eq!(count(&build(Some(&first))), 1);
+        assert_eq!(count(&build(Some(&first))), 1);
+        assert_eq!(
+            count(&build(Some(&second))),
+            2,
+            "a new version is built anew"
+        );
+        let gone = Snapshot {
+            exists: false,
+            version: 9,
+            ..Snapshot::unknown()
+        };
+        assert_eq!(count(&build(Some(&gone))), 0);
+        assert_eq!(count(&build(Some(&second))), 2);
+        let clone = resources.clone();
+        let other_name = clone.build(ResourceType::Endpoint, "x.y:1", &key(), Some(&first));
+        assert_eq!(
+            ClusterLoadAssignment::decode(other_name.value.as_slice())
+                .unwrap()
+                .cluster_name,
+            "x.y:1",
+            "cached per name"
+        );
     }
 
     #[test]

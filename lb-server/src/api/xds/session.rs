@@ -81,8 +81,8 @@ struct TypeState {
     legacy_wildcard: bool,
     /// Subscribed to every resource.
     wildcard: bool,
-    /// Named subscriptions (without `*`).
-    names: BTreeSet<String>,
+    /// Named subscriptions (without `*`), each parsed once: `None` if not a target.
+    names: BTreeMap<String, Option<ServiceKey>>,
     /// Responses sent so far; the last one's `version_info`.
     version: u64,
     /// Nonce of the last response, empty before the first.
@@ -149,6 +149,9 @@ pub struct Session {
     types: [TypeState; 4],
     nonces: u64,
     node: Option<Node>,
+    /// Something may need sending: a request is owed an answer or the view
+    /// changed. A plain ACK leaves it clear, so it costs no recomputation.
+    dirty: bool,
 }
 
 impl Session {
@@ -160,6 +163,11 @@ impl Session {
     /// The node the client described in its first request, if any.
     pub fn node(&self) -> Option<&Node> {
         self.node.as_ref()
+    }
+
+    /// Notes that the view changed: the next call to [`Session::next_response`] looks.
+    pub fn view_changed(&mut self) {
+        self.dirty = true;
     }
 
     /// Applies one request.
@@ -196,7 +204,7 @@ impl Session {
             }
         };
 
-        let mut names: BTreeSet<String> = request.resource_names.iter().cloned().collect();
+        let mut names: BTreeSet<&str> = request.resource_names.iter().map(String::as_str).collect();
         let star = names.remove("*");
         if ty.allows_wildcard() {
             if first {
@@ -206,14 +214,22 @@ impl Session {
             }
         }
         let wildcard = ty.allows_wildcard() && (star || state.legacy_wildcard);
-        let names_changed = wildcard != state.wildcard || names != state.names;
+        let same_names = names.len() == state.names.len()
+            && names.iter().zip(state.names.keys()).all(|(a, b)| *a == b);
+        let names_changed = wildcard != state.wildcard || !same_names;
         if names_changed {
             state
                 .sent
-                .retain(|name, _| names.contains(name) || wildcard);
+                .retain(|name, _| wildcard || names.contains(name.as_str()));
             state.wildcard = wildcard;
-            state.names = names;
+            state.names = names
+                .into_iter()
+                .map(|name| (name.to_owned(), parse_target(name).ok()))
+                .collect();
             state.owed = true;
+        }
+        if state.owed {
+            self.dirty = true;
         }
         Handled::Request {
             ty,
@@ -226,8 +242,9 @@ impl Session {
     pub fn named_services(&self) -> BTreeSet<ServiceKey> {
         self.types
             .iter()
-            .flat_map(|state| state.names.iter())
-            .filter_map(|name| parse_target(name).ok())
+            .flat_map(|state| state.names.values())
+            .flatten()
+            .cloned()
             .collect()
     }
 
@@ -241,7 +258,7 @@ impl Session {
         let state = &self.types[ty.index()];
         let star = state.wildcard.then(|| "*".to_owned());
         star.into_iter()
-            .chain(state.names.iter().cloned())
+            .chain(state.names.keys().cloned())
             .collect()
     }
 
@@ -256,20 +273,20 @@ impl Session {
                 }
             }
         }
-        for name in &state.names {
-            let Ok(key) = parse_target(name) else {
+        for (name, key) in &state.names {
+            let Some(key) = key else {
                 continue;
             };
             let stamp = match ty {
-                ResourceType::Endpoint => match view.snapshots.get(&key) {
+                ResourceType::Endpoint => match view.snapshots.get(key) {
                     Some(snapshot) if snapshot.exists => Some(Stamp::Version(snapshot.version)),
                     _ if state.sent.contains_key(name) => Some(Stamp::Empty),
                     _ => None,
                 },
-                _ => view.exists(&key).then_some(Stamp::Present),
+                _ => view.exists(key).then_some(Stamp::Present),
             };
             if let Some(stamp) = stamp {
-                desired.insert(name.clone(), (stamp, key));
+                desired.insert(name.clone(), (stamp, key.clone()));
             }
         }
         desired
@@ -278,6 +295,9 @@ impl Session {
     /// The next response owed or caused by a change, if any, in the order
     /// CDS, EDS, LDS, RDS. Call until it returns `None`.
     pub fn next_response(&mut self, view: &View, resources: &Resources) -> Option<Outgoing> {
+        if !self.dirty {
+            return None;
+        }
         for ty in ResourceType::SEND_ORDER {
             if !self.types[ty.index()].requested {
                 continue;
@@ -354,11 +374,20 @@ impl Session {
                 oldest_event,
             });
         }
+        self.dirty = false;
         None
     }
 
-    /// Copies what Admin shows of a type into `status`.
-    pub fn record(&self, ty: ResourceType, handled: Option<&Reply>, status: &mut XdsStatus) {
+    /// Copies what Admin shows of a type into `status`: the reply to our last
+    /// response, the version sent, and the names when they changed (copying
+    /// an Envoy's thousand EDS names on every ACK would be waste).
+    pub fn record(
+        &self,
+        ty: ResourceType,
+        handled: Option<&Reply>,
+        names_changed: bool,
+        status: &mut XdsStatus,
+    ) {
         if let Some(node) = &self.node
             && status.node_id.is_empty()
         {
@@ -368,7 +397,9 @@ impl Session {
         }
         let state = &self.types[ty.index()];
         let entry = status.type_mut(ty.type_url());
-        entry.names = self.subscribed(ty);
+        if names_changed {
+            entry.names = self.subscribed(ty);
+        }
         if state.version > 0 {
             entry.version_sent = state.version.to_string();
         }
@@ -440,12 +471,16 @@ mod tests {
     /// listed address suffix, or gone.
     struct World {
         view: View,
+        /// Set by every edit, taken by the next look: what the stream's
+        /// store watches do with `view_changed`.
+        changed: std::cell::Cell<bool>,
     }
 
     impl World {
         fn new() -> Self {
             Self {
                 view: View::default(),
+                changed: std::cell::Cell::new(false),
             }
         }
 
@@ -462,6 +497,7 @@ mod tests {
             };
             self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
             self.view.existing.insert(key);
+            self.changed.set(true);
             self
         }
 
@@ -473,6 +509,7 @@ mod tests {
             };
             self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
             self.view.existing.remove(&key);
+            self.changed.set(true);
             self
         }
     }
@@ -508,15 +545,25 @@ mod tests {
             .collect()
     }
 
+    fn look(session: &mut Session, world: &World) -> Option<Outgoing> {
+        if world.changed.take() {
+            session.view_changed();
+        }
+        session.next_response(&world.view, &resources())
+    }
+
     fn next(session: &mut Session, world: &World) -> Outgoing {
-        session
-            .next_response(&world.view, &resources())
-            .expect("a response")
+        look(session, world).expect("a response")
     }
 
     fn quiet(session: &mut Session, world: &World) {
-        if let Some(out) = session.next_response(&world.view, &resources()) {
+        if let Some(out) = look(session, world) {
             panic!("unexpected response: {:?}", out.response);
+        }
+        // Whatever the dirty flag says, a full look finds nothing either.
+        session.view_changed();
+        if let Some(out) = session.next_response(&world.view, &resources()) {
+            panic!("unexpected response after a full look: {:?}", out.response);
         }
     }
 
@@ -603,6 +650,7 @@ mod tests {
         session.record(
             ResourceType::Cluster,
             Some(&Reply::Nack(rejected)),
+            false,
             &mut status,
         );
         assert_eq!(status.types[0].nacks, 1);
@@ -810,7 +858,12 @@ mod tests {
         });
         session.handle(&first);
         let mut status = XdsStatus::default();
-        session.record(ResourceType::Listener, Some(&Reply::Subscribe), &mut status);
+        session.record(
+            ResourceType::Listener,
+            Some(&Reply::Subscribe),
+            true,
+            &mut status,
+        );
         assert_eq!(status.node_id, "node-1");
         assert_eq!(status.user_agent, "gRPC Python");
         assert_eq!(status.types[0].names, [GREETER]);
