@@ -157,15 +157,15 @@ async fn next_response(
                 }
             },
             Some((key, snapshot)) = s.watches.next(), if !s.watches.is_empty() => {
-                s.view.snapshots.insert(key, snapshot);
-                s.catch_up();
-                s.session.view_changed();
+                let existence = s.take_snapshot(key, snapshot);
+                let more = s.catch_up();
+                s.session.view_changed(existence || more);
             }
             changed = s.service_set.changed(), if s.watching_set => {
                 if changed.is_ok() {
                     s.refresh_existing();
                     s.catch_up();
-                    s.session.view_changed();
+                    s.session.view_changed(true);
                 }
             }
         }
@@ -270,13 +270,24 @@ impl StreamState {
     /// set, so one response covers them all and the set and the services
     /// agree (the store moves both under one lock): CDS then goes out before
     /// the LDS that needs it.
-    fn catch_up(&mut self) {
+    /// Returns whether a service appeared or disappeared.
+    fn catch_up(&mut self) -> bool {
+        let mut existence = false;
         while let Some(Some((key, snapshot))) = self.watches.next().now_or_never() {
-            self.view.snapshots.insert(key, snapshot);
+            existence |= self.take_snapshot(key, snapshot);
         }
         if self.watching_set && self.service_set.has_changed().unwrap_or(false) {
             self.refresh_existing();
+            existence = true;
         }
+        existence
+    }
+
+    /// Stores a service's new snapshot; returns whether it started or stopped existing.
+    fn take_snapshot(&mut self, key: ServiceKey, snapshot: Arc<Snapshot>) -> bool {
+        let exists = snapshot.exists;
+        let before = self.view.snapshots.insert(key, snapshot);
+        before.is_none_or(|before| before.exists != exists)
     }
 
     fn refresh_existing(&mut self) {

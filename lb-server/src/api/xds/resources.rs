@@ -164,6 +164,9 @@ impl ResourceType {
 /// The most resources [`Resources`] keeps encoded; past it the cache starts over.
 const MAX_CACHED: usize = 50_000;
 
+/// Per type (by [`ResourceType::index`]): name -> (content version, encoded resource).
+type Cache = [HashMap<String, (u64, Any)>; 4];
+
 /// Builds resources, holding what the configuration decides about them, and
 /// keeps each one encoded for the streams that send it next: ten thousand
 /// clients of one service then cost one encoding per change, not ten thousand.
@@ -171,8 +174,7 @@ const MAX_CACHED: usize = 50_000;
 pub struct Resources {
     lb_policy: XdsLbPolicy,
     // std Mutex: held for one lookup or insert, never across `.await`.
-    // Per type: name -> (content version, encoded resource).
-    cache: Arc<Mutex<[HashMap<String, (u64, Any)>; 4]>>,
+    cache: Arc<Mutex<Cache>>,
 }
 
 impl Resources {

@@ -149,9 +149,11 @@ pub struct Session {
     types: [TypeState; 4],
     nonces: u64,
     node: Option<Node>,
-    /// Something may need sending: a request is owed an answer or the view
-    /// changed. A plain ACK leaves it clear, so it costs no recomputation.
-    dirty: bool,
+    /// Per type, something may need sending: a request is owed an answer or
+    /// the view changed in a way that matters to the type. A plain ACK leaves
+    /// it clear, and an endpoint change marks only EDS, so neither costs a
+    /// recomputation of the other types.
+    dirty: [bool; 4],
 }
 
 impl Session {
@@ -165,9 +167,15 @@ impl Session {
         self.node.as_ref()
     }
 
-    /// Notes that the view changed: the next call to [`Session::next_response`] looks.
-    pub fn view_changed(&mut self) {
-        self.dirty = true;
+    /// Notes that the view changed: endpoints only, or also which services
+    /// exist. The next call to [`Session::next_response`] looks at the types
+    /// that depend on it.
+    pub fn view_changed(&mut self, existence: bool) {
+        for ty in ResourceType::SEND_ORDER {
+            if existence || ty == ResourceType::Endpoint {
+                self.dirty[ty.index()] = true;
+            }
+        }
     }
 
     /// Applies one request.
@@ -229,7 +237,7 @@ impl Session {
             state.owed = true;
         }
         if state.owed {
-            self.dirty = true;
+            self.dirty[ty.index()] = true;
         }
         Handled::Request {
             ty,
@@ -295,11 +303,9 @@ impl Session {
     /// The next response owed or caused by a change, if any, in the order
     /// CDS, EDS, LDS, RDS. Call until it returns `None`.
     pub fn next_response(&mut self, view: &View, resources: &Resources) -> Option<Outgoing> {
-        if !self.dirty {
-            return None;
-        }
         for ty in ResourceType::SEND_ORDER {
-            if !self.types[ty.index()].requested {
+            if !self.dirty[ty.index()] || !self.types[ty.index()].requested {
+                self.dirty[ty.index()] = false;
                 continue;
             }
             let desired = self.desired(ty, view);
@@ -310,6 +316,7 @@ impl Session {
                         .iter()
                         .all(|(name, (stamp, _))| state.sent.get(name) == Some(stamp));
                 if unchanged && !state.owed {
+                    self.dirty[ty.index()] = false;
                     continue;
                 }
                 desired.iter().collect()
@@ -319,6 +326,7 @@ impl Session {
                     .filter(|(name, (stamp, _))| state.sent.get(*name) != Some(stamp))
                     .collect();
                 if changed.is_empty() && !state.owed {
+                    self.dirty[ty.index()] = false;
                     continue;
                 }
                 changed
@@ -374,7 +382,6 @@ impl Session {
                 oldest_event,
             });
         }
-        self.dirty = false;
         None
     }
 
@@ -472,15 +479,15 @@ mod tests {
     struct World {
         view: View,
         /// Set by every edit, taken by the next look: what the stream's
-        /// store watches do with `view_changed`.
-        changed: std::cell::Cell<bool>,
+        /// store watches do with `view_changed` (`Some(existence changed)`).
+        changed: std::cell::Cell<Option<bool>>,
     }
 
     impl World {
         fn new() -> Self {
             Self {
                 view: View::default(),
-                changed: std::cell::Cell::new(false),
+                changed: std::cell::Cell::new(None),
             }
         }
 
@@ -495,9 +502,10 @@ mod tests {
                     .collect(),
                 ..Snapshot::unknown()
             };
+            let existed = self.view.existing.contains(&key);
             self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
             self.view.existing.insert(key);
-            self.changed.set(true);
+            self.note(!existed);
             self
         }
 
@@ -508,9 +516,14 @@ mod tests {
                 ..Snapshot::unknown()
             };
             self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
-            self.view.existing.remove(&key);
-            self.changed.set(true);
+            let existed = self.view.existing.remove(&key);
+            self.note(existed);
             self
+        }
+
+        fn note(&self, existence: bool) {
+            let before = self.changed.get().unwrap_or(false);
+            self.changed.set(Some(before || existence));
         }
     }
 
@@ -546,8 +559,8 @@ mod tests {
     }
 
     fn look(session: &mut Session, world: &World) -> Option<Outgoing> {
-        if world.changed.take() {
-            session.view_changed();
+        if let Some(existence) = world.changed.take() {
+            session.view_changed(existence);
         }
         session.next_response(&world.view, &resources())
     }
@@ -560,8 +573,8 @@ mod tests {
         if let Some(out) = look(session, world) {
             panic!("unexpected response: {:?}", out.response);
         }
-        // Whatever the dirty flag says, a full look finds nothing either.
-        session.view_changed();
+        // Whatever the dirty flags say, a full look finds nothing either.
+        session.view_changed(true);
         if let Some(out) = session.next_response(&world.view, &resources()) {
             panic!("unexpected response after a full look: {:?}", out.response);
         }
