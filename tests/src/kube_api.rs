@@ -1377,10 +1377,13 @@ mod tests {
         let stream = watcher(api, watcher::Config::default().streaming_lists());
         let mut stream = std::pin::pin!(stream);
         let mut next = async || {
+            // One deadline for the whole wait: errors before the resume must
+            // not restart the clock.
+            let deadline = tokio::time::Instant::now() + WAIT;
             loop {
-                let event = tokio::time::timeout(WAIT, stream.next())
+                let event = tokio::time::timeout_at(deadline, stream.next())
                     .await
-                    .unwrap()
+                    .expect("an event before the deadline")
                     .unwrap();
                 return match event {
                     // A dropped connection surfaces as an error before the resume.

@@ -1,36 +1,83 @@
 //! `lookaside.v1.Discovery/Watch`: the current snapshot at once, then every newer one.
+//!
+//! Written by hand rather than generated so that a snapshot is encoded once
+//! per version and the same bytes go to every subscriber: with thousands of
+//! subscribers per service, per-subscriber message building and encoding
+//! would dominate a push. Each response stream also keeps a small encode
+//! buffer rather than tonic's default 8 KiB, since idle subscribers are the
+//! common case.
 
-use std::pin::Pin;
-
-use futures::Stream;
-use lookaside_proto::lookaside::v1::{
-    WatchRequest, WatchResponse,
-    discovery_server::{Discovery, DiscoveryServer},
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
 };
-use tonic::{Request, Response, Status};
+
+use bytes::{BufMut, Bytes};
+use futures::Stream;
+use lookaside_proto::lookaside::v1::WatchRequest;
+use prost::Message;
+use tonic::{
+    Request, Response, Status,
+    body::Body,
+    codec::{BufferSettings, Codec, EncodeBuf, Encoder},
+    server::{Grpc, NamedService, ServerStreamingService},
+};
 
 use super::{MAX_REQUEST_BYTES, Protocol, Shared, pb};
+use crate::model::{ServiceKey, Snapshot};
 
-/// The Discovery service.
+/// The most snapshots kept encoded; past it the cache starts over.
+const MAX_CACHED: usize = 10_000;
+
+/// An encoded `WatchResponse`, shared by every subscriber of one version.
 #[derive(Debug, Clone)]
-pub struct DiscoveryApi {
-    shared: Shared,
+pub struct EncodedWatchResponse(Bytes);
+
+/// Encodes each `(service, version)` once. Bounded: it starts over past
+/// [`MAX_CACHED`] entries, so probing many names cannot grow it.
+#[derive(Debug, Default)]
+struct EncodeCache {
+    // std Mutex: a lookup or an insert, never held across `.await`.
+    entries: Mutex<HashMap<ServiceKey, (u64, Bytes)>>,
 }
 
-impl DiscoveryApi {
-    /// Wraps the service for tonic, with the request size limit.
-    pub fn server(shared: Shared) -> DiscoveryServer<Self> {
-        DiscoveryServer::new(Self { shared }).max_decoding_message_size(MAX_REQUEST_BYTES)
+impl EncodeCache {
+    fn get(&self, key: &ServiceKey, snapshot: &Snapshot) -> EncodedWatchResponse {
+        if let Some((version, bytes)) = self.entries.lock().unwrap().get(key)
+            && *version == snapshot.version
+        {
+            return EncodedWatchResponse(bytes.clone());
+        }
+        let bytes = Bytes::from(pb::watch_response(key, snapshot).encode_to_vec());
+        let mut entries = self.entries.lock().unwrap();
+        if entries.len() >= MAX_CACHED {
+            entries.clear();
+        }
+        entries.insert(key.clone(), (snapshot.version, bytes.clone()));
+        EncodedWatchResponse(bytes)
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+/// The Discovery service, as a tonic-compatible tower service.
+#[derive(Debug, Clone)]
+pub struct DiscoveryApi {
+    shared: Shared,
+    cache: Arc<EncodeCache>,
+}
 
-#[tonic::async_trait]
-impl Discovery for DiscoveryApi {
-    type WatchStream = WatchStream;
+impl DiscoveryApi {
+    /// The service, ready for `Server::add_service`.
+    pub fn server(shared: Shared) -> Self {
+        Self {
+            shared,
+            cache: Arc::default(),
+        }
+    }
 
-    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+    async fn watch(self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let peer = super::peer(&request);
         let key = self
             .shared
@@ -41,33 +88,109 @@ impl Discovery for DiscoveryApi {
             .subscribers
             .register(peer, key.to_string(), Protocol::Discovery);
         tracing::debug!(target_key = %key, "discovery watch started");
-        let shared = self.shared.clone();
-        let state = (subscription, guard, true);
-        let stream = futures::stream::unfold(state, move |(mut sub, guard, first)| {
-            let shared = shared.clone();
-            async move {
-                let snapshot = if first {
-                    sub.current()
-                } else {
-                    tokio::select! {
-                        _ = shared.shutdown.cancelled() => return None,
-                        snapshot = sub.next() => {
-                            let protocol = Protocol::Discovery.as_str();
-                            shared.metrics.pushes.with_label_values(&[protocol]).inc();
-                            shared
-                                .metrics
-                                .push_latency
-                                .with_label_values(&[protocol])
-                                .observe(snapshot.event_at.elapsed().as_secs_f64());
-                            snapshot
-                        }
+        let state = (subscription, guard, true, self);
+        let stream = futures::stream::unfold(state, |(mut sub, guard, first, api)| async move {
+            let snapshot = if first {
+                sub.current()
+            } else {
+                tokio::select! {
+                    _ = api.shared.shutdown.cancelled() => return None,
+                    snapshot = sub.next() => {
+                        let protocol = Protocol::Discovery.as_str();
+                        api.shared.metrics.pushes.with_label_values(&[protocol]).inc();
+                        api.shared
+                            .metrics
+                            .push_latency
+                            .with_label_values(&[protocol])
+                            .observe(snapshot.event_at.elapsed().as_secs_f64());
+                        snapshot
                     }
-                };
-                guard.sent(snapshot.version);
-                let response = pb::watch_response(sub.key(), &snapshot);
-                Some((Ok(response), (sub, guard, false)))
-            }
+                }
+            };
+            guard.sent(snapshot.version);
+            let encoded = api.cache.get(sub.key(), &snapshot);
+            Some((Ok(encoded), (sub, guard, false, api)))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<EncodedWatchResponse, Status>> + Send>>;
+
+impl NamedService for DiscoveryApi {
+    const NAME: &'static str = "lookaside.v1.Discovery";
+}
+
+struct WatchMethod(DiscoveryApi);
+
+impl ServerStreamingService<WatchRequest> for WatchMethod {
+    type Response = EncodedWatchResponse;
+    type ResponseStream = WatchStream;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<WatchStream>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<WatchRequest>) -> Self::Future {
+        Box::pin(self.0.clone().watch(request))
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for DiscoveryApi
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let api = self.clone();
+        Box::pin(async move {
+            if request.uri().path() != "/lookaside.v1.Discovery/Watch" {
+                return Ok(Status::unimplemented("no such method in lookaside.v1.Discovery").into_http());
+            }
+            let mut grpc = Grpc::new(WatchCodec).apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
+            Ok(grpc.server_streaming(WatchMethod(api), request).await)
+        })
+    }
+}
+
+/// Decodes `WatchRequest` with prost; "encodes" a response by copying its bytes.
+struct WatchCodec;
+
+impl Codec for WatchCodec {
+    type Encode = EncodedWatchResponse;
+    type Decode = WatchRequest;
+    type Encoder = PassThrough;
+    type Decoder = tonic_prost::ProstDecoder<WatchRequest>;
+
+    fn encoder(&mut self) -> PassThrough {
+        PassThrough
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// Copies pre-encoded bytes into the frame.
+struct PassThrough;
+
+impl Encoder for PassThrough {
+    type Item = EncodedWatchResponse;
+    type Error = Status;
+
+    fn encode(&mut self, item: EncodedWatchResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item.0);
+        Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        // A small first buffer (it grows for larger snapshots); the default
+        // yield threshold.
+        BufferSettings::new(512, 32 * 1024)
     }
 }
