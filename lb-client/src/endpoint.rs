@@ -16,8 +16,9 @@ use arc_swap::ArcSwapOption;
 use http::uri::Authority;
 use hyper::client::conn::http2::SendRequest;
 
-/// How fast the latency estimate forgets: the EWMA time constant.
-const DECAY: Duration = Duration::from_secs(1);
+/// How fast the latency estimate forgets: the EWMA time constant. Short, so
+/// that an endpoint that looked slow once (a pause, a GC) is tried again soon.
+const DECAY: Duration = Duration::from_millis(500);
 
 /// The latency recorded for a failed call, so that fast failures look slow
 /// to the latency-aware policy instead of attracting traffic.

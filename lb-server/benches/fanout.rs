@@ -52,10 +52,12 @@ impl Connection {
     async fn open(addr: SocketAddr) -> (Self, http::Uri) {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .unwrap();
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
         tokio::spawn(connection);
         let origin = format!("http://{addr}").parse().unwrap();
         (Self { sender }, origin)
@@ -65,9 +67,14 @@ impl Connection {
 impl tower::Service<http::Request<tonic::body::Body>> for Connection {
     type Response = http::Response<hyper::body::Incoming>;
     type Error = hyper::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>,
+    >;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
         self.sender.poll_ready(cx)
     }
 

@@ -150,9 +150,12 @@ where
         let api = self.clone();
         Box::pin(async move {
             if request.uri().path() != "/lookaside.v1.Discovery/Watch" {
-                return Ok(Status::unimplemented("no such method in lookaside.v1.Discovery").into_http());
+                return Ok(
+                    Status::unimplemented("no such method in lookaside.v1.Discovery").into_http(),
+                );
             }
-            let mut grpc = Grpc::new(WatchCodec).apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
+            let mut grpc =
+                Grpc::new(WatchCodec).apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
             Ok(grpc.server_streaming(WatchMethod(api), request).await)
         })
     }
@@ -183,7 +186,11 @@ impl Encoder for PassThrough {
     type Item = EncodedWatchResponse;
     type Error = Status;
 
-    fn encode(&mut self, item: EncodedWatchResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+    fn encode(
+        &mut self,
+        item: EncodedWatchResponse,
+        dst: &mut EncodeBuf<'_>,
+    ) -> Result<(), Status> {
         dst.put_slice(&item.0);
         Ok(())
     }
