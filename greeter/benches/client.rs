@@ -29,6 +29,7 @@ use lookaside_proto::helloworld::greeter_client::GreeterClient;
 use tokio_util::sync::CancellationToken;
 
 const CONCURRENCY: usize = 10;
+const ROUNDS: u64 = 3;
 const TARGET: &str = "greeter.default:grpc";
 
 /// A child process, killed on drop.
@@ -201,6 +202,37 @@ where
     }
 }
 
+/// Rounds of one transport as one row: total throughput and CPU, median latencies.
+fn combine(rounds: Vec<&Row>) -> Row {
+    let median = |f: &dyn Fn(&Row) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(|r| f(r)).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let calls: u64 = rounds.iter().map(|r| r.summary.calls).sum();
+    let elapsed: f64 = rounds.iter().map(|r| r.summary.elapsed_s).sum();
+    let cpu: Duration = rounds
+        .iter()
+        .map(|r| r.cpu_per_call * r.summary.calls as u32)
+        .sum();
+    let mut summary = rounds[0].summary.clone();
+    summary.calls = calls;
+    summary.ok = rounds.iter().map(|r| r.summary.ok).sum();
+    summary.elapsed_s = elapsed;
+    summary.rps = calls as f64 / elapsed;
+    summary.latency_ms.p50 = median(&|r| r.summary.latency_ms.p50);
+    summary.latency_ms.p99 = median(&|r| r.summary.latency_ms.p99);
+    summary.latency_ms.max = rounds
+        .iter()
+        .map(|r| r.summary.latency_ms.max)
+        .fold(0.0, f64::max);
+    Row {
+        name: rounds[0].name,
+        summary,
+        cpu_per_call: cpu / calls as u32,
+    }
+}
+
 async fn wait_for_port(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
@@ -240,40 +272,52 @@ fn main() {
         let lb_stop = stop.clone();
         let lb_task = tokio::spawn(lb.run(async move { lb_stop.cancelled().await }));
 
-        let mut rows = Vec::new();
         let lookaside = lb_client::Channel::builder(TARGET).lb(&lb_url).connect().await.unwrap();
-        rows.push(measure("lb-client (lookaside, round-robin)", GreeterClient::new(lookaside.clone()), calls).await);
-
         let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", addrs[0]))
             .unwrap()
             .tcp_nodelay(true)
             .connect()
             .await
             .unwrap();
-        rows.push(measure("plain tonic channel, 1 backend", GreeterClient::new(plain), calls).await);
-
         let balanced = tonic::transport::Channel::balance_list(addrs.iter().map(|a| {
             tonic::transport::Endpoint::from_shared(format!("http://{a}")).unwrap().tcp_nodelay(true)
         }));
-        rows.push(measure("tonic balance_channel (p2c)", GreeterClient::new(balanced), calls).await);
-
-        match envoy_binary() {
+        let envoy = match envoy_binary() {
             Some(binary) => {
-                let (envoy, envoy_addr) = start_envoy(&binary, &addrs, dir.path());
+                let (process, envoy_addr) = start_envoy(&binary, &addrs, dir.path());
                 wait_for_port(envoy_addr).await;
-                let via_envoy = tonic::transport::Endpoint::from_shared(format!("http://{envoy_addr}"))
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{envoy_addr}"))
                     .unwrap()
                     .tcp_nodelay(true)
                     .connect()
                     .await
                     .unwrap();
-                rows.push(measure("Envoy proxy (round-robin)", GreeterClient::new(via_envoy), calls).await);
-                drop(envoy);
+                Some((process, channel))
             }
-            None => eprintln!("no Envoy binary (.venv/bin/envoy or ENVOY_BIN): skipping the Envoy row"),
-        }
+            None => {
+                eprintln!("no Envoy binary (.venv/bin/envoy or ENVOY_BIN): skipping the Envoy row");
+                None
+            }
+        };
 
-        println!("\nclient benchmark: {calls} SayHello calls at concurrency {CONCURRENCY}, 3 greeter-server processes\n");
+        // The transports take turns, ROUNDS times, so that whatever else the
+        // machine does in a moment falls on all of them alike.
+        let per_round = calls / ROUNDS;
+        let mut runs: Vec<Vec<Row>> = Vec::new();
+        for _ in 0..ROUNDS {
+            let mut round = vec![
+                measure("lb-client (lookaside, round-robin)", GreeterClient::new(lookaside.clone()), per_round).await,
+                measure("plain tonic channel, 1 backend", GreeterClient::new(plain.clone()), per_round).await,
+                measure("tonic balance_channel (p2c)", GreeterClient::new(balanced.clone()), per_round).await,
+            ];
+            if let Some((_, channel)) = &envoy {
+                round.push(measure("Envoy proxy (round-robin)", GreeterClient::new(channel.clone()), per_round).await);
+            }
+            runs.push(round);
+        }
+        let rows: Vec<Row> = (0..runs[0].len()).map(|i| combine(runs.iter().map(|r| &r[i]).collect())).collect();
+
+        println!("\nclient benchmark: {calls} SayHello calls per transport at concurrency {CONCURRENCY} ({ROUNDS} rounds, transports taking turns), 3 greeter-server processes\n");
         println!("| transport | calls/s | vs plain | p50 ms | p99 ms | client CPU µs/call |");
         println!("|---|---:|---:|---:|---:|---:|");
         let plain_rps = rows[1].summary.rps;
@@ -316,6 +360,7 @@ fn main() {
         );
         stop.cancel();
         let _ = lb_task.await;
+        drop(envoy);
         drop(procs);
     });
 }

@@ -38,6 +38,10 @@ impl CallGuard {
         &self.endpoint
     }
 
+    pub(crate) fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
     pub(crate) fn finish(mut self, outcome: Outcome) {
         self.end(outcome);
     }

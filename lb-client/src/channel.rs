@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http::uri::{PathAndQuery, Scheme, Uri};
@@ -340,8 +340,13 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Channel {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(send(inner, request))
+        let inner = &self.inner;
+        Box::pin(send(
+            inner.pool.clone(),
+            inner.policy,
+            inner.wait_timeout,
+            request,
+        ))
     }
 }
 
@@ -349,26 +354,33 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Channel {
 /// request left the client.
 const MAX_RETRIES: u32 = 3;
 
+/// One call: pick, send on that backend's connection, track the response.
+/// The pool handle moves into the call's guard (one reference count change
+/// per call, not two).
 async fn send(
-    inner: Arc<Inner>,
+    mut pool: Arc<Pool>,
+    policy: Policy,
+    wait_timeout: Duration,
     mut request: http::Request<tonic::body::Body>,
 ) -> Result<http::Response<ResponseBody>, BoxError> {
-    let pool = &inner.pool;
     let mut retries = 0;
     let mut wait_until: Option<tokio::time::Instant> = None;
     let mut changes = None;
     loop {
-        let span = tracing::debug_span!(
-            "pick",
-            target = %pool.target,
-            policy = %inner.policy,
-            endpoint = field::Empty
-        );
-        let picked = pool
-            .picker
-            .load()
-            .pick(inner.policy, now_nanos())
-            .map(Arc::clone);
+        // Build the span only when someone listens: even a disabled span costs
+        // something per call when tracing forwards to `log`.
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!(
+                "pick",
+                target = %pool.target,
+                policy = %policy,
+                endpoint = field::Empty
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let picked_at = now_nanos();
+        let picked = pool.picker.load().pick(policy, picked_at).map(Arc::clone);
         let endpoint = match picked {
             Ok(endpoint) => endpoint,
             Err(why) => {
@@ -376,15 +388,15 @@ async fn send(
                 // fast on everything else.
                 let connecting =
                     matches!(why, NoPick::Unavailable { connecting, .. } if connecting > 0);
-                let deadline = *wait_until
-                    .get_or_insert_with(|| tokio::time::Instant::now() + inner.wait_timeout);
+                let deadline =
+                    *wait_until.get_or_insert_with(|| tokio::time::Instant::now() + wait_timeout);
                 if connecting && tokio::time::Instant::now() < deadline {
                     let rx = changes.get_or_insert_with(|| pool.changes());
                     let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
                     continue;
                 }
                 pool.counters.no_endpoint.inc();
-                return Err(Box::new(Status::unavailable(explain(pool, why))));
+                return Err(Box::new(Status::unavailable(explain(&pool, why))));
             }
         };
         span.record("endpoint", field::display(endpoint.addr));
@@ -395,12 +407,15 @@ async fn send(
         };
         set_uri(&mut request, &endpoint.authority);
         pool.counters.picks.inc();
-        let guard = CallGuard::start(endpoint, pool.clone());
-        let started = Instant::now();
+        let guard = CallGuard::start(endpoint, pool);
         drop(_entered);
         match sender.try_send_request(request).await {
             Ok(response) => {
-                guard.endpoint().observe(started.elapsed(), now_nanos());
+                let answered_at = now_nanos();
+                guard.endpoint().observe(
+                    Duration::from_nanos(answered_at.saturating_sub(picked_at)),
+                    answered_at,
+                );
                 let outcome = if response.status() == http::StatusCode::OK {
                     outcome_of(response.headers())
                 } else {
@@ -412,19 +427,21 @@ async fn send(
                 // Never left the client: safe to send elsewhere.
                 Some(unsent) if retries < MAX_RETRIES => {
                     retries += 1;
+                    pool = guard.pool().clone();
                     pool.counters.retries.inc();
                     guard.endpoint().mark_closed();
                     guard.finish(Outcome::Cancelled);
                     request = unsent;
                 }
                 _ => {
-                    let addr = guard.endpoint().addr;
-                    guard.finish(Outcome::Unavailable);
-                    return Err(Box::new(Status::unavailable(format!(
-                        "lb-client: backend {addr} of {}: {}",
-                        pool.target,
+                    let message = format!(
+                        "lb-client: backend {} of {}: {}",
+                        guard.endpoint().addr,
+                        guard.pool().target,
                         error.error()
-                    ))));
+                    );
+                    guard.finish(Outcome::Unavailable);
+                    return Err(Box::new(Status::unavailable(message)));
                 }
             },
         }
