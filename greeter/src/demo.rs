@@ -10,15 +10,17 @@ use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use lb_server::{Config, LbServer};
 use lookaside_proto::helloworld::greeter_client::GreeterClient;
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     load::{self, Counts, Tally, distribution_table},
-    server::{self, ServerOptions},
+    server::LocalGreeter,
 };
 
 const TARGET: &str = "greeter.default:grpc";
+const LOOPBACK: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// How long each phase runs and how hard.
 #[derive(Debug, Clone)]
@@ -57,43 +59,7 @@ impl DemoReport {
     }
 }
 
-struct Backend {
-    name: String,
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Backend {
-    async fn start(name: &str) -> anyhow::Result<Self> {
-        let (listener, addr) = server::bind(([127, 0, 0, 1], 0).into()).await?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let options = ServerOptions {
-            name: name.into(),
-            max_connection_age: None,
-            shutdown_delay: Duration::ZERO,
-            drain_timeout: Duration::from_secs(5),
-        };
-        let task = tokio::spawn(server::serve(listener, options, async {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            name: name.into(),
-            addr,
-            stop: Some(stop),
-            task,
-        })
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.await?
-    }
-}
-
-fn file_for(backends: &[&Backend], draining: &[&str]) -> String {
+fn file_for(backends: &[&LocalGreeter], draining: &[&str]) -> String {
     let mut yaml = format!("services:\n  {TARGET}:\n");
     for backend in backends {
         let _ = writeln!(yaml, "    - address: {}", backend.addr);
@@ -118,7 +84,7 @@ pub async fn run(options: DemoOptions, mut out: impl FnMut(&str)) -> anyhow::Res
     let file = dir.join("lookaside-demo.yaml");
     let mut backends = Vec::new();
     for name in ["backend-1", "backend-2", "backend-3"] {
-        backends.push(Backend::start(name).await?);
+        backends.push(LocalGreeter::start(name, LOOPBACK).await?);
     }
     write_atomic(&file, &file_for(&backends.iter().collect::<Vec<_>>(), &[]))?;
     let mut config = Config::for_file(&file);
@@ -193,7 +159,7 @@ pub async fn run(options: DemoOptions, mut out: impl FnMut(&str)) -> anyhow::Res
         &mut mark,
     );
 
-    backends.push(Backend::start("backend-4").await?);
+    backends.push(LocalGreeter::start("backend-4", LOOPBACK).await?);
     write_atomic(&file, &file_for(&backends.iter().collect::<Vec<_>>(), &[]))?;
     tokio::time::sleep(options.phase).await;
     phase(

@@ -9,3 +9,17 @@
 pub mod demo;
 pub mod load;
 pub mod server;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: `default_filter`),
+/// without colours when stderr is not a terminal.
+pub fn init_tracing(default_filter: &str) {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .init();
+}

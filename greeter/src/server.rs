@@ -9,7 +9,7 @@ use lookaside_proto::helloworld::{
     HelloReply, HelloRequest,
     greeter_server::{Greeter, GreeterServer},
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -124,4 +124,48 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)>
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+/// A greeter running in this process on loopback, stopped by its handle:
+/// what the demo and the end-to-end tests run as backends.
+#[derive(Debug)]
+pub struct LocalGreeter {
+    /// Its name, as replies carry it.
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl LocalGreeter {
+    /// Starts a greeter named `name` on `addr` (port 0: the OS picks).
+    pub async fn start(name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+        let (listener, addr) = bind(addr).await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = ServerOptions {
+            name: name.into(),
+            max_connection_age: None,
+            shutdown_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(serve(listener, options, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            name: name.into(),
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops gracefully: NOT_SERVING, no new connections, calls in flight
+    /// finish (within the 5 s drain timeout).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await?
+    }
 }

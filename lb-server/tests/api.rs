@@ -1,8 +1,8 @@
 //! lb-server's gRPC and HTTP APIs, driven over loopback through tonic clients.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration, time::Instant};
+use std::time::{Duration, Instant};
 
-use lb_server::{Config, LbServer, model::Endpoint, model::parse_target, store::Store};
+use lb_server::model::{Endpoint, parse_target};
 use lookaside_proto::{
     grpclb::v1::{
         ClientStats, InitialLoadBalanceRequest, LoadBalanceRequest, load_balance_request,
@@ -13,84 +13,11 @@ use lookaside_proto::{
         WatchResponse, admin_client::AdminClient, discovery_client::DiscoveryClient,
     },
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::oneshot,
-    task::JoinHandle,
-};
 use tonic::{Code, transport::Channel};
 
-const WAIT: Duration = Duration::from_secs(5);
+mod common;
 
-/// A running lb-server on loopback with a file source, stopped by its handle.
-struct TestServer {
-    grpc: SocketAddr,
-    http: SocketAddr,
-    store: Arc<Store>,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl TestServer {
-    async fn start(yaml: &str) -> Self {
-        Self::start_with(yaml, |_| {}).await
-    }
-
-    async fn start_with(yaml: &str, tweak: impl FnOnce(&mut Config)) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("lb.yaml");
-        std::fs::write(&file, yaml).unwrap();
-        let mut config = Config::for_file(&file);
-        tweak(&mut config);
-        let server = LbServer::bind(config).await.unwrap();
-        let (grpc, http, store) = (server.grpc_addr(), server.metrics_addr(), server.store());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Self {
-            grpc,
-            http,
-            store,
-            file,
-            _dir: dir,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    fn write_file(&self, yaml: &str) {
-        let tmp = self.file.with_extension("tmp");
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, &self.file).unwrap();
-    }
-
-    async fn shutdown(mut self) -> anyhow::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, &mut self.task).await??
-    }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
-    (status, body)
-}
+use common::{TestServer, WAIT};
 
 const TWO: &str = "services:\n  greeter.default:grpc:\n    - address: 127.0.0.1:50051\n      zone: zone-a\n      weight: 2\n    - address: 127.0.0.1:50052\n      draining: true\n";
 
@@ -195,7 +122,7 @@ async fn bad_targets_are_invalid_argument_with_the_reason() {
     // Everyone else is still served.
     let mut stream = watch(channel, "greeter.default:grpc").await.unwrap();
     assert!(next(&mut stream).await.exists);
-    let (_, metrics) = http_get(server.http, "/metrics").await;
+    let (_, metrics) = server.http_get("/metrics").await;
     assert!(
         metrics
             .contains("lookaside_rejected_requests_total{api=\"discovery\",reason=\"too_long\"} 1")
@@ -348,7 +275,7 @@ async fn grpclb_sends_initial_response_then_server_lists_and_records_stats() {
         ),
         (1, 10, 9)
     );
-    let (_, metrics) = http_get(server.http, "/metrics").await;
+    let (_, metrics) = server.http_get("/metrics").await;
     assert!(metrics.contains("lookaside_grpclb_client_calls_total{kind=\"started\"} 10"));
     assert!(metrics.contains("lookaside_subscribers{protocol=\"grpclb\"} 1"));
     assert!(metrics.contains("lookaside_push_latency_seconds_count{protocol=\"grpclb\"} 1"));
@@ -448,9 +375,9 @@ async fn a_subscriber_that_never_reads_does_not_hold_up_anyone() {
 #[tokio::test]
 async fn health_readiness_metrics_and_shutdown_end_streams_cleanly() {
     let server = TestServer::start(TWO).await;
-    let (status, body) = http_get(server.http, "/readyz").await;
+    let (status, body) = server.http_get("/readyz").await;
     assert_eq!((status, body.as_str()), (200, "ready\n"));
-    assert_eq!(http_get(server.http, "/healthz").await.0, 200);
+    assert_eq!(server.http_get("/healthz").await.0, 200);
     let channel = server.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let serving = health
@@ -469,7 +396,7 @@ async fn health_readiness_metrics_and_shutdown_end_streams_cleanly() {
     next(&mut stream).await;
     server.write_file("services:\n  greeter.default:grpc:\n    - address: 127.0.0.1:50059\n");
     next(&mut stream).await;
-    let (_, metrics) = http_get(server.http, "/metrics").await;
+    let (_, metrics) = server.http_get("/metrics").await;
     for line in [
         "lookaside_services 1",
         "lookaside_endpoints 1",

@@ -4,7 +4,7 @@
 //!
 //! Envoy and proxyless grpcio are exercised in `tests/interop/test_xds.py`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use envoy_types::pb::{
     envoy::{
@@ -19,20 +19,18 @@ use envoy_types::pb::{
     },
     google::rpc::Status as RpcStatus,
 };
-use lb_server::{Config, LbServer};
 use lookaside_proto::lookaside::v1::{
     ListSubscribersRequest, Subscriber, admin_client::AdminClient,
 };
 use prost::Message;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{Code, Streaming, transport::Channel};
+use tonic::{Code, Streaming};
 
-const WAIT: Duration = Duration::from_secs(5);
+mod common;
+
+use common::{TestServer, WAIT};
+
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -49,87 +47,31 @@ fn file_with(services: &[(&str, &[u16])]) -> String {
     yaml
 }
 
-/// A running lb-server on loopback with a file source, stopped by its handle.
-struct TestServer {
-    grpc: SocketAddr,
-    http: SocketAddr,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl TestServer {
-    async fn start(yaml: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("lb.yaml");
-        std::fs::write(&file, yaml).unwrap();
-        let server = LbServer::bind(Config::for_file(&file)).await.unwrap();
-        let (grpc, http) = (server.grpc_addr(), server.metrics_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Self {
-            grpc,
-            http,
-            file,
-            _dir: dir,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc))
-            .unwrap()
-            .connect()
+/// The xDS subscriber with this node id, once `ready` holds for it.
+async fn xds_subscriber(
+    server: &TestServer,
+    node: &str,
+    ready: impl Fn(&Subscriber) -> bool,
+) -> Subscriber {
+    let mut admin = AdminClient::new(server.channel().await);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let subscribers = admin
+            .list_subscribers(ListSubscribersRequest {})
             .await
             .unwrap()
-    }
-
-    fn write_file(&self, yaml: &str) {
-        let tmp = self.file.with_extension("tmp");
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, &self.file).unwrap();
-    }
-
-    async fn metrics(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.http).await.unwrap();
-        let request = "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n";
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
-    }
-
-    /// The xDS subscriber with this node id, once `ready` holds for it.
-    async fn xds_subscriber(&self, node: &str, ready: impl Fn(&Subscriber) -> bool) -> Subscriber {
-        let mut admin = AdminClient::new(self.channel().await);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let subscribers = admin
-                .list_subscribers(ListSubscribersRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .subscribers;
-            let found = subscribers
-                .into_iter()
-                .find(|s| s.xds.as_ref().is_some_and(|x| x.node_id == node));
-            match found {
-                Some(subscriber) if ready(&subscriber) => return subscriber,
-                found if tokio::time::Instant::now() > deadline => {
-                    panic!("subscriber {node} not as expected: {found:#?}")
-                }
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            .into_inner()
+            .subscribers;
+        let found = subscribers
+            .into_iter()
+            .find(|s| s.xds.as_ref().is_some_and(|x| x.node_id == node));
+        match found {
+            Some(subscriber) if ready(&subscriber) => return subscriber,
+            found if tokio::time::Instant::now() > deadline => {
+                panic!("subscriber {node} not as expected: {found:#?}")
             }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
-    }
-
-    async fn shutdown(mut self) -> anyhow::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, &mut self.task).await??
     }
 }
 
@@ -311,16 +253,15 @@ async fn a_nacking_client_does_not_disturb_others() {
     assert_eq!(listener_names(&bad.recv_type(LDS).await), [GREETER]);
 
     // Admin shows the NACK with the rejected version and nonce, and the good client's ACKs.
-    let shown = server
-        .xds_subscriber("bad-client", |s| {
-            s.xds
-                .as_ref()
-                .unwrap()
-                .resource_types
-                .iter()
-                .any(|t| t.nacks == 2)
-        })
-        .await;
+    let shown = xds_subscriber(&server, "bad-client", |s| {
+        s.xds
+            .as_ref()
+            .unwrap()
+            .resource_types
+            .iter()
+            .any(|t| t.nacks == 2)
+    })
+    .await;
     let xds = shown.xds.unwrap();
     assert_eq!(shown.protocol, "xds");
     assert_eq!(xds.user_agent, "raw-test-client");
@@ -338,14 +279,13 @@ async fn a_nacking_client_does_not_disturb_others() {
     assert_eq!(eds_state.resource_names, [GREETER]);
     assert_eq!(eds_state.last_version_sent, "2");
 
-    let good_shown = server
-        .xds_subscriber("good-client", |s| {
-            let types = &s.xds.as_ref().unwrap().resource_types;
-            types
-                .iter()
-                .any(|t| t.type_url == EDS && t.last_acked_version == "2")
-        })
-        .await;
+    let good_shown = xds_subscriber(&server, "good-client", |s| {
+        let types = &s.xds.as_ref().unwrap().resource_types;
+        types
+            .iter()
+            .any(|t| t.type_url == EDS && t.last_acked_version == "2")
+    })
+    .await;
     let good_types = good_shown.xds.unwrap().resource_types;
     assert_eq!(
         good_types

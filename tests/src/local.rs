@@ -14,22 +14,24 @@ use std::{
     time::Duration,
 };
 
-use greeter::server::{self, ServerOptions};
+use greeter::server::LocalGreeter;
 use lb_server::{Config, LbServer, store::Store};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 /// The service every scenario balances.
 pub const TARGET: &str = "greeter.default:grpc";
 
-/// A greeter backend running in this process.
+/// A greeter backend running in this process (see
+/// [`LocalGreeter`]); its calls panic on failure, as test fixtures do.
 #[derive(Debug)]
-pub struct Backend {
-    /// Its name, as replies carry it.
-    pub name: String,
-    /// Where it listens.
-    pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
+pub struct Backend(LocalGreeter);
+
+impl std::ops::Deref for Backend {
+    type Target = LocalGreeter;
+
+    fn deref(&self) -> &LocalGreeter {
+        &self.0
+    }
 }
 
 impl Backend {
@@ -40,34 +42,18 @@ impl Backend {
 
     /// Starts a backend on `addr` (to bring a backend back where it was).
     pub async fn start_on(name: &str, addr: SocketAddr) -> Self {
-        let (listener, addr) = server::bind(addr).await.expect("bind backend");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let options = ServerOptions {
-            name: name.into(),
-            max_connection_age: None,
-            shutdown_delay: Duration::ZERO,
-            drain_timeout: Duration::from_secs(5),
-        };
-        let task = tokio::spawn(server::serve(listener, options, async {
-            let _ = stopped.await;
-        }));
-        Self {
-            name: name.into(),
-            addr,
-            stop: Some(stop),
-            task,
-        }
+        Self(
+            LocalGreeter::start(name, addr)
+                .await
+                .expect("start backend"),
+        )
     }
 
     /// Stops gracefully: NOT_SERVING, no new connections, calls in flight finish.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+    pub async fn stop(self) {
+        tokio::time::timeout(Duration::from_secs(10), self.0.stop())
             .await
             .expect("backend stops within its drain timeout")
-            .expect("backend task")
             .expect("backend serves cleanly");
     }
 }

@@ -5,13 +5,7 @@ use greeter::demo::{self, DemoOptions};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    greeter::init_tracing("warn");
     println!("Lookaside demo: request-level gRPC balancing on loopback\n");
     let report = demo::run(DemoOptions::default(), |text| print!("{text}")).await?;
     if report.failed() > 0 {

@@ -49,14 +49,7 @@ fn default_name() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    greeter::init_tracing("info");
     let args = Args::parse();
     let name = args.name.unwrap_or_else(default_name);
     let (listener, addr) = server::bind(args.listen).await?;

@@ -96,13 +96,7 @@ impl DiscoveryApi {
                 tokio::select! {
                     _ = api.shared.shutdown.cancelled() => return None,
                     snapshot = sub.next() => {
-                        let protocol = Protocol::Discovery.as_str();
-                        api.shared.metrics.pushes.with_label_values(&[protocol]).inc();
-                        api.shared
-                            .metrics
-                            .push_latency
-                            .with_label_values(&[protocol])
-                            .observe(snapshot.event_at.elapsed().as_secs_f64());
+                        api.shared.record_push(Protocol::Discovery, Some(snapshot.event_at));
                         snapshot
                     }
                 }

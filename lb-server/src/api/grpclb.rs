@@ -151,13 +151,7 @@ async fn next_response(
                         if s.last_sent.as_ref() == Some(&response) {
                             continue;
                         }
-                        let protocol = Protocol::Grpclb.as_str();
-                        s.shared.metrics.pushes.with_label_values(&[protocol]).inc();
-                        s.shared
-                            .metrics
-                            .push_latency
-                            .with_label_values(&[protocol])
-                            .observe(snapshot.event_at.elapsed().as_secs_f64());
+                        s.shared.record_push(Protocol::Grpclb, Some(snapshot.event_at));
                         response
                     }
                     message = s.inbound.message(), if s.inbound_open => {

@@ -46,6 +46,19 @@ impl Shared {
         parse_target(target).map_err(|error| self.reject(api, &error))
     }
 
+    /// Counts an update pushed to a subscriber and, when the source event
+    /// behind it is known, its latency from that event.
+    pub(crate) fn record_push(&self, protocol: Protocol, event_at: Option<std::time::Instant>) {
+        let protocol = protocol.as_str();
+        self.metrics.pushes.with_label_values(&[protocol]).inc();
+        if let Some(event_at) = event_at {
+            self.metrics
+                .push_latency
+                .with_label_values(&[protocol])
+                .observe(event_at.elapsed().as_secs_f64());
+        }
+    }
+
     /// Counts a rejected request and builds its status.
     pub(crate) fn reject(&self, api: &str, error: &TargetError) -> Status {
         let reason = match error {

@@ -312,19 +312,8 @@ impl StreamState {
             "sending"
         );
         if outgoing.push {
-            let protocol = Protocol::Xds.as_str();
             self.shared
-                .metrics
-                .pushes
-                .with_label_values(&[protocol])
-                .inc();
-            if let Some(event) = outgoing.oldest_event {
-                self.shared
-                    .metrics
-                    .push_latency
-                    .with_label_values(&[protocol])
-                    .observe(event.elapsed().as_secs_f64());
-            }
+                .record_push(Protocol::Xds, outgoing.oldest_event);
         }
         if outgoing.store_version > 0 {
             self.guard.sent(outgoing.store_version);

@@ -1,0 +1,94 @@
+//! The harness lb-server's integration tests share: an in-process server on
+//! loopback ports the OS picks, on a file source, stopped by its handle.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use lb_server::{Config, LbServer, store::Store};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use tonic::transport::Channel;
+
+/// How long any wait in these tests may take.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A running lb-server on loopback with a file source, stopped by its handle.
+pub struct TestServer {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub store: Arc<Store>,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, |_| {}).await
+    }
+
+    pub async fn start_with(yaml: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lb.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let mut config = Config::for_file(&file);
+        tweak(&mut config);
+        let server = LbServer::bind(config).await.unwrap();
+        let (grpc, http, store) = (server.grpc_addr(), server.metrics_addr(), server.store());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            grpc,
+            http,
+            store,
+            file,
+            _dir: dir,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Replaces the file atomically, as an editor or a ConfigMap update would.
+    pub fn write_file(&self, yaml: &str) {
+        let tmp = self.file.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.file).unwrap();
+    }
+
+    /// `GET path` on the metrics port: status code and body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    }
+
+    /// The Prometheus text on `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http_get("/metrics").await.1
+    }
+
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, &mut self.task).await??
+    }
+}
