@@ -21,8 +21,13 @@ struct Server {
 
 impl Server {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_greeter-server"))
             .args(["--listen", "127.0.0.1:0", "--name", name])
+            .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -217,4 +222,27 @@ async fn the_demo_shows_pinning_then_balance_scale_up_and_drain_without_failures
     );
     assert!(!shares(3).contains_key("backend-2"), "{printed}");
     assert!(printed.contains("failed calls: 0"));
+}
+
+#[tokio::test]
+async fn max_connection_age_closes_connections_so_dns_clients_re_resolve() {
+    let server = Server::start_with("aged", &["--max-connection-age", "0.3"]);
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (_sender, connection) = hyper::client::conn::http2::handshake::<_, _, tonic::body::Body>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let opened = std::time::Instant::now();
+    // The server ends the connection (GOAWAY) once it is 0.3 s old.
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the server closes an aged connection")
+        .expect("a graceful close");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        opened.elapsed()
+    );
 }

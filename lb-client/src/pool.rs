@@ -292,3 +292,65 @@ async fn connect(
         .await?;
     Ok((sender, connection))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Arc<Pool> {
+        Pool::new(
+            "svc.ns:grpc".into(),
+            PoolSettings {
+                connect_timeout: Duration::from_secs(1),
+                ejection_base: Duration::from_secs(10),
+                ejection_max: Duration::from_secs(60),
+                consecutive_errors: 3,
+            },
+            CancellationToken::new(),
+        )
+    }
+
+    fn ready(port: u16) -> Arc<EndpointState> {
+        let e = EndpointState::new(
+            ([127, 0, 0, 1], port).into(),
+            1,
+            String::new(),
+            String::new(),
+        );
+        e.set_sender(None, Conn::Ready);
+        e
+    }
+
+    #[test]
+    fn unavailable_ejects_at_once_server_errors_after_a_streak_and_never_all() {
+        let pool = pool();
+        let endpoints = vec![ready(1), ready(2), ready(3)];
+        pool.picker.store(Arc::new(Picker::new(&endpoints)));
+        let now = now_nanos;
+
+        // Server errors eject only after the configured streak.
+        pool.report(&endpoints[0], Outcome::ServerError);
+        pool.report(&endpoints[0], Outcome::ServerError);
+        assert!(!endpoints[0].ejected(now()));
+        pool.report(&endpoints[0], Outcome::ServerError);
+        assert!(endpoints[0].ejected(now()));
+
+        // UNAVAILABLE ejects at once...
+        pool.report(&endpoints[1], Outcome::Unavailable);
+        assert!(endpoints[1].ejected(now()));
+        // ...but never the last usable endpoint.
+        for _ in 0..10 {
+            pool.report(&endpoints[2], Outcome::Unavailable);
+        }
+        assert!(!endpoints[2].ejected(now()));
+        assert_eq!(pool.counters.ejections.get(), 2);
+        // A success in between resets the streak.
+        let fresh = vec![ready(4), ready(5)];
+        pool.picker.store(Arc::new(Picker::new(&fresh)));
+        pool.report(&fresh[0], Outcome::ServerError);
+        pool.report(&fresh[0], Outcome::ServerError);
+        pool.report(&fresh[0], Outcome::Success);
+        pool.report(&fresh[0], Outcome::ServerError);
+        assert!(!fresh[0].ejected(now()));
+    }
+}
