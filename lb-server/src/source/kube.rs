@@ -333,8 +333,12 @@ impl Slices {
     }
 
     /// Stores a slice under its service; a slice without the label is ignored.
-    fn insert(&mut self, slice: EndpointSlice) -> Option<ServiceId> {
+    fn insert(&mut self, mut slice: EndpointSlice) -> Option<ServiceId> {
         let service = service_of(&slice)?;
+        // Keep only what endpoints are computed from: managed fields and
+        // annotations can be most of an object's size in a large cluster.
+        slice.metadata.managed_fields = None;
+        slice.metadata.annotations = None;
         let id = slice_id(&slice);
         self.by_service
             .entry(service.clone())
