@@ -1,0 +1,131 @@
+//! How much of lb-server's memory per subscriber is the HTTP/2 connection
+//! itself: N connections that only shake hands, that made one unary call, or
+//! that hold one Discovery Watch stream. Each line is the growth of the
+//! server's RSS divided by N.
+//!
+//! Run: `cargo run --release -p lb-server --example connection_memory -- 5000`
+//! (needs `cargo build --release --bin lb-server` first).
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use lookaside_proto::lookaside::v1::{
+    ListServicesRequest, WatchRequest, admin_client::AdminClient,
+    discovery_client::DiscoveryClient,
+};
+
+/// One HTTP/2 connection, as a tonic transport.
+#[derive(Clone)]
+struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+fn rss_kib(child: &Child) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+async fn measure(mode: &str, n: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.yaml");
+    std::fs::write(&file, "services:\n  a.b:grpc:\n    - address: 10.0.0.1:80\n").unwrap();
+    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-server");
+    let mut child = Command::new(binary)
+        .args(["--source", "file", "--file"])
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("target/release/lb-server: build it first");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: SocketAddr = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(rest) = line.split("grpc=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(&child);
+    let origin: http::Uri = format!("http://{addr}").parse().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let mut connection = Connection(sender);
+        match mode {
+            "unary call" => {
+                AdminClient::with_origin(connection.clone(), origin.clone())
+                    .list_services(ListServicesRequest {})
+                    .await
+                    .unwrap();
+            }
+            "Watch stream" => {
+                let mut stream = DiscoveryClient::with_origin(connection.clone(), origin.clone())
+                    .watch(WatchRequest {
+                        target: "a.b:grpc".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                stream.message().await.unwrap();
+                open.push(Box::new(stream) as Box<dyn Send>);
+            }
+            _ => connection.0.ready().await.unwrap(),
+        }
+        open.push(Box::new(connection));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(&child);
+    let _ = child.kill();
+    let _ = child.wait();
+    after.saturating_sub(before) as f64 / n as f64
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    println!("\nlb-server RSS per HTTP/2 connection ({n} connections)\n");
+    println!("| each connection has | KiB |");
+    println!("|---|---:|");
+    for mode in ["handshake only", "unary call", "Watch stream"] {
+        println!("| {mode} | {:.1} |", measure(mode, n).await);
+    }
+}
