@@ -88,23 +88,29 @@ impl DiscoveryApi {
             .subscribers
             .register(peer, key.to_string(), Protocol::Discovery);
         tracing::debug!(target_key = %key, "discovery watch started");
-        let state = (subscription, guard, true, self);
-        let stream = futures::stream::unfold(state, |(mut sub, guard, first, api)| async move {
-            let snapshot = if first {
-                sub.current()
-            } else {
-                tokio::select! {
-                    _ = api.shared.shutdown.cancelled() => return None,
-                    snapshot = sub.next() => {
-                        api.shared.record_push(Protocol::Discovery, Some(snapshot.event_at));
-                        snapshot
+        // The shutdown future lives as long as the stream, so it registers
+        // with the token once, not once per push.
+        let stopped = Box::pin(self.shared.shutdown.clone().cancelled_owned());
+        let state = (subscription, guard, true, self, stopped);
+        let stream = futures::stream::unfold(
+            state,
+            |(mut sub, guard, first, api, mut stopped)| async move {
+                let snapshot = if first {
+                    sub.current()
+                } else {
+                    tokio::select! {
+                        _ = &mut stopped => return None,
+                        snapshot = sub.next() => {
+                            api.shared.record_push(Protocol::Discovery, Some(snapshot.event_at));
+                            snapshot
+                        }
                     }
-                }
-            };
-            guard.sent(snapshot.version);
-            let encoded = api.cache.get(sub.key(), &snapshot);
-            Some((Ok(encoded), (sub, guard, false, api)))
-        });
+                };
+                guard.sent(snapshot.version);
+                let encoded = api.cache.get(sub.key(), &snapshot);
+                Some((Ok(encoded), (sub, guard, false, api, stopped)))
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 }
