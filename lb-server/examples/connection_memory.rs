@@ -15,8 +15,7 @@ use std::{
 };
 
 use lookaside_proto::lookaside::v1::{
-    ListServicesRequest, WatchRequest, admin_client::AdminClient,
-    discovery_client::DiscoveryClient,
+    ListServicesRequest, WatchRequest, admin_client::AdminClient, discovery_client::DiscoveryClient,
 };
 
 /// One HTTP/2 connection, as a tonic transport.
@@ -55,7 +54,11 @@ fn rss_kib(child: &Child) -> u64 {
 async fn measure(mode: &str, n: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("lb.yaml");
-    std::fs::write(&file, "services:\n  a.b:grpc:\n    - address: 10.0.0.1:80\n").unwrap();
+    std::fs::write(
+        &file,
+        "services:\n  a.b:grpc:\n    - address: 10.0.0.1:80\n",
+    )
+    .unwrap();
     let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-server");
     let mut child = Command::new(binary)
         .args(["--source", "file", "--file"])
