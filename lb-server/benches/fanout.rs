@@ -143,6 +143,19 @@ impl Server {
         Self { child, grpc }
     }
 
+    /// The server's user + system CPU time so far.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_secs_f64(ticks as f64 / 100.0)
+    }
+
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
@@ -292,6 +305,7 @@ async fn ads_subscriber(
 
 struct Row {
     subscribers: usize,
+    server_cpu_per_push: Duration,
     p50: Duration,
     p99: Duration,
     max: Duration,
@@ -353,6 +367,7 @@ async fn run(protocol: Protocol, subscribers: usize, rounds: usize) -> Row {
     let kib_per_subscriber = (rss_idle.saturating_sub(rss_before)) as f64 / subscribers as f64;
 
     let mut latencies = Vec::with_capacity(subscribers * rounds);
+    let cpu_before = server.cpu();
     for _ in 0..rounds {
         endpoints += 1;
         let started = Instant::now();
@@ -370,9 +385,13 @@ async fn run(protocol: Protocol, subscribers: usize, rounds: usize) -> Row {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The server is idle between changes, so its CPU time over the rounds is
+    // the cost of the pushes (and of reading ACKs, for ADS).
+    let server_cpu_per_push = (server.cpu() - cpu_before) / (subscribers * rounds) as u32;
     latencies.sort();
     Row {
         subscribers,
+        server_cpu_per_push,
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
         max: *latencies.last().unwrap(),
@@ -421,15 +440,18 @@ fn main() {
         println!(
             "\nfan-out: one endpoint change to N {who}, each on its own connection ({rounds} changes each)\n"
         );
-        println!("| subscribers | p50 ms | p99 ms | max ms | server RSS KiB / idle subscriber |");
-        println!("|---:|---:|---:|---:|---:|");
+        println!(
+            "| subscribers | p50 ms | p99 ms | max ms | server CPU µs / push | server RSS KiB / idle subscriber |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|");
         for row in rows {
             println!(
-                "| {} | {:.2} | {:.2} | {:.2} | {:.1} |",
+                "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
                 row.subscribers,
                 ms(row.p50),
                 ms(row.p99),
                 ms(row.max),
+                row.server_cpu_per_push.as_secs_f64() * 1e6,
                 row.kib_per_subscriber
             );
         }
