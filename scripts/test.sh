@@ -16,6 +16,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
