@@ -40,48 +40,9 @@ use tonic::transport::Endpoint;
 
 const TARGET: &str = "bench.default:grpc";
 
-/// One subscriber's own HTTP/2 connection, driven directly: no tower buffer
-/// or worker task in between, so the client side of this one-machine
-/// benchmark costs as little as it can and the server's cost shows.
-#[derive(Clone)]
-struct Connection {
-    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
-}
-
-impl Connection {
-    async fn open(addr: SocketAddr) -> (Self, http::Uri) {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        let origin = format!("http://{addr}").parse().unwrap();
-        (Self { sender }, origin)
-    }
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for Connection {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), hyper::Error>> {
-        self.sender.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.sender.send_request(request))
-    }
-}
+#[path = "support/connection.rs"]
+mod connection;
+use connection::Connection;
 
 fn file_with(endpoints: usize) -> String {
     let mut yaml = format!("services:\n  {TARGET}:\n");

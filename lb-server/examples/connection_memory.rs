@@ -18,28 +18,9 @@ use lookaside_proto::lookaside::v1::{
     ListServicesRequest, WatchRequest, admin_client::AdminClient, discovery_client::DiscoveryClient,
 };
 
-/// One HTTP/2 connection, as a tonic transport.
-#[derive(Clone)]
-struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
-
-impl tower::Service<http::Request<tonic::body::Body>> for Connection {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), hyper::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.0.send_request(request))
-    }
-}
+#[path = "../benches/support/connection.rs"]
+mod connection;
+use connection::Connection;
 
 fn rss_kib(child: &Child) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
@@ -80,15 +61,7 @@ async fn measure(mode: &str, n: usize) -> f64 {
     let origin: http::Uri = format!("http://{addr}").parse().unwrap();
     let mut open = Vec::new();
     for _ in 0..n {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        let mut connection = Connection(sender);
+        let (mut connection, _) = Connection::open(addr).await;
         match mode {
             "unary call" => {
                 AdminClient::with_origin(connection.clone(), origin.clone())
@@ -107,7 +80,7 @@ async fn measure(mode: &str, n: usize) -> f64 {
                 stream.message().await.unwrap();
                 open.push(Box::new(stream) as Box<dyn Send>);
             }
-            _ => connection.0.ready().await.unwrap(),
+            _ => connection.sender.ready().await.unwrap(),
         }
         open.push(Box::new(connection));
     }

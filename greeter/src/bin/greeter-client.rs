@@ -43,6 +43,16 @@ struct Args {
     json: bool,
 }
 
+/// A plain tonic endpoint for one address.
+fn endpoint(addr: &str) -> anyhow::Result<tonic::transport::Endpoint> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("bad address {addr:?}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2)),
+    )
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     greeter::init_tracing("warn");
@@ -55,8 +65,7 @@ async fn main() -> anyhow::Result<()> {
     let (calls, concurrency, stop) = (Some(args.calls), args.concurrency, CancellationToken::new());
 
     let mode = if let Some(addr) = &args.direct {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
+        let channel = endpoint(addr)?
             .connect()
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -75,13 +84,11 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("resolving {host_port}"))?
             .collect();
         anyhow::ensure!(!addrs.is_empty(), "{host_port} resolves to no address");
-        let endpoints = addrs.iter().map(|a| {
-            tonic::transport::Endpoint::from_shared(format!("http://{a}"))
-                .expect("socket address URL")
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(2))
-        });
-        let channel = tonic::transport::Channel::balance_list(endpoints);
+        let endpoints = addrs
+            .iter()
+            .map(|a| endpoint(&a.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
         load::run(
             GreeterClient::new(channel),
             calls,
