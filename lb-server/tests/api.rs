@@ -9,8 +9,8 @@ use lookaside_proto::{
         load_balance_response::LoadBalanceResponseType, load_balancer_client::LoadBalancerClient,
     },
     lookaside::v1::{
-        GetServiceRequest, ListServicesRequest, ListSubscribersRequest, WatchRequest,
-        WatchResponse, admin_client::AdminClient, discovery_client::DiscoveryClient,
+        GetServiceRequest, ListServicesRequest, WatchRequest, WatchResponse,
+        admin_client::AdminClient, discovery_client::DiscoveryClient,
     },
 };
 use tonic::{Code, transport::Channel};
@@ -155,12 +155,7 @@ async fn admin_lists_services_and_subscribers() {
         ),
         (2, 1, 1)
     );
-    let subscribers = admin
-        .list_subscribers(ListSubscribersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .subscribers;
+    let subscribers = server.subscribers().await;
     assert_eq!(subscribers.len(), 1);
     assert_eq!(subscribers[0].protocol, "discovery");
     assert_eq!(subscribers[0].last_version_sent, first.version);
@@ -169,12 +164,7 @@ async fn admin_lists_services_and_subscribers() {
     // The registry forgets a stream once the client has gone.
     let deadline = Instant::now() + WAIT;
     loop {
-        let left = admin
-            .list_subscribers(ListSubscribersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .subscribers;
+        let left = server.subscribers().await;
         if left.is_empty() {
             break;
         }
@@ -252,15 +242,9 @@ async fn grpclb_sends_initial_response_then_server_lists_and_records_stats() {
     assert_eq!(list.servers.len(), 1);
     assert_eq!(list.servers[0].port, 50055);
 
-    let mut admin = AdminClient::new(channel);
     let deadline = Instant::now() + WAIT;
     let stats = loop {
-        let subscribers = admin
-            .list_subscribers(ListSubscribersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .subscribers;
+        let subscribers = server.subscribers().await;
         if let Some(stats) = subscribers.iter().find_map(|s| s.grpclb_stats) {
             break stats;
         }

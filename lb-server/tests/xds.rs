@@ -19,9 +19,7 @@ use envoy_types::pb::{
     },
     google::rpc::Status as RpcStatus,
 };
-use lookaside_proto::lookaside::v1::{
-    ListSubscribersRequest, Subscriber, admin_client::AdminClient,
-};
+use lookaside_proto::lookaside::v1::Subscriber;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -53,15 +51,9 @@ async fn xds_subscriber(
     node: &str,
     ready: impl Fn(&Subscriber) -> bool,
 ) -> Subscriber {
-    let mut admin = AdminClient::new(server.channel().await);
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let subscribers = admin
-            .list_subscribers(ListSubscribersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .subscribers;
+        let subscribers = server.subscribers().await;
         let found = subscribers
             .into_iter()
             .find(|s| s.xds.as_ref().is_some_and(|x| x.node_id == node));

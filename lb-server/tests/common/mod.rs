@@ -6,6 +6,9 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use lb_server::{Config, LbServer, store::Store};
+use lookaside_proto::lookaside::v1::{
+    ListSubscribersRequest, Subscriber, admin_client::AdminClient,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::oneshot,
@@ -61,6 +64,16 @@ impl TestServer {
             .connect()
             .await
             .unwrap()
+    }
+
+    /// Every open subscriber stream, as Admin lists it.
+    pub async fn subscribers(&self) -> Vec<Subscriber> {
+        AdminClient::new(self.channel().await)
+            .list_subscribers(ListSubscribersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .subscribers
     }
 
     /// Replaces the file atomically, as an editor or a ConfigMap update would.
