@@ -15,6 +15,11 @@
 //! Latency is measured from the moment the benchmark renames the new file into
 //! place; the file source polls every millisecond here, so up to 1 ms of each
 //! figure is polling, not fan-out.
+//!
+//! Subscribers: by default each is a lean HTTP/2 client written for this
+//! benchmark (`support/lean_client.rs`), so that on one machine they leave
+//! the server as much of the CPU as they can; `FANOUT_CLIENT=tonic` makes each
+//! a tonic client on its own hyper connection instead, to compare.
 
 use std::{
     io::{BufRead, BufReader},
@@ -28,8 +33,7 @@ use std::{
 use envoy_types::pb::envoy::{
     config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment},
     service::discovery::v3::{
-        DiscoveryRequest, DiscoveryResponse,
-        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
     },
 };
 use lookaside_proto::lookaside::v1::{WatchRequest, discovery_client::DiscoveryClient};
@@ -43,6 +47,13 @@ const TARGET: &str = "bench.default:grpc";
 #[path = "support/connection.rs"]
 mod connection;
 use connection::Connection;
+#[path = "support/lean_client.rs"]
+mod lean_client;
+use lean_client::LeanCall;
+
+const WATCH_PATH: &str = "/lookaside.v1.Discovery/Watch";
+const ADS_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 
 fn file_with(endpoints: usize) -> String {
     let mut yaml = format!("services:\n  {TARGET}:\n");
@@ -106,15 +117,7 @@ impl Server {
 
     /// The server's user + system CPU time so far.
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_secs_f64(ticks as f64 / 100.0)
+        process_cpu(self.child.id())
     }
 
     fn rss_kib(&self) -> u64 {
@@ -126,6 +129,19 @@ impl Server {
             .and_then(|v| v.parse().ok())
             .unwrap()
     }
+}
+
+/// A process's user + system CPU time so far.
+fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_secs_f64(ticks as f64 / 100.0)
 }
 
 impl Drop for Server {
@@ -177,6 +193,120 @@ struct WatchResponseLite {
     endpoints: Vec<bytes::Bytes>,
 }
 
+/// `envoy.service.discovery.v3.DiscoveryResponse` with its resources left encoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DiscoveryResponseLite {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<AnyLite>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+}
+
+/// `google.protobuf.Any`, its value only.
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyLite {
+    #[prost(bytes = "bytes", tag = "2")]
+    value: bytes::Bytes,
+}
+
+/// `ClusterLoadAssignment` down to its localities' endpoints, left encoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct AssignmentLite {
+    #[prost(message, repeated, tag = "2")]
+    endpoints: Vec<LocalityLite>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LocalityLite {
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    lb_endpoints: Vec<bytes::Bytes>,
+}
+
+/// Which client each subscriber is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// `support/lean_client.rs`: one task, one socket, no HTTP/2 library.
+    Lean,
+    /// tonic over its own hyper HTTP/2 connection.
+    Tonic,
+}
+
+/// A lean Discovery subscriber: reports the endpoint count of every update.
+async fn lean_discovery_subscriber(
+    addr: SocketAddr,
+    ready: impl FnOnce(),
+    seen: mpsc::UnboundedSender<(usize, Instant)>,
+) {
+    let request = WatchRequest {
+        target: TARGET.into(),
+    };
+    let mut call = LeanCall::start(addr, WATCH_PATH, &request, false)
+        .await
+        .unwrap();
+    call.next().await.unwrap().expect("the first snapshot");
+    ready();
+    while let Ok(Some(message)) = call.next().await {
+        let update = WatchResponseLite::decode(message).unwrap();
+        let _ = seen.send((update.endpoints.len(), Instant::now()));
+    }
+}
+
+/// A lean ADS subscriber, shaped like [`ads_subscriber`].
+async fn lean_ads_subscriber(
+    addr: SocketAddr,
+    id: usize,
+    ready: impl FnOnce(),
+    seen: mpsc::UnboundedSender<(usize, Instant)>,
+) {
+    let node = Node {
+        id: format!("bench-{id}"),
+        ..Node::default()
+    };
+    let first = ads_request(LDS, "", "", Some(node));
+    let mut call = LeanCall::start(addr, ADS_PATH, &first, true).await.unwrap();
+    for type_url in [CDS, EDS] {
+        call.send(&ads_request(type_url, "", "", None))
+            .await
+            .unwrap();
+    }
+    let mut ready = Some(ready);
+    while let Ok(Some(message)) = call.next().await {
+        let at = Instant::now();
+        let response = DiscoveryResponseLite::decode(message).unwrap();
+        let ack = ads_request(
+            &response.type_url,
+            &response.version_info,
+            &response.nonce,
+            None,
+        );
+        if call.send(&ack).await.is_err() {
+            return;
+        }
+        if response.type_url != EDS {
+            continue;
+        }
+        let Some(any) = response.resources.first() else {
+            continue;
+        };
+        let assignment = AssignmentLite::decode(any.value.clone()).unwrap();
+        let count = assignment
+            .endpoints
+            .iter()
+            .map(|l| l.lb_endpoints.len())
+            .sum();
+        match ready.take() {
+            Some(ready) => ready(),
+            None => {
+                let _ = seen.send((count, at));
+            }
+        }
+    }
+}
+
 /// One Discovery subscriber: reports the endpoint count of every update.
 async fn discovery_subscriber(
     (channel, origin): (Connection, http::Uri),
@@ -205,16 +335,14 @@ async fn discovery_subscriber(
     }
 }
 
-fn ads_request(
-    type_url: &str,
-    response: Option<&DiscoveryResponse>,
-    node: Option<Node>,
-) -> DiscoveryRequest {
+/// A request for the target's resource of one type; with the version and
+/// nonce of a response, its ACK.
+fn ads_request(type_url: &str, version: &str, nonce: &str, node: Option<Node>) -> DiscoveryRequest {
     DiscoveryRequest {
         type_url: type_url.into(),
         resource_names: vec![TARGET.into()],
-        version_info: response.map(|r| r.version_info.clone()).unwrap_or_default(),
-        response_nonce: response.map(|r| r.nonce.clone()).unwrap_or_default(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
         node,
         ..DiscoveryRequest::default()
     }
@@ -236,7 +364,7 @@ async fn ads_subscriber(
     };
     for (i, type_url) in [LDS, CDS, EDS].into_iter().enumerate() {
         let node = (i == 0).then(|| node.clone());
-        tx.send(ads_request(type_url, None, node)).unwrap();
+        tx.send(ads_request(type_url, "", "", node)).unwrap();
     }
     let mut stream = AggregatedDiscoveryServiceClient::with_origin(channel, origin)
         .stream_aggregated_resources(UnboundedReceiverStream::new(requests))
@@ -246,7 +374,12 @@ async fn ads_subscriber(
     let mut ready = Some(ready);
     while let Ok(Some(response)) = stream.message().await {
         let at = Instant::now();
-        let _ = tx.send(ads_request(&response.type_url, Some(&response), None));
+        let _ = tx.send(ads_request(
+            &response.type_url,
+            &response.version_info,
+            &response.nonce,
+            None,
+        ));
         if response.type_url != EDS {
             continue;
         }
@@ -267,13 +400,14 @@ async fn ads_subscriber(
 struct Row {
     subscribers: usize,
     server_cpu_per_push: Duration,
+    subscriber_cpu_per_push: Duration,
     p50: Duration,
     p99: Duration,
     max: Duration,
     kib_per_subscriber: f64,
 }
 
-async fn run(protocol: Protocol, subscribers: usize, rounds: usize) -> Row {
+async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usize) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("lb.yaml");
     let mut endpoints = 10;
@@ -309,14 +443,23 @@ async fn run(protocol: Protocol, subscribers: usize, rounds: usize) -> Row {
         let ready_tx = ready_tx.clone();
         let addr = server.grpc;
         tokio::spawn(async move {
-            let channel = Connection::open(addr).await;
             let ready = move || {
                 drop(permit);
                 ready_tx.send(()).unwrap();
             };
-            match protocol {
-                Protocol::Discovery => discovery_subscriber(channel, ready, seen_tx).await,
-                Protocol::Ads => ads_subscriber(channel, id, ready, seen_tx).await,
+            match (client, protocol) {
+                (Client::Lean, Protocol::Discovery) => {
+                    lean_discovery_subscriber(addr, ready, seen_tx).await
+                }
+                (Client::Lean, Protocol::Ads) => {
+                    lean_ads_subscriber(addr, id, ready, seen_tx).await
+                }
+                (Client::Tonic, Protocol::Discovery) => {
+                    discovery_subscriber(Connection::open(addr).await, ready, seen_tx).await
+                }
+                (Client::Tonic, Protocol::Ads) => {
+                    ads_subscriber(Connection::open(addr).await, id, ready, seen_tx).await
+                }
             }
         });
     }
@@ -329,6 +472,7 @@ async fn run(protocol: Protocol, subscribers: usize, rounds: usize) -> Row {
 
     let mut latencies = Vec::with_capacity(subscribers * rounds);
     let cpu_before = server.cpu();
+    let own_cpu_before = process_cpu(std::process::id());
     for _ in 0..rounds {
         endpoints += 1;
         let started = Instant::now();
@@ -348,11 +492,14 @@ async fn run(protocol: Protocol, subscribers: usize, rounds: usize) -> Row {
     }
     // The server is idle between changes, so its CPU time over the rounds is
     // the cost of the pushes (and of reading ACKs, for ADS).
-    let server_cpu_per_push = (server.cpu() - cpu_before) / (subscribers * rounds) as u32;
+    let pushes = (subscribers * rounds) as u32;
+    let server_cpu_per_push = (server.cpu() - cpu_before) / pushes;
+    let subscriber_cpu_per_push = (process_cpu(std::process::id()) - own_cpu_before) / pushes;
     latencies.sort();
     Row {
         subscribers,
         server_cpu_per_push,
+        subscriber_cpu_per_push,
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
         max: *latencies.last().unwrap(),
@@ -388,31 +535,41 @@ fn main() {
         limit as usize > counts.iter().max().unwrap() + 100,
         "open-file limit {limit} is too low for the subscriber count"
     );
+    let client = match std::env::var("FANOUT_CLIENT").as_deref() {
+        Ok("tonic") => Client::Tonic,
+        Ok("lean") | Err(_) => Client::Lean,
+        Ok(other) => panic!("FANOUT_CLIENT is lean or tonic, not {other}"),
+    };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     for protocol in protocols {
         let rows: Vec<Row> = counts
             .iter()
-            .map(|&n| runtime.block_on(run(protocol, n, rounds)))
+            .map(|&n| runtime.block_on(run(protocol, client, n, rounds)))
             .collect();
         let who = match protocol {
             Protocol::Discovery => "Discovery subscribers",
             Protocol::Ads => "xDS ADS subscribers (LDS+CDS+EDS, timed on EDS)",
         };
+        let clients = match client {
+            Client::Lean => "lean HTTP/2 clients",
+            Client::Tonic => "tonic clients",
+        };
         println!(
-            "\nfan-out: one endpoint change to N {who}, each on its own connection ({rounds} changes each)\n"
+            "\nfan-out: one endpoint change to N {who}, each on its own connection ({clients}, {rounds} changes each)\n"
         );
         println!(
-            "| subscribers | p50 ms | p99 ms | max ms | server CPU µs / push | server RSS KiB / idle subscriber |"
+            "| subscribers | p50 ms | p99 ms | max ms | server CPU µs / push | subscribers' CPU µs / push | server RSS KiB / idle subscriber |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
         for row in rows {
             println!(
-                "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
                 row.subscribers,
                 ms(row.p50),
                 ms(row.p99),
                 ms(row.max),
                 row.server_cpu_per_push.as_secs_f64() * 1e6,
+                row.subscriber_cpu_per_push.as_secs_f64() * 1e6,
                 row.kib_per_subscriber
             );
         }

@@ -17,18 +17,25 @@
 pub mod resources;
 pub mod session;
 
-use std::{collections::BTreeSet, pin::Pin, sync::Arc};
-
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    aggregated_discovery_service_server::{
-        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-    },
+use std::{
+    collections::BTreeSet,
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
 };
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 use tokio_stream::StreamMap;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{
+    Request, Response, Status, Streaming,
+    body::Body,
+    codec::{BufferSettings, Codec},
+    server::{Grpc, NamedService, StreamingService},
+};
+use tonic_prost::{ProstDecoder, ProstEncoder};
 use tracing::Instrument;
 
 use self::{
@@ -46,7 +53,13 @@ use crate::{
 /// EDS request names every cluster it knows (about 40 bytes each).
 pub const MAX_XDS_REQUEST_BYTES: usize = 1024 * 1024;
 
-/// The ADS service.
+const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+
+/// The ADS service, as a tonic-compatible tower service.
+///
+/// Written by hand rather than taken from the generated server so that each
+/// stream's encode and decode buffers start at 512 bytes instead of tonic's
+/// 8 KiB each: an ADS stream is mostly idle, and there is one per client.
 #[derive(Debug, Clone)]
 pub struct XdsApi {
     shared: Shared,
@@ -54,49 +67,16 @@ pub struct XdsApi {
 }
 
 impl XdsApi {
-    /// Wraps the service for tonic, with the request size limit.
-    pub fn server(
-        shared: Shared,
-        lb_policy: XdsLbPolicy,
-    ) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(Self {
+    /// The service, ready for `Server::add_service`.
+    pub fn server(shared: Shared, lb_policy: XdsLbPolicy) -> Self {
+        Self {
             shared,
             resources: Resources::new(lb_policy),
-        })
-        .max_decoding_message_size(MAX_XDS_REQUEST_BYTES)
+        }
     }
-}
 
-type SnapshotStream = Pin<Box<dyn Stream<Item = Arc<Snapshot>> + Send>>;
-type AdsStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
-
-/// Everything one ADS stream owns.
-struct StreamState {
-    session: Session,
-    view: View,
-    /// One store subscription per service the client names.
-    watches: StreamMap<ServiceKey, SnapshotStream>,
-    /// The store's service-set changes, polled while a wildcard subscription exists.
-    service_set: watch::Receiver<u64>,
-    watching_set: bool,
-    inbound: Streaming<DiscoveryRequest>,
-    inbound_open: bool,
-    guard: SubscriberGuard,
-    resources: Resources,
-    shared: Shared,
-    span: tracing::Span,
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for XdsApi {
-    type StreamAggregatedResourcesStream = AdsStream;
-    type DeltaAggregatedResourcesStream = DeltaStream;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<AdsStream>, Status> {
+    /// One `StreamAggregatedResources` stream.
+    fn stream(&self, request: Request<Streaming<DiscoveryRequest>>) -> AdsStream {
         let peer = super::peer(&request);
         let span = tracing::info_span!("xds", %peer, node = tracing::field::Empty);
         span.in_scope(|| tracing::debug!("ADS stream started"));
@@ -118,28 +98,112 @@ impl AggregatedDiscoveryService for XdsApi {
             shared: self.shared.clone(),
             span,
         };
-        let stream = futures::stream::unfold(state, |state| {
+        // Boxed: `unfold` holds the state and the future that owns it side
+        // by side, so an inline state would take its room twice.
+        Box::pin(futures::stream::unfold(Box::new(state), |state| {
             let span = state.span.clone();
             next_response(state).instrument(span)
-        });
-        Ok(Response::new(Box::pin(stream)))
+        }))
+    }
+}
+
+impl NamedService for XdsApi {
+    const NAME: &'static str = SERVICE;
+}
+
+impl<B> tower::Service<http::Request<B>> for XdsApi
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaStream>, Status> {
-        Err(Status::unimplemented(
-            "lb-server serves state-of-the-world ADS only (StreamAggregatedResources)",
-        ))
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let api = self.clone();
+        Box::pin(async move {
+            let path = request.uri().path();
+            let method = path.strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
+            match method {
+                Some("/StreamAggregatedResources") => {
+                    let mut grpc = Grpc::new(AdsCodec)
+                        .apply_max_message_size_config(Some(MAX_XDS_REQUEST_BYTES), None);
+                    Ok(grpc.streaming(AdsMethod(api), request).await)
+                }
+                Some("/DeltaAggregatedResources") => Ok(Status::unimplemented(
+                    "lb-server serves state-of-the-world ADS only (StreamAggregatedResources)",
+                )
+                .into_http()),
+                _ => Ok(Status::unimplemented(format!("no such method in {SERVICE}")).into_http()),
+            }
+        })
     }
+}
+
+struct AdsMethod(XdsApi);
+
+impl StreamingService<DiscoveryRequest> for AdsMethod {
+    type Response = DiscoveryResponse;
+    type ResponseStream = AdsStream;
+    type Future = std::future::Ready<Result<Response<AdsStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        std::future::ready(Ok(Response::new(self.0.stream(request))))
+    }
+}
+
+/// Prost both ways, with small first buffers (they grow for larger messages).
+struct AdsCodec;
+
+fn ads_buffers() -> BufferSettings {
+    BufferSettings::new(512, 32 * 1024)
+}
+
+impl Codec for AdsCodec {
+    type Encode = DiscoveryResponse;
+    type Decode = DiscoveryRequest;
+    type Encoder = ProstEncoder<DiscoveryResponse>;
+    type Decoder = ProstDecoder<DiscoveryRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(ads_buffers())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(ads_buffers())
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Arc<Snapshot>> + Send>>;
+type AdsStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+/// Everything one ADS stream owns.
+struct StreamState {
+    session: Session,
+    view: View,
+    /// One store subscription per service the client names.
+    watches: StreamMap<ServiceKey, SnapshotStream>,
+    /// The store's service-set changes, polled while a wildcard subscription exists.
+    service_set: watch::Receiver<u64>,
+    watching_set: bool,
+    inbound: Streaming<DiscoveryRequest>,
+    inbound_open: bool,
+    guard: SubscriberGuard,
+    resources: Resources,
+    shared: Shared,
+    span: tracing::Span,
 }
 
 /// Sends what is owed or changed; otherwise waits for a request, a store
 /// change or shutdown.
 async fn next_response(
-    mut s: StreamState,
-) -> Option<(Result<DiscoveryResponse, Status>, StreamState)> {
+    mut s: Box<StreamState>,
+) -> Option<(Result<DiscoveryResponse, Status>, Box<StreamState>)> {
     loop {
         if let Some(outgoing) = s.session.next_response(&s.view, &s.resources) {
             s.sent(&outgoing);

@@ -82,13 +82,13 @@ struct TypeState {
     /// Subscribed to every resource.
     wildcard: bool,
     /// Named subscriptions (without `*`), each parsed once: `None` if not a target.
-    names: BTreeMap<String, Option<ServiceKey>>,
+    names: SortedMap<Option<ServiceKey>>,
     /// Responses sent so far; the last one's `version_info`.
     version: u64,
     /// Nonce of the last response, empty before the first.
     nonce: String,
     /// What the client holds from us, by name.
-    sent: BTreeMap<String, Stamp>,
+    sent: SortedMap<Stamp>,
     /// A response is owed to a request even if nothing changed.
     owed: bool,
 }
@@ -148,7 +148,8 @@ pub struct Outgoing {
 pub struct Session {
     types: [TypeState; 4],
     nonces: u64,
-    node: Option<Node>,
+    /// Boxed: most of a `Node` is fields lb-server never reads.
+    node: Option<Box<Node>>,
     /// Per type, something may need sending: a request is owed an answer or
     /// the view changed in a way that matters to the type. A plain ACK leaves
     /// it clear, and an endpoint change marks only EDS, so neither costs a
@@ -164,7 +165,7 @@ impl Session {
 
     /// The node the client described in its first request, if any.
     pub fn node(&self) -> Option<&Node> {
-        self.node.as_ref()
+        self.node.as_deref()
     }
 
     /// Notes that the view changed: endpoints only, or also which services
@@ -181,7 +182,7 @@ impl Session {
     /// Applies one request.
     pub fn handle(&mut self, request: &DiscoveryRequest) -> Handled {
         if self.node.is_none() {
-            self.node = request.node.clone();
+            self.node = request.node.clone().map(Box::new);
         }
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             return Handled::UnknownType;
@@ -226,9 +227,7 @@ impl Session {
             && names.iter().zip(state.names.keys()).all(|(a, b)| *a == b);
         let names_changed = wildcard != state.wildcard || !same_names;
         if names_changed {
-            state
-                .sent
-                .retain(|name, _| wildcard || names.contains(name.as_str()));
+            state.sent.retain(|name| wildcard || names.contains(name));
             state.wildcard = wildcard;
             state.names = names
                 .into_iter()
@@ -323,7 +322,7 @@ impl Session {
             } else {
                 let changed: Vec<_> = desired
                     .iter()
-                    .filter(|(name, (stamp, _))| state.sent.get(*name) != Some(stamp))
+                    .filter(|(name, (stamp, _))| state.sent.get(name) != Some(stamp))
                     .collect();
                 if changed.is_empty() && !state.owed {
                     self.dirty[ty.index()] = false;
@@ -356,7 +355,7 @@ impl Session {
             if ty.full_state() {
                 state.sent.clear();
             } else {
-                state.sent.retain(|name, _| desired.contains_key(name));
+                state.sent.retain(|name| desired.contains_key(name));
             }
             for (name, (stamp, _)) in &include {
                 state.sent.insert((*name).clone(), *stamp);
@@ -418,6 +417,82 @@ impl Session {
             }
             Some(Reply::Subscribe) | None => {}
         }
+    }
+}
+
+/// A map from resource name, as a vector sorted by name: a stream names one
+/// or a few resources per type, and a B-tree's first node alone is about a
+/// kilobyte, on every stream, for every type. Envoy's thousands of names
+/// stay cheap: lookups are binary searches, and names arrive sorted.
+#[derive(Debug)]
+struct SortedMap<V>(Vec<(String, V)>);
+
+impl<V> Default for SortedMap<V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<V> SortedMap<V> {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn get(&self, name: &str) -> Option<&V> {
+        self.find(name).ok().map(|i| &self.0[i].1)
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    fn insert(&mut self, name: String, value: V) {
+        match self.find(&name) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (name, value)),
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.0.retain(|(name, _)| keep(name));
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(name, _)| name)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, value)| value)
+    }
+}
+
+impl<V> FromIterator<(String, V)> for SortedMap<V> {
+    fn from_iter<I: IntoIterator<Item = (String, V)>>(iter: I) -> Self {
+        let mut entries: Vec<(String, V)> = iter.into_iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.dedup_by(|a, b| a.0 == b.0);
+        entries.shrink_to_fit();
+        Self(entries)
+    }
+}
+
+impl<'a, V> IntoIterator for &'a SortedMap<V> {
+    type Item = (&'a String, &'a V);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, V)>,
+        fn(&'a (String, V)) -> (&'a String, &'a V),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(name, value)| (name, value))
     }
 }
 

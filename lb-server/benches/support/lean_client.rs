@@ -1,0 +1,206 @@
+//! A lean gRPC-over-HTTP/2 client for one stream per connection, written for
+//! the fan-out benchmark: on one 2-core machine the subscribers share the CPU
+//! with the server they measure (in a cluster they are on other machines), so
+//! they should cost as little as a client can.
+//!
+//! It speaks real HTTP/2 to lb-server: the connection preface, SETTINGS (and
+//! their ACKs), PING ACKs, one request stream with HPACK-encoded headers and
+//! gRPC-framed DATA. It opens its flow-control windows to the maximum up
+//! front, so it never needs a WINDOW_UPDATE within a benchmark, and it never
+//! decodes response headers or trailers (it only needs the messages).
+
+use std::net::SocketAddr;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+
+/// The largest flow-control window HTTP/2 allows.
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+const DEFAULT_WINDOW: u32 = 65_535;
+
+/// The one request stream's id.
+const STREAM: u32 = 1;
+
+fn frame(out: &mut BytesMut, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len() as u32;
+    out.put_slice(&len.to_be_bytes()[1..]);
+    out.put_u8(kind);
+    out.put_u8(flags);
+    out.put_u32(stream);
+    out.put_slice(payload);
+}
+
+/// An HPACK string literal, not Huffman-coded.
+fn hpack_string(out: &mut Vec<u8>, value: &str) {
+    assert!(value.len() < 127, "long header values are not needed here");
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// A gRPC length-prefixed message (uncompressed).
+fn grpc_message(message: &impl prost::Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(0);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// One connection carrying one gRPC call.
+pub(crate) struct LeanCall {
+    tcp: TcpStream,
+    read: BytesMut,
+    /// DATA payload of the stream not yet split into gRPC messages.
+    messages: BytesMut,
+    out: BytesMut,
+}
+
+impl LeanCall {
+    /// Connects and starts a call of `path` with its first request message.
+    /// `more` keeps the request stream open for further messages (bidi).
+    pub(crate) async fn start(
+        addr: SocketAddr,
+        path: &str,
+        first: &impl prost::Message,
+        more: bool,
+    ) -> std::io::Result<Self> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut out = BytesMut::with_capacity(512);
+        out.put_slice(PREFACE);
+        // SETTINGS: ENABLE_PUSH = 0, INITIAL_WINDOW_SIZE = max.
+        let mut settings = Vec::new();
+        settings.extend_from_slice(&0x2u16.to_be_bytes());
+        settings.extend_from_slice(&0u32.to_be_bytes());
+        settings.extend_from_slice(&0x4u16.to_be_bytes());
+        settings.extend_from_slice(&MAX_WINDOW.to_be_bytes());
+        frame(&mut out, SETTINGS, 0, 0, &settings);
+        frame(
+            &mut out,
+            WINDOW_UPDATE,
+            0,
+            0,
+            &(MAX_WINDOW - DEFAULT_WINDOW).to_be_bytes(),
+        );
+        let mut headers = vec![0x83, 0x86]; // :method POST, :scheme http
+        headers.push(0x04); // :path, literal value
+        hpack_string(&mut headers, path);
+        headers.push(0x01); // :authority, literal value
+        hpack_string(&mut headers, &addr.to_string());
+        headers.extend_from_slice(&[0x0f, 0x10]); // content-type, literal value
+        hpack_string(&mut headers, "application/grpc");
+        headers.push(0x00); // a new name, literal value
+        hpack_string(&mut headers, "te");
+        hpack_string(&mut headers, "trailers");
+        frame(&mut out, HEADERS, END_HEADERS, STREAM, &headers);
+        let flags = if more { 0 } else { END_STREAM };
+        frame(&mut out, DATA, flags, STREAM, &grpc_message(first));
+        let mut call = Self {
+            tcp,
+            read: BytesMut::with_capacity(4096),
+            messages: BytesMut::new(),
+            out,
+        };
+        call.flush().await?;
+        Ok(call)
+    }
+
+    /// Sends one more request message on the stream.
+    pub(crate) async fn send(&mut self, message: &impl prost::Message) -> std::io::Result<()> {
+        frame(&mut self.out, DATA, 0, STREAM, &grpc_message(message));
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.write_all(&self.out).await?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// The next response message's bytes, or `None` when the call or the
+    /// connection has ended.
+    pub(crate) async fn next(&mut self) -> std::io::Result<Option<Bytes>> {
+        loop {
+            if let Some(message) = self.take_message() {
+                return Ok(Some(message));
+            }
+            if !self.read_frame().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn take_message(&mut self) -> Option<Bytes> {
+        if self.messages.len() < 5 {
+            return None;
+        }
+        let len = u32::from_be_bytes(self.messages[1..5].try_into().unwrap()) as usize;
+        if self.messages.len() < 5 + len {
+            return None;
+        }
+        self.messages.advance(5);
+        Some(self.messages.split_to(len).freeze())
+    }
+
+    /// Reads and handles one frame; false when the stream or connection ended.
+    async fn read_frame(&mut self) -> std::io::Result<bool> {
+        while self.read.len() < 9 || self.read.len() < 9 + frame_len(&self.read) {
+            if self.tcp.read_buf(&mut self.read).await? == 0 {
+                return Ok(false);
+            }
+        }
+        let len = frame_len(&self.read);
+        let kind = self.read[3];
+        let flags = self.read[4];
+        let stream = u32::from_be_bytes(self.read[5..9].try_into().unwrap()) & MAX_WINDOW;
+        self.read.advance(9);
+        let mut payload = self.read.split_to(len);
+        match kind {
+            DATA if stream == STREAM => {
+                if flags & PADDED != 0 {
+                    let pad = payload.get_u8() as usize;
+                    payload.truncate(payload.len() - pad);
+                }
+                self.messages.extend_from_slice(&payload);
+                Ok(flags & END_STREAM == 0)
+            }
+            HEADERS if stream == STREAM => Ok(flags & END_STREAM == 0),
+            SETTINGS if flags & ACK == 0 => {
+                frame(&mut self.out, SETTINGS, ACK, 0, &[]);
+                self.flush().await?;
+                Ok(true)
+            }
+            PING if flags & ACK == 0 => {
+                frame(&mut self.out, PING, ACK, 0, &payload);
+                self.flush().await?;
+                Ok(true)
+            }
+            GOAWAY => Ok(false),
+            RST_STREAM if stream == STREAM => Ok(false),
+            _ => Ok(true),
+        }
+    }
+}
+
+fn frame_len(head: &[u8]) -> usize {
+    u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize
+}
