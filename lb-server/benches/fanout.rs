@@ -26,7 +26,10 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -38,7 +41,7 @@ use envoy_types::pb::envoy::{
 };
 use lookaside_proto::lookaside::v1::{WatchRequest, discovery_client::DiscoveryClient};
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Endpoint;
 
@@ -182,6 +185,57 @@ const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
+/// Where subscribers note when they saw the change of the current round:
+/// one slot each, and one wake-up for the benchmark when the last one has
+/// it, so that timing 10,000 subscribers costs them no channel traffic.
+struct Tally {
+    base: Instant,
+    /// The endpoint count of the current round's change.
+    awaited: AtomicUsize,
+    /// Subscribers still to see it.
+    remaining: AtomicUsize,
+    /// When each subscriber saw it, in nanoseconds since `base`.
+    seen_at: Vec<AtomicU64>,
+    done: Notify,
+}
+
+impl Tally {
+    fn new(subscribers: usize) -> Self {
+        Self {
+            base: Instant::now(),
+            awaited: AtomicUsize::new(usize::MAX),
+            remaining: AtomicUsize::new(0),
+            seen_at: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
+            done: Notify::new(),
+        }
+    }
+
+    /// Subscriber `id` holds a list of `count` endpoints since `at`.
+    fn saw(&self, id: usize, count: usize, at: Instant) {
+        if count == self.awaited.load(Ordering::Acquire) {
+            let nanos = (at - self.base).as_nanos() as u64;
+            self.seen_at[id].store(nanos, Ordering::Relaxed);
+            if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.done.notify_one();
+            }
+        }
+    }
+
+    /// Starts a round that waits for `count` endpoints.
+    fn expect(&self, count: usize) {
+        self.remaining.store(self.seen_at.len(), Ordering::Release);
+        self.awaited.store(count, Ordering::Release);
+    }
+
+    /// Each subscriber's latency from `started`.
+    fn latencies(&self, started: Instant) -> impl Iterator<Item = Duration> + '_ {
+        let started = started - self.base;
+        self.seen_at
+            .iter()
+            .map(move |at| Duration::from_nanos(at.load(Ordering::Relaxed)) - started)
+    }
+}
+
 /// `lookaside.v1.WatchResponse` with its endpoints left encoded.
 #[derive(Clone, PartialEq, prost::Message)]
 struct WatchResponseLite {
@@ -238,8 +292,9 @@ enum Client {
 /// A lean Discovery subscriber: reports the endpoint count of every update.
 async fn lean_discovery_subscriber(
     addr: SocketAddr,
+    id: usize,
     ready: impl FnOnce(),
-    seen: mpsc::UnboundedSender<(usize, Instant)>,
+    seen: Arc<Tally>,
 ) {
     let request = WatchRequest {
         target: TARGET.into(),
@@ -251,17 +306,12 @@ async fn lean_discovery_subscriber(
     ready();
     while let Ok(Some(message)) = call.next().await {
         let update = WatchResponseLite::decode(message).unwrap();
-        let _ = seen.send((update.endpoints.len(), Instant::now()));
+        seen.saw(id, update.endpoints.len(), Instant::now());
     }
 }
 
 /// A lean ADS subscriber, shaped like [`ads_subscriber`].
-async fn lean_ads_subscriber(
-    addr: SocketAddr,
-    id: usize,
-    ready: impl FnOnce(),
-    seen: mpsc::UnboundedSender<(usize, Instant)>,
-) {
+async fn lean_ads_subscriber(addr: SocketAddr, id: usize, ready: impl FnOnce(), seen: Arc<Tally>) {
     let node = Node {
         id: format!("bench-{id}"),
         ..Node::default()
@@ -301,7 +351,7 @@ async fn lean_ads_subscriber(
         match ready.take() {
             Some(ready) => ready(),
             None => {
-                let _ = seen.send((count, at));
+                seen.saw(id, count, at);
             }
         }
     }
@@ -310,8 +360,9 @@ async fn lean_ads_subscriber(
 /// One Discovery subscriber: reports the endpoint count of every update.
 async fn discovery_subscriber(
     (channel, origin): (Connection, http::Uri),
+    id: usize,
     ready: impl FnOnce(),
-    seen: mpsc::UnboundedSender<(usize, Instant)>,
+    seen: Arc<Tally>,
 ) {
     // Decoded as `WatchResponseLite`: the same wire message, endpoints kept as
     // undecoded bytes, so the client side of this one-machine benchmark does
@@ -331,7 +382,7 @@ async fn discovery_subscriber(
     stream.message().await.unwrap().unwrap();
     ready();
     while let Ok(Some(update)) = stream.message().await {
-        let _ = seen.send((update.endpoints.len(), Instant::now()));
+        seen.saw(id, update.endpoints.len(), Instant::now());
     }
 }
 
@@ -355,7 +406,7 @@ async fn ads_subscriber(
     (channel, origin): (Connection, http::Uri),
     id: usize,
     ready: impl FnOnce(),
-    seen: mpsc::UnboundedSender<(usize, Instant)>,
+    seen: Arc<Tally>,
 ) {
     let (tx, requests) = mpsc::unbounded_channel();
     let node = Node {
@@ -391,7 +442,7 @@ async fn ads_subscriber(
         match ready.take() {
             Some(ready) => ready(),
             None => {
-                let _ = seen.send((count, at));
+                seen.saw(id, count, at);
             }
         }
     }
@@ -434,12 +485,12 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
 
     // N subscribers, each on its own connection; each reports when it sees
     // the endpoint count it is waiting for.
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(usize, Instant)>();
+    let tally = Arc::new(Tally::new(subscribers));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
     let connecting = Arc::new(Semaphore::new(256));
     for id in 0..subscribers {
         let permit = connecting.clone().acquire_owned().await.unwrap();
-        let seen_tx = seen_tx.clone();
+        let seen = tally.clone();
         let ready_tx = ready_tx.clone();
         let addr = server.grpc;
         tokio::spawn(async move {
@@ -449,16 +500,14 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
             };
             match (client, protocol) {
                 (Client::Lean, Protocol::Discovery) => {
-                    lean_discovery_subscriber(addr, ready, seen_tx).await
+                    lean_discovery_subscriber(addr, id, ready, seen).await
                 }
-                (Client::Lean, Protocol::Ads) => {
-                    lean_ads_subscriber(addr, id, ready, seen_tx).await
-                }
+                (Client::Lean, Protocol::Ads) => lean_ads_subscriber(addr, id, ready, seen).await,
                 (Client::Tonic, Protocol::Discovery) => {
-                    discovery_subscriber(Connection::open(addr).await, ready, seen_tx).await
+                    discovery_subscriber(Connection::open(addr).await, id, ready, seen).await
                 }
                 (Client::Tonic, Protocol::Ads) => {
-                    ads_subscriber(Connection::open(addr).await, id, ready, seen_tx).await
+                    ads_subscriber(Connection::open(addr).await, id, ready, seen).await
                 }
             }
         });
@@ -475,19 +524,14 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
     let own_cpu_before = process_cpu(std::process::id());
     for _ in 0..rounds {
         endpoints += 1;
+        tally.expect(endpoints);
+        let done = tally.done.notified();
         let started = Instant::now();
         write_atomic(&file, &file_with(endpoints));
-        let mut got = 0;
-        while got < subscribers {
-            let (count, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
-                .await
-                .expect("every subscriber gets the change within 30 s")
-                .unwrap();
-            if count == endpoints {
-                latencies.push(at - started);
-                got += 1;
-            }
-        }
+        tokio::time::timeout(Duration::from_secs(30), done)
+            .await
+            .expect("every subscriber gets the change within 30 s");
+        latencies.extend(tally.latencies(started));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The server is idle between changes, so its CPU time over the rounds is
@@ -540,7 +584,24 @@ fn main() {
         Ok("lean") | Err(_) => Client::Lean,
         Ok(other) => panic!("FANOUT_CLIENT is lean or tonic, not {other}"),
     };
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The subscribers share one thread by default (FANOUT_CLIENT_THREADS=N
+    // for more): on this machine one thread costs them the least CPU per
+    // update, which leaves the most for the server being measured.
+    let threads = std::env::var("FANOUT_CLIENT_THREADS")
+        .ok()
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or(1);
+    let runtime = match threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread(),
+        _ => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
+    }
+    .enable_all()
+    .build()
+    .unwrap();
     for protocol in protocols {
         let rows: Vec<Row> = counts
             .iter()
@@ -554,6 +615,7 @@ fn main() {
             Client::Lean => "lean HTTP/2 clients",
             Client::Tonic => "tonic clients",
         };
+        let clients = format!("{clients} on {} thread(s)", threads.max(1));
         println!(
             "\nfan-out: one endpoint change to N {who}, each on its own connection ({clients}, {rounds} changes each)\n"
         );

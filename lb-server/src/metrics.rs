@@ -5,9 +5,20 @@
 //! time, so they can never drift from it.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// `pushes_total` and `push_latency_seconds` of one protocol, looked up once:
+/// a push is the hottest path that touches metrics, and a labelled lookup
+/// hashes the label on every call.
+#[derive(Debug, Clone)]
+pub struct PushMetrics {
+    /// Updates pushed.
+    pub pushes: IntCounter,
+    /// Source event to message written.
+    pub latency: Histogram,
+}
 
 /// Every metric lb-server exports.
 #[derive(Debug, Clone)]
@@ -40,6 +51,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The push counter and latency histogram of one protocol.
+    pub fn push_metrics(&self, protocol: &str) -> PushMetrics {
+        PushMetrics {
+            pushes: self.pushes.with_label_values(&[protocol]),
+            latency: self.push_latency.with_label_values(&[protocol]),
+        }
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry =

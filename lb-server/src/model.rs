@@ -8,8 +8,11 @@ use std::{
     fmt,
     net::IpAddr,
     str::FromStr,
+    sync::OnceLock,
     time::{Instant, SystemTime},
 };
+
+use bytes::Bytes;
 
 /// The longest target we accept, in bytes (grpclb caps names below 256 bytes).
 pub const MAX_TARGET_LEN: usize = 255;
@@ -288,6 +291,11 @@ pub struct Snapshot {
     pub updated: SystemTime,
     /// When the source saw the event that produced this version, for push latency.
     pub event_at: Instant,
+    /// This snapshot as the Discovery API sends it (an encoded `WatchResponse`),
+    /// made by the first stream that sends it and shared by every other: a
+    /// snapshot belongs to one service, so its encoding is the same for all
+    /// of that service's subscribers.
+    pub encoded: OnceLock<Bytes>,
 }
 
 impl Snapshot {
@@ -299,6 +307,7 @@ impl Snapshot {
             endpoints: Vec::new(),
             updated: SystemTime::now(),
             event_at: Instant::now(),
+            encoded: OnceLock::new(),
         }
     }
 

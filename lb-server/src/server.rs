@@ -117,12 +117,12 @@ impl LbServer {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let subscribers = Subscribers::new();
-        let shared = Shared {
-            store: self.store.clone(),
-            metrics: self.metrics.clone(),
-            subscribers: subscribers.clone(),
-            shutdown: token.clone(),
-        };
+        let shared = Shared::new(
+            self.store.clone(),
+            self.metrics.clone(),
+            subscribers.clone(),
+            token.clone(),
+        );
 
         let (synced_tx, synced_rx) = watch::channel(false);
         let source_token = token.clone();

@@ -14,7 +14,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Instant, SystemTime},
@@ -84,6 +84,7 @@ impl Store {
             endpoints,
             updated: SystemTime::now(),
             event_at,
+            encoded: OnceLock::new(),
         });
         match services.get(key) {
             Some(tx) => {
@@ -117,6 +118,7 @@ impl Store {
                 endpoints: Vec::new(),
                 updated: SystemTime::now(),
                 event_at,
+                encoded: OnceLock::new(),
             }));
         }
         self.bump_service_set();

@@ -8,10 +8,8 @@
 //! common case.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     pin::Pin,
-    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -29,35 +27,17 @@ use tonic::{
 use super::{MAX_REQUEST_BYTES, Protocol, Shared, pb};
 use crate::model::{ServiceKey, Snapshot};
 
-/// The most snapshots kept encoded; past it the cache starts over.
-const MAX_CACHED: usize = 10_000;
-
 /// An encoded `WatchResponse`, shared by every subscriber of one version.
 #[derive(Debug, Clone)]
 pub struct EncodedWatchResponse(Bytes);
 
-/// Encodes each `(service, version)` once. Bounded: it starts over past
-/// [`MAX_CACHED`] entries, so probing many names cannot grow it.
-#[derive(Debug, Default)]
-struct EncodeCache {
-    // std Mutex: a lookup or an insert, never held across `.await`.
-    entries: Mutex<HashMap<ServiceKey, (u64, Bytes)>>,
-}
-
-impl EncodeCache {
-    fn get(&self, key: &ServiceKey, snapshot: &Snapshot) -> EncodedWatchResponse {
-        if let Some((version, bytes)) = self.entries.lock().unwrap().get(key)
-            && *version == snapshot.version
-        {
-            return EncodedWatchResponse(bytes.clone());
-        }
-        let bytes = Bytes::from(pb::watch_response(key, snapshot).encode_to_vec());
-        let mut entries = self.entries.lock().unwrap();
-        if entries.len() >= MAX_CACHED {
-            entries.clear();
-        }
-        entries.insert(key.clone(), (snapshot.version, bytes.clone()));
-        EncodedWatchResponse(bytes)
+impl EncodedWatchResponse {
+    /// The snapshot's encoding, made once per snapshot (see [`Snapshot::encoded`]).
+    fn of(key: &ServiceKey, snapshot: &Snapshot) -> Self {
+        let bytes = snapshot
+            .encoded
+            .get_or_init(|| Bytes::from(pb::watch_response(key, snapshot).encode_to_vec()));
+        Self(bytes.clone())
     }
 }
 
@@ -65,16 +45,12 @@ impl EncodeCache {
 #[derive(Debug, Clone)]
 pub struct DiscoveryApi {
     shared: Shared,
-    cache: Arc<EncodeCache>,
 }
 
 impl DiscoveryApi {
     /// The service, ready for `Server::add_service`.
     pub fn server(shared: Shared) -> Self {
-        Self {
-            shared,
-            cache: Arc::default(),
-        }
+        Self { shared }
     }
 
     async fn watch(self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
@@ -90,7 +66,7 @@ impl DiscoveryApi {
         tracing::debug!(target_key = %key, "discovery watch started");
         // The shutdown future lives as long as the stream, so it registers
         // with the token once, not once per push.
-        let stopped = Box::pin(self.shared.shutdown.clone().cancelled_owned());
+        let stopped = self.shared.stream_stopped();
         let state = (subscription, guard, true, self, stopped);
         let stream = futures::stream::unfold(
             state,
@@ -107,7 +83,7 @@ impl DiscoveryApi {
                     }
                 };
                 guard.sent(snapshot.version);
-                let encoded = api.cache.get(sub.key(), &snapshot);
+                let encoded = EncodedWatchResponse::of(sub.key(), &snapshot);
                 Some((Ok(encoded), (sub, guard, false, api, stopped)))
             },
         );

@@ -16,6 +16,7 @@ use lookaside_proto::grpclb::v1::{
     load_balance_response::LoadBalanceResponseType,
     load_balancer_server::{LoadBalancer, LoadBalancerServer},
 };
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{MAX_REQUEST_BYTES, Protocol, Shared, subscribers::SubscriberGuard};
@@ -64,6 +65,8 @@ struct StreamState {
     inbound: Streaming<LoadBalanceRequest>,
     inbound_open: bool,
     last_sent: Option<LoadBalanceResponseType>,
+    /// Shutdown, for this stream.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     shared: Shared,
     stats_interval: Duration,
 }
@@ -112,6 +115,7 @@ impl LoadBalancer for GrpclbApi {
             inbound,
             inbound_open: true,
             last_sent: None,
+            stopped: self.shared.stream_stopped(),
             shared: self.shared.clone(),
             stats_interval: self.stats_interval,
         };
@@ -144,7 +148,7 @@ async fn next_response(
             }
             Phase::Watching => {
                 tokio::select! {
-                    _ = s.shared.shutdown.cancelled() => return None,
+                    _ = &mut s.stopped => return None,
                     snapshot = s.subscription.next() => {
                         s.guard.sent(snapshot.version);
                         let response = response_for(&snapshot);

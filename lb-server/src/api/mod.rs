@@ -10,13 +10,13 @@ pub mod pb;
 pub mod subscribers;
 pub mod xds;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, pin::Pin, sync::Arc};
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
 use crate::{
-    metrics::Metrics,
+    metrics::{Metrics, PushMetrics},
     model::{ServiceKey, TargetError, parse_target},
     store::Store,
 };
@@ -38,24 +38,48 @@ pub struct Shared {
     pub subscribers: Arc<Subscribers>,
     /// Cancelled when the server shuts down: every stream ends cleanly.
     pub shutdown: CancellationToken,
+    /// Push metrics by protocol, in [`Protocol::ALL`] order.
+    push_metrics: Arc<[PushMetrics; 3]>,
 }
 
 impl Shared {
+    /// What the APIs share, with the push metrics of each protocol looked up once.
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        subscribers: Arc<Subscribers>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let push_metrics = Arc::new(Protocol::ALL.map(|p| metrics.push_metrics(p.as_str())));
+        Self {
+            store,
+            metrics,
+            subscribers,
+            shutdown,
+            push_metrics,
+        }
+    }
+
     /// Parses a client's target, counting and converting a bad one into `InvalidArgument`.
     pub(crate) fn parse_target(&self, api: &str, target: &str) -> Result<ServiceKey, Status> {
         parse_target(target).map_err(|error| self.reject(api, &error))
     }
 
+    /// Completes when the server shuts down; one per stream, kept for the
+    /// stream's life and polled on each of its wake-ups. It waits on a child
+    /// of the shutdown token: every poll takes its token's lock, and a child
+    /// token's lock is the stream's own rather than one all streams share.
+    pub(crate) fn stream_stopped(&self) -> Pin<Box<WaitForCancellationFutureOwned>> {
+        Box::pin(self.shutdown.child_token().cancelled_owned())
+    }
+
     /// Counts an update pushed to a subscriber and, when the source event
     /// behind it is known, its latency from that event.
     pub(crate) fn record_push(&self, protocol: Protocol, event_at: Option<std::time::Instant>) {
-        let protocol = protocol.as_str();
-        self.metrics.pushes.with_label_values(&[protocol]).inc();
+        let metrics = &self.push_metrics[protocol.index()];
+        metrics.pushes.inc();
         if let Some(event_at) = event_at {
-            self.metrics
-                .push_latency
-                .with_label_values(&[protocol])
-                .observe(event_at.elapsed().as_secs_f64());
+            metrics.latency.observe(event_at.elapsed().as_secs_f64());
         }
     }
 

@@ -27,6 +27,11 @@ impl Protocol {
     /// Every protocol, for metrics that list each.
     pub const ALL: [Protocol; 3] = [Protocol::Discovery, Protocol::Grpclb, Protocol::Xds];
 
+    /// The protocol's place in [`Protocol::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The protocol's name in Admin and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -115,6 +120,9 @@ impl XdsStatus {
                     ..XdsTypeStatus::default()
                 };
                 self.types.insert(index, entry);
+                // One entry per type a client asks for (three or four), kept
+                // for the stream's life: no room for more.
+                self.types.shrink_to_fit();
                 index
             }
         };
@@ -251,5 +259,17 @@ impl SubscriberGuard {
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
         self.registry.open.lock().unwrap().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Protocol;
+
+    #[test]
+    fn protocol_index_is_its_place_in_all() {
+        for (place, protocol) in Protocol::ALL.iter().enumerate() {
+            assert_eq!(protocol.index(), place, "{protocol:?}");
+        }
     }
 }

@@ -29,6 +29,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 use tokio_stream::StreamMap;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{
     Request, Response, Status, Streaming,
     body::Body,
@@ -88,13 +89,14 @@ impl XdsApi {
         let state = StreamState {
             session: Session::new(),
             view: View::default(),
-            watches: StreamMap::new(),
+            watches: StreamMap::with_capacity(1),
             service_set: self.shared.store.watch_service_set(),
             watching_set: false,
             inbound: request.into_inner(),
             inbound_open: true,
             guard,
             resources: self.resources.clone(),
+            stopped: self.shared.stream_stopped(),
             shared: self.shared.clone(),
             span,
         };
@@ -195,6 +197,8 @@ struct StreamState {
     inbound_open: bool,
     guard: SubscriberGuard,
     resources: Resources,
+    /// Shutdown, for this stream.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     shared: Shared,
     span: tracing::Span,
 }
@@ -211,7 +215,7 @@ async fn next_response(
         }
         tokio::select! {
             biased;
-            _ = s.shared.shutdown.cancelled() => return None,
+            _ = &mut s.stopped => return None,
             message = s.inbound.message(), if s.inbound_open => match message {
                 Ok(Some(request)) => s.handle(&request),
                 Ok(None) => s.inbound_open = false,
