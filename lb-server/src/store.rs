@@ -228,6 +228,9 @@ impl Store {
     }
 }
 
+/// Newer snapshots of one service; see [`Subscription::into_stream`].
+pub type SnapshotStream = std::pin::Pin<Box<dyn futures::Stream<Item = Arc<Snapshot>> + Send>>;
+
 /// A subscriber's view of one service. Dropping it releases the entry of a
 /// service that does not exist, so probing unknown names leaks nothing.
 #[derive(Debug)]
@@ -257,6 +260,17 @@ impl Subscription {
             std::future::pending::<()>().await;
         }
         self.current()
+    }
+
+    /// Every newer snapshot from now on, as a stream (it never ends).
+    pub fn into_stream(self) -> SnapshotStream {
+        Box::pin(futures::stream::unfold(
+            self,
+            |mut subscription| async move {
+                let snapshot = subscription.next().await;
+                Some((snapshot, subscription))
+            },
+        ))
     }
 
     fn rx_mut(&mut self) -> &mut watch::Receiver<Arc<Snapshot>> {

@@ -119,6 +119,29 @@ async fn bad_targets_are_invalid_argument_with_the_reason() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    // A Watch call that ends without its request, and a method Discovery
+    // does not have.
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::empty::<WatchRequest>()),
+            http::uri::PathAndQuery::from_static("/lookaside.v1.Discovery/Watch"),
+            tonic_prost::ProstCodec::<WatchRequest, WatchResponse>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary(
+            tonic::Request::new(WatchRequest::default()),
+            http::uri::PathAndQuery::from_static("/lookaside.v1.Discovery/Nope"),
+            tonic_prost::ProstCodec::<WatchRequest, WatchResponse>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     // Everyone else is still served.
     let mut stream = watch(channel, "greeter.default:grpc").await.unwrap();
     assert!(next(&mut stream).await.exists);

@@ -1,44 +1,52 @@
 //! `lookaside.v1.Discovery/Watch`: the current snapshot at once, then every newer one.
 //!
-//! Written by hand rather than generated so that a snapshot is encoded once
-//! per version and the same bytes go to every subscriber: with thousands of
-//! subscribers per service, per-subscriber message building and encoding
-//! would dominate a push. Each response stream also keeps a small encode
-//! buffer rather than tonic's default 8 KiB, since idle subscribers are the
-//! common case.
+//! Written by hand rather than generated so that a snapshot is encoded and
+//! framed once per version and the same bytes go to every subscriber: with
+//! thousands of subscribers per service, per-subscriber message building,
+//! encoding or even copying would dominate a push. The response body is ours
+//! too (no tonic encoder and its per-stream buffer), since idle subscribers
+//! are the common case.
 
 use std::{
     convert::Infallible,
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
-use bytes::{BufMut, Bytes};
-use futures::Stream;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use http_body::Frame;
 use lookaside_proto::lookaside::v1::WatchRequest;
 use prost::Message;
-use tonic::{
-    Request, Response, Status,
-    body::Body,
-    codec::{BufferSettings, Codec, EncodeBuf, Encoder},
-    server::{Grpc, NamedService, ServerStreamingService},
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tonic::{Status, body::Body, codec::Streaming, server::NamedService};
+
+use super::{MAX_REQUEST_BYTES, Protocol, Shared, pb, subscribers::SubscriberGuard};
+use crate::{
+    model::{ServiceKey, Snapshot},
+    store::SnapshotStream,
 };
 
-use super::{MAX_REQUEST_BYTES, Protocol, Shared, pb};
-use crate::model::{ServiceKey, Snapshot};
+const WATCH_PATH: &str = "/lookaside.v1.Discovery/Watch";
 
-/// An encoded `WatchResponse`, shared by every subscriber of one version.
-#[derive(Debug, Clone)]
-pub struct EncodedWatchResponse(Bytes);
-
-impl EncodedWatchResponse {
-    /// The snapshot's encoding, made once per snapshot (see [`Snapshot::encoded`]).
-    fn of(key: &ServiceKey, snapshot: &Snapshot) -> Self {
-        let bytes = snapshot
-            .encoded
-            .get_or_init(|| Bytes::from(pb::watch_response(key, snapshot).encode_to_vec()));
-        Self(bytes.clone())
-    }
+/// A snapshot as one gRPC message of the Watch response (the 5-byte length
+/// prefix and the encoded `WatchResponse`), made once per snapshot and shared
+/// by every subscriber of its service (see [`Snapshot::encoded`]).
+fn framed(key: &ServiceKey, snapshot: &Snapshot) -> Bytes {
+    snapshot
+        .encoded
+        .get_or_init(|| {
+            let message = pb::watch_response(key, snapshot);
+            let len = message.encoded_len();
+            let mut framed = BytesMut::with_capacity(5 + len);
+            framed.put_u8(0); // not compressed
+            framed.put_u32(u32::try_from(len).expect("a snapshot encodes to under 4 GiB"));
+            message
+                .encode(&mut framed)
+                .expect("the buffer was sized for the message");
+            framed.freeze()
+        })
+        .clone()
 }
 
 /// The Discovery service, as a tonic-compatible tower service.
@@ -53,60 +61,108 @@ impl DiscoveryApi {
         Self { shared }
     }
 
-    async fn watch(self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let peer = super::peer(&request);
-        let key = self
-            .shared
-            .parse_target("discovery", &request.into_inner().target)?;
-        let subscription = self.shared.store.subscribe(&key);
+    /// Reads the one `WatchRequest`, then answers with headers and a body
+    /// that streams snapshots.
+    async fn watch<B>(self, request: http::Request<B>) -> Result<http::Response<Body>, Status>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+    {
+        let (parts, body) = request.into_parts();
+        let peer = super::peer(&tonic::Request::from_http(http::Request::from_parts(
+            parts,
+            (),
+        )));
+        let decoder = tonic_prost::ProstDecoder::<WatchRequest>::default();
+        let mut requests = Streaming::new_request(decoder, body, None, Some(MAX_REQUEST_BYTES));
+        let request = requests
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("Watch needs a WatchRequest message"))?;
+        let key = self.shared.parse_target("discovery", &request.target)?;
+        let mut subscription = self.shared.store.subscribe(&key);
         let guard = self
             .shared
             .subscribers
             .register(peer, key.to_string(), Protocol::Discovery);
         tracing::debug!(target_key = %key, "discovery watch started");
-        // The shutdown future lives as long as the stream, so it registers
-        // with the token once, not once per push.
-        let stopped = self.shared.stream_stopped();
-        let state = (subscription, guard, true, self, stopped);
-        let stream = futures::stream::unfold(
-            state,
-            |(mut sub, guard, first, api, mut stopped)| async move {
-                let snapshot = if first {
-                    sub.current()
-                } else {
-                    tokio::select! {
-                        _ = &mut stopped => return None,
-                        snapshot = sub.next() => {
-                            api.shared.record_push(Protocol::Discovery, Some(snapshot.event_at));
-                            snapshot
-                        }
-                    }
-                };
-                guard.sent(snapshot.version);
-                let encoded = EncodedWatchResponse::of(sub.key(), &snapshot);
-                Some((Ok(encoded), (sub, guard, false, api, stopped)))
-            },
-        );
-        Ok(Response::new(Box::pin(stream)))
+        let current = subscription.current();
+        guard.sent(current.version);
+        let body = WatchBody {
+            first: Some(framed(&key, &current)),
+            key,
+            updates: subscription.into_stream(),
+            guard,
+            stopped: self.shared.stream_stopped(),
+            shared: self.shared,
+            ended: false,
+        };
+        Ok(http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(Body::new(body))
+            .expect("static headers are valid"))
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<EncodedWatchResponse, Status>> + Send>>;
+/// The body of one Watch response: the current snapshot at once, then every
+/// newer one, each as the shared bytes [`framed`] made (no per-subscriber
+/// encoding or copy); at shutdown, OK trailers.
+struct WatchBody {
+    first: Option<Bytes>,
+    key: ServiceKey,
+    updates: SnapshotStream,
+    guard: SubscriberGuard,
+    /// Shutdown, for this stream.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+    shared: Shared,
+    ended: bool,
+}
+
+impl WatchBody {
+    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.ended = true;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+impl http_body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.stopped.as_mut().poll(cx).is_ready() {
+            return this.end();
+        }
+        match ready!(this.updates.poll_next_unpin(cx)) {
+            Some(snapshot) => {
+                this.shared
+                    .record_push(Protocol::Discovery, Some(snapshot.event_at));
+                this.guard.sent(snapshot.version);
+                Poll::Ready(Some(Ok(Frame::data(framed(&this.key, &snapshot)))))
+            }
+            None => this.end(),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.first.is_none()
+    }
+}
 
 impl NamedService for DiscoveryApi {
     const NAME: &'static str = "lookaside.v1.Discovery";
-}
-
-struct WatchMethod(DiscoveryApi);
-
-impl ServerStreamingService<WatchRequest> for WatchMethod {
-    type Response = EncodedWatchResponse;
-    type ResponseStream = WatchStream;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<WatchStream>, Status>> + Send>>;
-
-    fn call(&mut self, request: Request<WatchRequest>) -> Self::Future {
-        Box::pin(self.0.clone().watch(request))
-    }
 }
 
 impl<B> tower::Service<http::Request<B>> for DiscoveryApi
@@ -125,55 +181,15 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let api = self.clone();
         Box::pin(async move {
-            if request.uri().path() != "/lookaside.v1.Discovery/Watch" {
+            if request.uri().path() != WATCH_PATH {
                 return Ok(
                     Status::unimplemented("no such method in lookaside.v1.Discovery").into_http(),
                 );
             }
-            let mut grpc =
-                Grpc::new(WatchCodec).apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
-            Ok(grpc.server_streaming(WatchMethod(api), request).await)
+            Ok(api
+                .watch(request)
+                .await
+                .unwrap_or_else(|status| status.into_http()))
         })
-    }
-}
-
-/// Decodes `WatchRequest` with prost; "encodes" a response by copying its bytes.
-struct WatchCodec;
-
-impl Codec for WatchCodec {
-    type Encode = EncodedWatchResponse;
-    type Decode = WatchRequest;
-    type Encoder = PassThrough;
-    type Decoder = tonic_prost::ProstDecoder<WatchRequest>;
-
-    fn encoder(&mut self) -> PassThrough {
-        PassThrough
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
-}
-
-/// Copies pre-encoded bytes into the frame.
-struct PassThrough;
-
-impl Encoder for PassThrough {
-    type Item = EncodedWatchResponse;
-    type Error = Status;
-
-    fn encode(
-        &mut self,
-        item: EncodedWatchResponse,
-        dst: &mut EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        dst.put_slice(&item.0);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        // A small first buffer (it grows for larger snapshots); the default
-        // yield threshold.
-        BufferSettings::new(512, 32 * 1024)
     }
 }

@@ -238,6 +238,11 @@ pub struct SubscriberGuard {
 }
 
 impl SubscriberGuard {
+    /// The client's address.
+    pub fn peer(&self) -> &str {
+        &self.info.peer
+    }
+
     /// Records the version just sent.
     pub fn sent(&self, version: u64) {
         self.info.last_version.store(version, Ordering::Relaxed);

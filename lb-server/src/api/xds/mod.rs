@@ -47,7 +47,7 @@ use super::{Protocol, Shared, subscribers::SubscriberGuard};
 use crate::{
     config::XdsLbPolicy,
     model::{ServiceKey, Snapshot},
-    store::Subscription,
+    store::SnapshotStream,
 };
 
 /// The largest xDS request accepted. Larger than for the other APIs: Envoy's
@@ -79,7 +79,9 @@ impl XdsApi {
     /// One `StreamAggregatedResources` stream.
     fn stream(&self, request: Request<Streaming<DiscoveryRequest>>) -> AdsStream {
         let peer = super::peer(&request);
-        let span = tracing::info_span!("xds", %peer, node = tracing::field::Empty);
+        // A debug span: enabled, it would cost every stream memory and every
+        // wake-up an enter and exit. Warnings carry the peer and node themselves.
+        let span = tracing::debug_span!("xds", %peer, node = tracing::field::Empty);
         span.in_scope(|| tracing::debug!("ADS stream started"));
         let guard = self
             .shared
@@ -181,7 +183,6 @@ impl Codec for AdsCodec {
     }
 }
 
-type SnapshotStream = Pin<Box<dyn Stream<Item = Arc<Snapshot>> + Send>>;
 type AdsStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 
 /// Everything one ADS stream owns.
@@ -271,6 +272,7 @@ impl StreamState {
                 if let Reply::Nack(nack) = reply {
                     let node = self.session.node().map(|n| n.id.as_str()).unwrap_or("");
                     tracing::warn!(
+                        peer = self.guard.peer(),
                         node,
                         type_url = ty.type_url(),
                         version = %nack.version,
@@ -323,7 +325,7 @@ impl StreamState {
             self.view
                 .snapshots
                 .insert(key.clone(), subscription.current());
-            self.watches.insert(key, watch_stream(subscription));
+            self.watches.insert(key, subscription.into_stream());
         }
         let wildcard = self.session.has_wildcard();
         if wildcard && !self.watching_set {
@@ -390,15 +392,4 @@ impl StreamState {
         self.guard
             .record_xds(|status| session.record(ty, None, false, status));
     }
-}
-
-/// A subscription as a stream of newer snapshots.
-fn watch_stream(subscription: Subscription) -> SnapshotStream {
-    Box::pin(futures::stream::unfold(
-        subscription,
-        |mut subscription| async move {
-            let snapshot = subscription.next().await;
-            Some((snapshot, subscription))
-        },
-    ))
 }
