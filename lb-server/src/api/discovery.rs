@@ -8,7 +8,6 @@
 //! are the common case.
 
 use std::{
-    convert::Infallible,
     pin::Pin,
     task::{Context, Poll, ready},
 };
@@ -21,7 +20,10 @@ use prost::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, body::Body, codec::Streaming, server::NamedService};
 
-use super::{MAX_REQUEST_BYTES, Protocol, Shared, pb, subscribers::SubscriberGuard};
+use super::{
+    Answer, BoxFuture, HandWritten, MAX_REQUEST_BYTES, Protocol, Shared, pb,
+    subscribers::SubscriberGuard,
+};
 use crate::{
     model::{ServiceKey, Snapshot},
     store::SnapshotStream,
@@ -57,17 +59,13 @@ pub struct DiscoveryApi {
 
 impl DiscoveryApi {
     /// The service, ready for `Server::add_service`.
-    pub fn server(shared: Shared) -> Self {
-        Self { shared }
+    pub fn server(shared: Shared) -> HandWritten<Self> {
+        HandWritten(Self { shared })
     }
 
     /// Reads the one `WatchRequest`, then answers with headers and a body
     /// that streams snapshots.
-    async fn watch<B>(self, request: http::Request<B>) -> Result<http::Response<Body>, Status>
-    where
-        B: http_body::Body + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-    {
+    async fn watch(self, request: http::Request<Body>) -> Result<http::Response<Body>, Status> {
         let (parts, body) = request.into_parts();
         let peer = super::peer(&tonic::Request::from_http(http::Request::from_parts(
             parts,
@@ -165,31 +163,16 @@ impl NamedService for DiscoveryApi {
     const NAME: &'static str = "lookaside.v1.Discovery";
 }
 
-impl<B> tower::Service<http::Request<B>> for DiscoveryApi
-where
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let api = self.clone();
+impl Answer for DiscoveryApi {
+    fn answer(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>> {
         Box::pin(async move {
             if request.uri().path() != WATCH_PATH {
-                return Ok(
-                    Status::unimplemented("no such method in lookaside.v1.Discovery").into_http(),
-                );
+                return Status::unimplemented("no such method in lookaside.v1.Discovery")
+                    .into_http();
             }
-            Ok(api
-                .watch(request)
+            self.watch(request)
                 .await
-                .unwrap_or_else(|status| status.into_http()))
+                .unwrap_or_else(|status| status.into_http())
         })
     }
 }

@@ -10,10 +10,17 @@ pub mod pb;
 pub mod subscribers;
 pub mod xds;
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
+use bytes::Bytes;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::Status;
+use tonic::{Status, body::Body, server::NamedService};
 
 use crate::{
     metrics::{Metrics, PushMetrics},
@@ -102,4 +109,41 @@ pub(crate) fn peer<T>(request: &tonic::Request<T>) -> String {
     request
         .remote_addr()
         .map_or_else(|| "unknown".to_owned(), |addr: SocketAddr| addr.to_string())
+}
+
+/// A service written by hand rather than generated (Discovery, ADS): it
+/// answers each HTTP/2 request of its gRPC methods itself.
+pub trait Answer: Clone + Send + 'static {
+    /// The response to one request, errors included (as `Status::into_http`).
+    fn answer(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>>;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A hand-written service as the tower service tonic's router takes.
+#[derive(Debug, Clone)]
+pub struct HandWritten<S>(S);
+
+impl<S: NamedService> NamedService for HandWritten<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for HandWritten<S>
+where
+    S: Answer,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.0.clone().answer(request.map(Body::new));
+        Box::pin(async move { Ok(response.await) })
+    }
 }

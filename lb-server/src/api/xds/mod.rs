@@ -17,13 +17,7 @@
 pub mod resources;
 pub mod session;
 
-use std::{
-    collections::BTreeSet,
-    convert::Infallible,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{collections::BTreeSet, pin::Pin, sync::Arc};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use futures::{FutureExt, Stream, StreamExt};
@@ -43,7 +37,7 @@ use self::{
     resources::Resources,
     session::{Handled, Outgoing, Reply, Session, View},
 };
-use super::{Protocol, Shared, subscribers::SubscriberGuard};
+use super::{Answer, BoxFuture, HandWritten, Protocol, Shared, subscribers::SubscriberGuard};
 use crate::{
     config::XdsLbPolicy,
     model::{ServiceKey, Snapshot},
@@ -69,11 +63,11 @@ pub struct XdsApi {
 
 impl XdsApi {
     /// The service, ready for `Server::add_service`.
-    pub fn server(shared: Shared, lb_policy: XdsLbPolicy) -> Self {
-        Self {
+    pub fn server(shared: Shared, lb_policy: XdsLbPolicy) -> HandWritten<Self> {
+        HandWritten(Self {
             shared,
             resources: Resources::new(lb_policy),
-        }
+        })
     }
 
     /// One `StreamAggregatedResources` stream.
@@ -115,35 +109,21 @@ impl NamedService for XdsApi {
     const NAME: &'static str = SERVICE;
 }
 
-impl<B> tower::Service<http::Request<B>> for XdsApi
-where
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let api = self.clone();
+impl Answer for XdsApi {
+    fn answer(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>> {
         Box::pin(async move {
             let path = request.uri().path();
-            let method = path.strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
-            match method {
+            match path.strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE)) {
                 Some("/StreamAggregatedResources") => {
                     let mut grpc = Grpc::new(AdsCodec)
                         .apply_max_message_size_config(Some(MAX_XDS_REQUEST_BYTES), None);
-                    Ok(grpc.streaming(AdsMethod(api), request).await)
+                    grpc.streaming(AdsMethod(self), request).await
                 }
-                Some("/DeltaAggregatedResources") => Ok(Status::unimplemented(
+                Some("/DeltaAggregatedResources") => Status::unimplemented(
                     "lb-server serves state-of-the-world ADS only (StreamAggregatedResources)",
                 )
-                .into_http()),
-                _ => Ok(Status::unimplemented(format!("no such method in {SERVICE}")).into_http()),
+                .into_http(),
+                _ => Status::unimplemented(format!("no such method in {SERVICE}")).into_http(),
             }
         })
     }
