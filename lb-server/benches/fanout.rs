@@ -17,9 +17,11 @@
 //! figure is polling, not fan-out.
 //!
 //! Subscribers: by default each is a lean HTTP/2 client written for this
-//! benchmark (`support/lean_client.rs`), so that on one machine they leave
-//! the server as much of the CPU as they can; `FANOUT_CLIENT=tonic` makes each
-//! a tonic client on its own hyper connection instead, to compare.
+//! benchmark (`support/lean_client.rs`), all on one thread, so that on one
+//! machine they leave the server as much of the CPU as they can.
+//! `FANOUT_CLIENT=tonic` makes each a tonic client on its own hyper
+//! connection instead, and `FANOUT_CLIENT_THREADS=N` gives them N threads, to
+//! compare. The table shows the subscribers' CPU per push next to the server's.
 
 use std::{
     io::{BufRead, BufReader},
