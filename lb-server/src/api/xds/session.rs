@@ -958,4 +958,24 @@ mod tests {
         assert_eq!(status.types[0].type_url, LISTENER_TYPE);
         assert_eq!(status.types[0].version_sent, "");
     }
+
+    #[test]
+    fn sorted_map_keeps_names_sorted_and_unique() {
+        let mut map: SortedMap<u32> = [("b", 2), ("a", 1), ("b", 3), ("c", 4)]
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect();
+        assert_eq!(map.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(map.len(), 3);
+        map.insert("ab".to_owned(), 5);
+        map.insert("a".to_owned(), 6);
+        assert_eq!(map.keys().collect::<Vec<_>>(), ["a", "ab", "b", "c"]);
+        assert_eq!(map.get("a"), Some(&6));
+        assert_eq!(map.get("zz"), None);
+        map.retain(|name| name != "b");
+        assert!(!map.contains_key("b"));
+        assert_eq!(map.values().copied().collect::<Vec<_>>(), [6, 5, 4]);
+        map.clear();
+        assert_eq!(map.len(), 0);
+    }
 }
