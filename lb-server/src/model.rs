@@ -291,10 +291,10 @@ pub struct Snapshot {
     pub updated: SystemTime,
     /// When the source saw the event that produced this version, for push latency.
     pub event_at: Instant,
-    /// This snapshot as the Discovery API sends it (an encoded `WatchResponse`),
-    /// made by the first stream that sends it and shared by every other: a
-    /// snapshot belongs to one service, so its encoding is the same for all
-    /// of that service's subscribers.
+    /// This snapshot as the Discovery API sends it (an encoded `WatchResponse`
+    /// with its gRPC length prefix), made by the first stream that sends it
+    /// and shared by every other: a snapshot belongs to one service, so its
+    /// encoding is the same for all of that service's subscribers.
     pub encoded: OnceLock<Bytes>,
 }
 

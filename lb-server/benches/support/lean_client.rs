@@ -38,6 +38,8 @@ const DEFAULT_WINDOW: u32 = 65_535;
 
 /// The one request stream's id.
 const STREAM: u32 = 1;
+/// A frame header's stream id without its reserved bit.
+const STREAM_ID_MASK: u32 = (1 << 31) - 1;
 
 fn frame(out: &mut BytesMut, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     let len = payload.len() as u32;
@@ -171,7 +173,7 @@ impl LeanCall {
         let len = frame_len(&self.read);
         let kind = self.read[3];
         let flags = self.read[4];
-        let stream = u32::from_be_bytes(self.read[5..9].try_into().unwrap()) & MAX_WINDOW;
+        let stream = u32::from_be_bytes(self.read[5..9].try_into().unwrap()) & STREAM_ID_MASK;
         self.read.advance(9);
         let mut payload = self.read.split_to(len);
         match kind {
