@@ -12,17 +12,15 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
-use futures::StreamExt;
-use http_body::Frame;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use lookaside_proto::lookaside::v1::WatchRequest;
-use prost::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, body::Body, codec::Streaming, server::NamedService};
 
 use super::{
-    Answer, BoxFuture, HandWritten, MAX_REQUEST_BYTES, Protocol, Shared, pb,
-    subscribers::SubscriberGuard,
+    Answer, BoxFuture, HandWritten, MAX_REQUEST_BYTES, Protocol, Shared, grpc_frame, pb,
+    streaming_response, subscribers::SubscriberGuard,
 };
 use crate::{
     model::{ServiceKey, Snapshot},
@@ -31,23 +29,13 @@ use crate::{
 
 const WATCH_PATH: &str = "/lookaside.v1.Discovery/Watch";
 
-/// A snapshot as one gRPC message of the Watch response (the 5-byte length
-/// prefix and the encoded `WatchResponse`), made once per snapshot and shared
-/// by every subscriber of its service (see [`Snapshot::encoded`]).
+/// A snapshot as one gRPC message of the Watch response, framed once per
+/// snapshot and shared by every subscriber of its service (see
+/// [`Snapshot::encoded`]).
 fn framed(key: &ServiceKey, snapshot: &Snapshot) -> Bytes {
     snapshot
         .encoded
-        .get_or_init(|| {
-            let message = pb::watch_response(key, snapshot);
-            let len = message.encoded_len();
-            let mut framed = BytesMut::with_capacity(5 + len);
-            framed.put_u8(0); // not compressed
-            framed.put_u32(u32::try_from(len).expect("a snapshot encodes to under 4 GiB"));
-            message
-                .encode(&mut framed)
-                .expect("the buffer was sized for the message");
-            framed.freeze()
-        })
+        .get_or_init(|| grpc_frame(&pb::watch_response(key, snapshot)))
         .clone()
 }
 
@@ -86,26 +74,22 @@ impl DiscoveryApi {
         tracing::debug!(target_key = %key, "discovery watch started");
         let current = subscription.current();
         guard.sent(current.version);
-        let body = WatchBody {
+        let messages = WatchMessages {
             first: Some(framed(&key, &current)),
             key,
             updates: subscription.into_stream(),
             guard,
             stopped: self.shared.stream_stopped(),
             shared: self.shared,
-            ended: false,
         };
-        Ok(http::Response::builder()
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .body(Body::new(body))
-            .expect("static headers are valid"))
+        Ok(streaming_response(messages))
     }
 }
 
-/// The body of one Watch response: the current snapshot at once, then every
-/// newer one, each as the shared bytes [`framed`] made (no per-subscriber
-/// encoding or copy); at shutdown, OK trailers.
-struct WatchBody {
+/// The messages of one Watch response: the current snapshot at once, then
+/// every newer one, each as the shared bytes [`framed`] made (no
+/// per-subscriber encoding or copy); they end at shutdown.
+struct WatchMessages {
     first: Option<Bytes>,
     key: ServiceKey,
     updates: SnapshotStream,
@@ -113,49 +97,28 @@ struct WatchBody {
     /// Shutdown, for this stream.
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     shared: Shared,
-    ended: bool,
 }
 
-impl WatchBody {
-    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        self.ended = true;
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    }
-}
+impl Stream for WatchMessages {
+    type Item = Result<Bytes, Status>;
 
-impl http_body::Body for WatchBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        if this.ended {
-            return Poll::Ready(None);
+            return Poll::Ready(Some(Ok(first)));
         }
         if this.stopped.as_mut().poll(cx).is_ready() {
-            return this.end();
+            return Poll::Ready(None);
         }
         match ready!(this.updates.poll_next_unpin(cx)) {
             Some(snapshot) => {
                 this.shared
                     .record_push(Protocol::Discovery, Some(snapshot.event_at));
                 this.guard.sent(snapshot.version);
-                Poll::Ready(Some(Ok(Frame::data(framed(&this.key, &snapshot)))))
+                Poll::Ready(Some(Ok(framed(&this.key, &snapshot))))
             }
-            None => this.end(),
+            None => Poll::Ready(None),
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended && self.first.is_none()
     }
 }
 

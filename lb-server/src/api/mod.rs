@@ -18,7 +18,9 @@ use std::{
     task::{Context, Poll},
 };
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use http_body::Frame;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, body::Body, server::NamedService};
 
@@ -145,5 +147,72 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let response = self.0.clone().answer(request.map(Body::new));
         Box::pin(async move { Ok(response.await) })
+    }
+}
+
+/// One gRPC message: the 5-byte prefix (uncompressed, length) and the
+/// encoded message, in a buffer of exactly that size.
+pub(crate) fn grpc_frame(message: &impl prost::Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut framed = BytesMut::with_capacity(5 + len);
+    framed.put_u8(0);
+    framed.put_u32(u32::try_from(len).expect("a message encodes to under 4 GiB"));
+    message
+        .encode(&mut framed)
+        .expect("the buffer was sized for the message");
+    framed.freeze()
+}
+
+/// The response of a hand-written streaming method: each item of `messages`
+/// is one message made by [`grpc_frame`] (or shared bytes made by it once),
+/// sent as it is; OK trailers when the stream ends, the status if it fails.
+/// No encoder or buffer stays with the stream between messages.
+pub(crate) fn streaming_response<S>(messages: S) -> http::Response<Body>
+where
+    S: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static,
+{
+    http::Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(Body::new(MessagesBody {
+            messages,
+            ended: false,
+        }))
+        .expect("static headers are valid")
+}
+
+struct MessagesBody<S> {
+    messages: S,
+    ended: bool,
+}
+
+impl<S> http_body::Body for MessagesBody<S>
+where
+    S: Stream<Item = Result<Bytes, Status>> + Unpin,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let status = match std::task::ready!(self.messages.poll_next_unpin(cx)) {
+            Some(Ok(message)) => return Poll::Ready(Some(Ok(Frame::data(message)))),
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        self.ended = true;
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
     }
 }

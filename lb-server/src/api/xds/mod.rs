@@ -24,20 +24,18 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 use tokio_stream::StreamMap;
 use tokio_util::sync::WaitForCancellationFutureOwned;
-use tonic::{
-    Request, Response, Status, Streaming,
-    body::Body,
-    codec::{BufferSettings, Codec},
-    server::{Grpc, NamedService, StreamingService},
-};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic::{Request, Status, Streaming, body::Body, codec::BufferSettings, server::NamedService};
+use tonic_prost::ProstDecoder;
 use tracing::Instrument;
 
 use self::{
     resources::Resources,
     session::{Handled, Outgoing, Reply, Session, View},
 };
-use super::{Answer, BoxFuture, HandWritten, Protocol, Shared, subscribers::SubscriberGuard};
+use super::{
+    Answer, BoxFuture, HandWritten, Protocol, Shared, grpc_frame, streaming_response,
+    subscribers::SubscriberGuard,
+};
 use crate::{
     config::XdsLbPolicy,
     model::{ServiceKey, Snapshot},
@@ -52,9 +50,9 @@ const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 
 /// The ADS service, as a tonic-compatible tower service.
 ///
-/// Written by hand rather than taken from the generated server so that each
-/// stream's encode and decode buffers start at 512 bytes instead of tonic's
-/// 8 KiB each: an ADS stream is mostly idle, and there is one per client.
+/// Written by hand rather than taken from the generated server so that an
+/// idle stream keeps no encode buffer and a 512-byte decode buffer, not
+/// tonic's 8 KiB each: an ADS stream is mostly idle, and there is one per client.
 #[derive(Debug, Clone)]
 pub struct XdsApi {
     shared: Shared,
@@ -115,9 +113,20 @@ impl Answer for XdsApi {
             let path = request.uri().path();
             match path.strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE)) {
                 Some("/StreamAggregatedResources") => {
-                    let mut grpc = Grpc::new(AdsCodec)
-                        .apply_max_message_size_config(Some(MAX_XDS_REQUEST_BYTES), None);
-                    grpc.streaming(AdsMethod(self), request).await
+                    let (parts, body) = request.into_parts();
+                    // A small first decode buffer: ACKs are small, and it
+                    // grows for an Envoy's long list of names.
+                    let decoder =
+                        ProstDecoder::<DiscoveryRequest>::new(BufferSettings::new(512, 32 * 1024));
+                    let inbound =
+                        Streaming::new_request(decoder, body, None, Some(MAX_XDS_REQUEST_BYTES));
+                    let request = Request::from_http(http::Request::from_parts(parts, inbound));
+                    // Each response encoded into a buffer of its own size,
+                    // freed once written: nothing stays with an idle stream.
+                    let responses = self
+                        .stream(request)
+                        .map(|response| response.map(|response| grpc_frame(&response)));
+                    streaming_response(responses)
                 }
                 Some("/DeltaAggregatedResources") => Status::unimplemented(
                     "lb-server serves state-of-the-world ADS only (StreamAggregatedResources)",
@@ -126,40 +135,6 @@ impl Answer for XdsApi {
                 _ => Status::unimplemented(format!("no such method in {SERVICE}")).into_http(),
             }
         })
-    }
-}
-
-struct AdsMethod(XdsApi);
-
-impl StreamingService<DiscoveryRequest> for AdsMethod {
-    type Response = DiscoveryResponse;
-    type ResponseStream = AdsStream;
-    type Future = std::future::Ready<Result<Response<AdsStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        std::future::ready(Ok(Response::new(self.0.stream(request))))
-    }
-}
-
-/// Prost both ways, with small first buffers (they grow for larger messages).
-struct AdsCodec;
-
-fn ads_buffers() -> BufferSettings {
-    BufferSettings::new(512, 32 * 1024)
-}
-
-impl Codec for AdsCodec {
-    type Encode = DiscoveryResponse;
-    type Decode = DiscoveryRequest;
-    type Encoder = ProstEncoder<DiscoveryResponse>;
-    type Decoder = ProstDecoder<DiscoveryRequest>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(ads_buffers())
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(ads_buffers())
     }
 }
 
