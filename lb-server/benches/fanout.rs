@@ -24,10 +24,9 @@
 //! compare. The table shows the subscribers' CPU per push next to the server's.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -55,6 +54,9 @@ use connection::Connection;
 #[path = "support/lean_client.rs"]
 mod lean_client;
 use lean_client::LeanCall;
+#[path = "support/server.rs"]
+mod server;
+use server::{ServerProcess, process_cpu};
 
 const WATCH_PATH: &str = "/lookaside.v1.Discovery/Watch";
 const ADS_PATH: &str =
@@ -79,92 +81,21 @@ fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// The lb-server process, killed on drop.
-struct Server {
-    child: Child,
-    grpc: SocketAddr,
-}
-
-impl Server {
-    fn start(file: &Path) -> Self {
-        // FANOUT_WRAPPER runs the server under a tool, e.g.
-        // `valgrind --tool=dhat` to see where its memory goes.
-        let wrapper = std::env::var("FANOUT_WRAPPER").unwrap_or_default();
-        let mut words = wrapper.split_whitespace();
-        let mut command = match words.next() {
-            Some(tool) => {
-                let mut command = Command::new(tool);
-                command.args(words).arg(env!("CARGO_BIN_EXE_lb-server"));
-                command
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_lb-server")),
-        };
-        let mut child = command
-            .args(["--source", "file", "--file"])
-            .arg(file)
-            .args(["--file-poll-interval", "1ms", "--listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .env("LB_LOG", "warn,lb_server=info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("lb-server starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let grpc = loop {
-            let line = lines.next().expect("lb-server logs its address").unwrap();
-            if let Some(rest) = line.split("grpc=").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        };
-        // Keep draining the log so the pipe never fills.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { child, grpc }
-    }
-
-    /// The server's user + system CPU time so far.
-    fn cpu(&self) -> Duration {
-        process_cpu(self.child.id())
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    }
-}
-
-/// A process's user + system CPU time so far.
-fn process_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_secs_f64(ticks as f64 / 100.0)
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGTERM first (lb-server drains and exits, and a FANOUT_WRAPPER tool
-        // writes its report), SIGKILL if it is still there after 30 s.
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+/// lb-server on `file`, polled every millisecond. FANOUT_WRAPPER runs it
+/// under a tool, e.g. `valgrind --tool=dhat` to see where its memory goes.
+fn start_server(file: &Path) -> ServerProcess {
+    let wrapper = std::env::var("FANOUT_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(tool) => {
+            let mut command = Command::new(tool);
+            command.args(words).arg(env!("CARGO_BIN_EXE_lb-server"));
+            command
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        None => Command::new(env!("CARGO_BIN_EXE_lb-server")),
+    };
+    command.env("LB_LOG", "warn,lb_server=info");
+    ServerProcess::start(command, file, &["--file-poll-interval", "1ms"])
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -465,7 +396,7 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
     let file = dir.path().join("lb.yaml");
     let mut endpoints = 10;
     write_atomic(&file, &file_with(endpoints));
-    let server = Server::start(&file);
+    let server = start_server(&file);
     let url = format!("http://{}", server.grpc);
 
     // Warm the server up with one subscriber, then take the baseline.

@@ -6,13 +6,7 @@
 //! Run: `cargo run --release -p lb-server --example connection_memory -- 5000`
 //! (needs `cargo build --release --bin lb-server` first).
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use lookaside_proto::lookaside::v1::{
     ListServicesRequest, WatchRequest, admin_client::AdminClient, discovery_client::DiscoveryClient,
@@ -21,16 +15,9 @@ use lookaside_proto::lookaside::v1::{
 #[path = "../benches/support/connection.rs"]
 mod connection;
 use connection::Connection;
-
-fn rss_kib(child: &Child) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
+#[path = "../benches/support/server.rs"]
+mod server;
+use server::ServerProcess;
 
 async fn measure(mode: &str, n: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
@@ -41,23 +28,10 @@ async fn measure(mode: &str, n: usize) -> f64 {
     )
     .unwrap();
     let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-server");
-    let mut child = Command::new(binary)
-        .args(["--source", "file", "--file"])
-        .arg(&file)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("target/release/lb-server: build it first");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr: SocketAddr = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(rest) = line.split("grpc=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let server = ServerProcess::start(Command::new(binary), &file, &[]);
+    let addr = server.grpc;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(&child);
+    let before = server.rss_kib();
     let origin: http::Uri = format!("http://{addr}").parse().unwrap();
     let mut open = Vec::new();
     for _ in 0..n {
@@ -85,9 +59,7 @@ async fn measure(mode: &str, n: usize) -> f64 {
         open.push(Box::new(connection));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_kib(&child);
-    let _ = child.kill();
-    let _ = child.wait();
+    let after = server.rss_kib();
     after.saturating_sub(before) as f64 / n as f64
 }
 
