@@ -387,6 +387,20 @@ async fn delta_xds_is_unimplemented_and_shutdown_ends_streams() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
+    // A method the ADS service does not have.
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary(
+            tonic::Request::new(DiscoveryRequest::default()),
+            http::uri::PathAndQuery::from_static(
+                "/envoy.service.discovery.v3.AggregatedDiscoveryService/Nope",
+            ),
+            tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
 
     let mut ads = Ads::connect(&server, "until-shutdown").await;
     ads.subscribe(CDS, &[]);
