@@ -13,8 +13,11 @@
 //! `-- ads 1000 10000` or `-- discovery ads 1000`; one table per protocol.
 //!
 //! Latency is measured from the moment the benchmark renames the new file into
-//! place; the file source polls every millisecond here, so up to 1 ms of each
-//! figure is polling, not fan-out.
+//! place (lb-server sees it through its watch on the file's directory) to
+//! when each subscriber's socket received it (the kernel's receive
+//! timestamp, `SO_TIMESTAMPNS`). The table also shows the p99 of when the
+//! subscriber's thread read it: on one machine that thread waits for a CPU
+//! the server holds, which a fleet of pods would not.
 //!
 //! Subscribers: by default each is a lean HTTP/2 client written for this
 //! benchmark (`support/lean_client.rs`), all on one thread, so that on one
@@ -22,6 +25,10 @@
 //! `FANOUT_CLIENT=tonic` makes each a tonic client on its own hyper
 //! connection instead, and `FANOUT_CLIENT_THREADS=N` gives them N threads, to
 //! compare. The table shows the subscribers' CPU per push next to the server's.
+//!
+//! `FANOUT_DIST=1` also prints more percentiles of both latencies.
+//! `FANOUT_PERF_CTL=FIFO` with `FANOUT_WRAPPER="perf record -D -1
+//! --control=fifo:FIFO ..."` profiles the server over the changes only.
 
 use std::{
     net::SocketAddr,
@@ -31,7 +38,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use envoy_types::pb::envoy::{
@@ -81,7 +88,7 @@ fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// lb-server on `file`, polled every millisecond. FANOUT_WRAPPER runs it
+/// lb-server on `file`, with its defaults. FANOUT_WRAPPER runs it
 /// under a tool, e.g. `valgrind --tool=dhat` to see where its memory goes.
 fn start_server(file: &Path) -> ServerProcess {
     let wrapper = std::env::var("FANOUT_WRAPPER").unwrap_or_default();
@@ -95,7 +102,7 @@ fn start_server(file: &Path) -> ServerProcess {
         None => Command::new(env!("CARGO_BIN_EXE_lb-server")),
     };
     command.env("LB_LOG", "warn,lb_server=info");
-    ServerProcess::start(command, file, &["--file-poll-interval", "1ms"])
+    ServerProcess::start(command, file, &[])
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -123,31 +130,43 @@ const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssig
 /// it, so that timing 10,000 subscribers costs them no channel traffic.
 struct Tally {
     base: Instant,
+    /// The wall-clock time at `base`: kernel receive timestamps are wall-clock.
+    base_wall: SystemTime,
     /// The endpoint count of the current round's change.
     awaited: AtomicUsize,
     /// Subscribers still to see it.
     remaining: AtomicUsize,
-    /// When each subscriber saw it, in nanoseconds since `base`.
-    seen_at: Vec<AtomicU64>,
+    /// When each subscriber's socket received it, in nanoseconds since `base`.
+    arrived_at: Vec<AtomicU64>,
+    /// When each subscriber read it, in nanoseconds since `base`.
+    read_at: Vec<AtomicU64>,
     done: Notify,
 }
 
 impl Tally {
     fn new(subscribers: usize) -> Self {
+        let slots = || (0..subscribers).map(|_| AtomicU64::new(0)).collect();
         Self {
             base: Instant::now(),
+            base_wall: SystemTime::now(),
             awaited: AtomicUsize::new(usize::MAX),
             remaining: AtomicUsize::new(0),
-            seen_at: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
+            arrived_at: slots(),
+            read_at: slots(),
             done: Notify::new(),
         }
     }
 
-    /// Subscriber `id` holds a list of `count` endpoints since `at`.
-    fn saw(&self, id: usize, count: usize, at: Instant) {
+    /// Subscriber `id` read a list of `count` endpoints at `read`; its
+    /// socket received it at `arrived` (the kernel's timestamp), if known.
+    fn saw(&self, id: usize, count: usize, read: Instant, arrived: Option<SystemTime>) {
         if count == self.awaited.load(Ordering::Acquire) {
-            let nanos = (at - self.base).as_nanos() as u64;
-            self.seen_at[id].store(nanos, Ordering::Relaxed);
+            let read = (read - self.base).as_nanos() as u64;
+            let arrived = arrived
+                .and_then(|at| at.duration_since(self.base_wall).ok())
+                .map_or(read, |at| at.as_nanos() as u64);
+            self.read_at[id].store(read, Ordering::Relaxed);
+            self.arrived_at[id].store(arrived, Ordering::Relaxed);
             if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.done.notify_one();
             }
@@ -156,16 +175,21 @@ impl Tally {
 
     /// Starts a round that waits for `count` endpoints.
     fn expect(&self, count: usize) {
-        self.remaining.store(self.seen_at.len(), Ordering::Release);
+        self.remaining.store(self.read_at.len(), Ordering::Release);
         self.awaited.store(count, Ordering::Release);
     }
 
-    /// Each subscriber's latency from `started`.
-    fn latencies(&self, started: Instant) -> impl Iterator<Item = Duration> + '_ {
-        let started = started - self.base;
-        self.seen_at
-            .iter()
-            .map(move |at| Duration::from_nanos(at.load(Ordering::Relaxed)) - started)
+    /// Each subscriber's latency from `started` to its socket receiving the
+    /// change, and to its reading it.
+    fn latencies(&self, started: Instant) -> (Vec<Duration>, Vec<Duration>) {
+        let started = (started - self.base).as_nanos() as u64;
+        let since = |slots: &[AtomicU64]| {
+            slots
+                .iter()
+                .map(|at| Duration::from_nanos(at.load(Ordering::Relaxed).saturating_sub(started)))
+                .collect()
+        };
+        (since(&self.arrived_at), since(&self.read_at))
     }
 }
 
@@ -239,7 +263,7 @@ async fn lean_discovery_subscriber(
     ready();
     while let Ok(Some(message)) = call.next().await {
         let update = WatchResponseLite::decode(message).unwrap();
-        seen.saw(id, update.endpoints.len(), Instant::now());
+        seen.saw(id, update.endpoints.len(), Instant::now(), call.arrived());
     }
 }
 
@@ -258,7 +282,7 @@ async fn lean_ads_subscriber(addr: SocketAddr, id: usize, ready: impl FnOnce(), 
     }
     let mut ready = Some(ready);
     while let Ok(Some(message)) = call.next().await {
-        let at = Instant::now();
+        let (at, arrived) = (Instant::now(), call.arrived());
         let response = DiscoveryResponseLite::decode(message).unwrap();
         let ack = ads_request(
             &response.type_url,
@@ -284,7 +308,7 @@ async fn lean_ads_subscriber(addr: SocketAddr, id: usize, ready: impl FnOnce(), 
         match ready.take() {
             Some(ready) => ready(),
             None => {
-                seen.saw(id, count, at);
+                seen.saw(id, count, at, arrived);
             }
         }
     }
@@ -315,7 +339,7 @@ async fn discovery_subscriber(
     stream.message().await.unwrap().unwrap();
     ready();
     while let Ok(Some(update)) = stream.message().await {
-        seen.saw(id, update.endpoints.len(), Instant::now());
+        seen.saw(id, update.endpoints.len(), Instant::now(), None);
     }
 }
 
@@ -375,9 +399,18 @@ async fn ads_subscriber(
         match ready.take() {
             Some(ready) => ready(),
             None => {
-                seen.saw(id, count, at);
+                seen.saw(id, count, at, None);
             }
         }
+    }
+}
+
+/// With `FANOUT_PERF_CTL=FIFO`, tells `perf record --control=fifo:FIFO -D -1`
+/// (as FANOUT_WRAPPER) to sample only while the changes are pushed, not while
+/// the subscribers connect.
+fn perf_control(command: &str) {
+    if let Ok(fifo) = std::env::var("FANOUT_PERF_CTL") {
+        std::fs::write(fifo, format!("{command}\n")).expect("perf control FIFO");
     }
 }
 
@@ -388,6 +421,8 @@ struct Row {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    /// p99 of the time until the subscriber's thread read the change.
+    p99_read: Duration,
     kib_per_subscriber: f64,
 }
 
@@ -453,6 +488,8 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
     let kib_per_subscriber = (rss_idle.saturating_sub(rss_before)) as f64 / subscribers as f64;
 
     let mut latencies = Vec::with_capacity(subscribers * rounds);
+    let mut read_latencies = Vec::with_capacity(subscribers * rounds);
+    perf_control("enable");
     let cpu_before = server.cpu();
     let own_cpu_before = process_cpu(std::process::id());
     for _ in 0..rounds {
@@ -464,15 +501,29 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
         tokio::time::timeout(Duration::from_secs(30), done)
             .await
             .expect("every subscriber gets the change within 30 s");
-        latencies.extend(tally.latencies(started));
+        let (arrived, read) = tally.latencies(started);
+        latencies.extend(arrived);
+        read_latencies.extend(read);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The server is idle between changes, so its CPU time over the rounds is
     // the cost of the pushes (and of reading ACKs, for ADS).
+    perf_control("disable");
     let pushes = (subscribers * rounds) as u32;
     let server_cpu_per_push = (server.cpu() - cpu_before) / pushes;
     let subscriber_cpu_per_push = (process_cpu(std::process::id()) - own_cpu_before) / pushes;
     latencies.sort();
+    read_latencies.sort();
+    if std::env::var("FANOUT_DIST").is_ok() {
+        for (what, sorted) in [("arrived", &latencies), ("read", &read_latencies)] {
+            let ps = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99];
+            let text: Vec<String> = ps
+                .iter()
+                .map(|p| format!("p{}={:.2}", p * 100.0, ms(percentile(sorted, *p))))
+                .collect();
+            eprintln!("DIST {what} {subscribers}: {}", text.join(" "));
+        }
+    }
     Row {
         subscribers,
         server_cpu_per_push,
@@ -480,6 +531,7 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
         max: *latencies.last().unwrap(),
+        p99_read: percentile(&read_latencies, 0.99),
         kib_per_subscriber,
     }
 }
@@ -553,16 +605,17 @@ fn main() {
             "\nfan-out: one endpoint change to N {who}, each on its own connection ({clients}, {rounds} changes each)\n"
         );
         println!(
-            "| subscribers | p50 ms | p99 ms | max ms | server CPU µs / push | subscribers' CPU µs / push | server RSS KiB / idle subscriber |"
+            "| subscribers | p50 ms | p99 ms | max ms | p99 read ms | server CPU µs / push | subscribers' CPU µs / push | server RSS KiB / idle subscriber |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in rows {
             println!(
-                "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
                 row.subscribers,
                 ms(row.p50),
                 ms(row.p99),
                 ms(row.max),
+                ms(row.p99_read),
                 row.server_cpu_per_push.as_secs_f64() * 1e6,
                 row.subscriber_cpu_per_push.as_secs_f64() * 1e6,
                 row.kib_per_subscriber

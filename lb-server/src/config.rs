@@ -43,7 +43,7 @@ pub struct Config {
     #[arg(long, env = "LB_FILE", required_if_eq("source", "file"))]
     pub file: Option<PathBuf>,
 
-    /// How often to check the file for changes.
+    /// How often to poll the file for changes, besides watching its directory.
     #[arg(long, env = "LB_FILE_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub file_poll_interval: Duration,
 

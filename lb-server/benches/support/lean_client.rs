@@ -8,12 +8,25 @@
 //! gRPC-framed DATA. It opens its flow-control windows to the maximum up
 //! front, so it never needs a WINDOW_UPDATE within a benchmark, and it never
 //! decodes response headers or trailers (it only needs the messages).
+//!
+//! It asks the kernel to timestamp what arrives (`SO_TIMESTAMPNS`), so a
+//! message's arrival time is when lb-server's write put it in this socket,
+//! not when this client's thread, which shares the machine's two cores with
+//! the server it measures, next got a CPU to read it.
 
-use std::net::SocketAddr;
+use std::{
+    io::IoSliceMut,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    time::{Duration, SystemTime},
+};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt::ReceiveTimestampns,
+};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncWriteExt, Interest},
     net::TcpStream,
 };
 
@@ -74,6 +87,8 @@ pub(crate) struct LeanCall {
     /// DATA payload of the stream not yet split into gRPC messages.
     messages: BytesMut,
     out: BytesMut,
+    /// When the kernel received the last bytes read.
+    arrived: Option<SystemTime>,
 }
 
 impl LeanCall {
@@ -87,6 +102,7 @@ impl LeanCall {
     ) -> std::io::Result<Self> {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
+        setsockopt(&tcp, ReceiveTimestampns, &true)?;
         let mut out = BytesMut::with_capacity(512);
         out.put_slice(PREFACE);
         // SETTINGS: ENABLE_PUSH = 0, INITIAL_WINDOW_SIZE = max.
@@ -121,6 +137,7 @@ impl LeanCall {
             read: BytesMut::with_capacity(4096),
             messages: BytesMut::new(),
             out,
+            arrived: None,
         };
         call.flush().await?;
         Ok(call)
@@ -151,6 +168,46 @@ impl LeanCall {
         }
     }
 
+    /// When the kernel received the bytes of the last message [`Self::next`]
+    /// returned (the last of them, if they came in more than one segment).
+    pub(crate) fn arrived(&self) -> Option<SystemTime> {
+        self.arrived
+    }
+
+    /// Reads what the socket has into `read`, with the kernel's receive
+    /// time of the last segment; 0 at the end of the connection.
+    async fn read_some(&mut self) -> std::io::Result<usize> {
+        let mut buf = [0u8; 4096];
+        let mut control = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        loop {
+            self.tcp.readable().await?;
+            let fd = self.tcp.as_raw_fd();
+            let received = self.tcp.try_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let message = recvmsg::<()>(fd, &mut iov, Some(&mut control), MsgFlags::empty())?;
+                let mut arrived = None;
+                for cmsg in message.cmsgs()? {
+                    if let ControlMessageOwned::ScmTimestampns(at) = cmsg {
+                        let since_epoch = Duration::new(at.tv_sec() as u64, at.tv_nsec() as u32);
+                        arrived = Some(SystemTime::UNIX_EPOCH + since_epoch);
+                    }
+                }
+                Ok((message.bytes, arrived))
+            });
+            match received {
+                Ok((n, arrived)) => {
+                    self.read.extend_from_slice(&buf[..n]);
+                    if arrived.is_some() {
+                        self.arrived = arrived;
+                    }
+                    return Ok(n);
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
     fn take_message(&mut self) -> Option<Bytes> {
         if self.messages.len() < 5 {
             return None;
@@ -166,7 +223,7 @@ impl LeanCall {
     /// Reads and handles one frame; false when the stream or connection ended.
     async fn read_frame(&mut self) -> std::io::Result<bool> {
         while self.read.len() < 9 || self.read.len() < 9 + frame_len(&self.read) {
-            if self.tcp.read_buf(&mut self.read).await? == 0 {
+            if self.read_some().await? == 0 {
                 return Ok(false);
             }
         }

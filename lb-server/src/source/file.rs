@@ -12,8 +12,14 @@
 //!
 //! A broken file at start-up is an error the caller reports; a broken file
 //! later is logged and counted, and the last good state keeps being served.
-//! The file is polled rather than watched with inotify so that editors that
-//! replace the file and Kubernetes ConfigMap symlink swaps are both seen.
+//!
+//! The file's directory is watched (inotify), so a change is seen as soon as
+//! it is complete: a write closed, or a file renamed into place, which is how
+//! editors save and how Kubernetes swaps a ConfigMap volume's `..data`
+//! symlink. The file is also polled (`--file-poll-interval`) for what the
+//! watch cannot see (network filesystems, a directory that cannot be watched,
+//! a file replaced by a new symlink). Either way the file is reloaded only if
+//! its bytes changed.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,8 +29,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use notify::{
+    EventKind, RecommendedWatcher, RecursiveMode, Watcher,
+    event::{AccessKind, AccessMode, ModifyKind},
+};
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -171,7 +181,7 @@ pub fn load(path: &Path) -> Result<(Vec<u8>, Services), FileError> {
     Ok((bytes, services))
 }
 
-/// Serves a YAML file's services, polling it for changes.
+/// Serves a YAML file's services, watching and polling it for changes.
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
@@ -202,14 +212,31 @@ impl FileSource {
         })
     }
 
-    /// Polls the file until `shutdown`, publishing each good change.
+    /// Watches and polls the file until `shutdown`, publishing each good change.
     pub async fn run(mut self, synced: watch::Sender<bool>, shutdown: CancellationToken) {
-        synced.send_replace(true);
-        let mut ticker = tokio::time::interval(self.interval);
+        let changed = Arc::new(Notify::new());
+        // Kept for as long as the source runs: dropping it ends the watch.
+        let _watcher = match watch_directory(&self.path, changed.clone()) {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    %error,
+                    interval = ?self.interval,
+                    "cannot watch the file's directory; polling only"
+                );
+                None
+            }
+        };
+        // start() has just read the file: the first poll is one interval away.
+        let first = tokio::time::Instant::now() + self.interval;
+        let mut ticker = tokio::time::interval_at(first, self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        synced.send_replace(true);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = changed.notified() => self.poll(),
                 _ = ticker.tick() => self.poll(),
             }
         }
@@ -254,6 +281,32 @@ impl FileSource {
             }
         }
     }
+}
+
+/// Watches the directory holding `path` and notifies `changed` when an entry
+/// in it is completely written or renamed. Opens, reads and writes still in
+/// progress are not signals: reloading mid-write would read half a file.
+fn watch_directory(path: &Path, changed: Arc<Notify>) -> notify::Result<RecommendedWatcher> {
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let complete = match event {
+            Ok(event) => matches!(
+                event.kind,
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    | EventKind::Modify(ModifyKind::Name(_))
+            ),
+            // An overflowed or failed watch may have lost a change: look.
+            Err(_) => true,
+        };
+        if complete {
+            changed.notify_one();
+        }
+    })?;
+    watcher.watch(directory, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
 }
 
 #[cfg(test)]
@@ -305,6 +358,68 @@ mod tests {
             let err = parse_str(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
+    }
+
+    /// One endpoint at `address` for `a.ns:grpc`.
+    fn one_endpoint(address: &str) -> String {
+        format!("services:\n  a.ns:grpc:\n    - address: {address}:80\n")
+    }
+
+    /// The running source sees each kind of complete change at once, with a
+    /// poll interval far longer than the test may take: a file renamed into
+    /// place, a file rewritten in place, and a ConfigMap volume's `..data`
+    /// symlink swapped to a new directory.
+    #[tokio::test]
+    async fn changes_are_seen_through_the_directory_watch_without_waiting_for_a_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        // A ConfigMap volume: lb.yaml -> ..data/lb.yaml, ..data -> ..v1.
+        std::fs::create_dir(dir.path().join("..v1")).unwrap();
+        std::fs::write(dir.path().join("..v1/lb.yaml"), one_endpoint("10.0.0.1")).unwrap();
+        std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+        let path = dir.path().join("lb.yaml");
+        std::os::unix::fs::symlink("..data/lb.yaml", &path).unwrap();
+
+        let store = Store::new();
+        let source = FileSource::start(
+            path.clone(),
+            Duration::from_secs(3600),
+            store.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let key = parse_target("a.ns:grpc").unwrap();
+        let mut subscription = store.subscribe(&key);
+        subscription.current();
+        let shutdown = CancellationToken::new();
+        let (synced, mut watching) = watch::channel(false);
+        let running = tokio::spawn(source.run(synced, shutdown.clone()));
+        watching.wait_for(|synced| *synced).await.unwrap();
+        let mut expect = async |address: &str| {
+            let snapshot = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+                .await
+                .expect("the change is seen without a poll");
+            assert_eq!(snapshot.endpoints[0].address.to_string(), address);
+        };
+
+        // The ConfigMap update: a new directory, then ..data renamed over.
+        std::fs::create_dir(dir.path().join("..v2")).unwrap();
+        std::fs::write(dir.path().join("..v2/lb.yaml"), one_endpoint("10.0.0.2")).unwrap();
+        std::os::unix::fs::symlink("..v2", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        expect("10.0.0.2").await;
+
+        // An editor's save: a new file renamed over the old one.
+        let saved = dir.path().join("lb.yaml.tmp");
+        std::fs::write(&saved, one_endpoint("10.0.0.3")).unwrap();
+        std::fs::rename(&saved, &path).unwrap();
+        expect("10.0.0.3").await;
+
+        // A rewrite in place, seen once the writer closes the file.
+        std::fs::write(&path, one_endpoint("10.0.0.4")).unwrap();
+        expect("10.0.0.4").await;
+
+        shutdown.cancel();
+        running.await.unwrap();
     }
 
     #[tokio::test]
