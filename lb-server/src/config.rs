@@ -44,7 +44,7 @@ pub struct Config {
     pub file: Option<PathBuf>,
 
     /// How often to poll the file for changes, besides watching its directory.
-    #[arg(long, env = "LB_FILE_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "LB_FILE_POLL_INTERVAL", default_value = "1s", value_parser = parse_poll_interval)]
     pub file_poll_interval: Duration,
 
     /// Watch only these namespaces (repeat, or comma-separate in the env var);
@@ -114,6 +114,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Parses the file poll interval, which must be more than zero.
+pub fn parse_poll_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval.is_zero() {
+        return Err(format!(
+            "the file poll interval must be more than 0, not {text:?} \
+             (the file's directory is watched too, so a long interval is fine)"
+        ));
+    }
+    Ok(interval)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +138,9 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("3h").is_err());
         assert!(parse_duration("x").is_err());
+        assert_eq!(parse_poll_interval("1m").unwrap(), Duration::from_secs(60));
+        let zero = parse_poll_interval("0s").unwrap_err();
+        assert!(zero.contains("more than 0"), "{zero}");
     }
 
     #[test]

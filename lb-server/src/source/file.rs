@@ -43,37 +43,35 @@ use crate::{
     store::Store,
 };
 
-/// What can be wrong with the file. Each says the path and what to fix.
+/// What can be wrong with the file. Each says the path and what to fix, with
+/// the underlying reason in its message (not repeated as an error source).
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {reason}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// Not YAML of the expected shape.
-    #[error("cannot parse {path}: {source}")]
+    #[error("cannot parse {path}: {reason}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// Where and why.
-        #[source]
-        source: serde_yaml::Error,
+        reason: serde_yaml::Error,
     },
     /// A service key that is not a valid target.
-    #[error("{path}: service {key:?}: {source}")]
+    #[error("{path}: service {key:?}: {reason}")]
     Target {
         /// The file.
         path: PathBuf,
         /// The key as written.
         key: String,
         /// Why it is not a target.
-        #[source]
-        source: TargetError,
+        reason: TargetError,
     },
     /// An endpoint address that is not `IP:PORT`.
     #[error(
@@ -130,17 +128,17 @@ fn one() -> u32 {
 
 /// Parses file contents into whole endpoint sets, one per service.
 pub fn parse(path: &Path, text: &str) -> Result<Services, FileError> {
-    let doc: Option<FileDoc> = serde_yaml::from_str(text).map_err(|source| FileError::Parse {
+    let doc: Option<FileDoc> = serde_yaml::from_str(text).map_err(|reason| FileError::Parse {
         path: path.into(),
-        source,
+        reason,
     })?;
     let services = doc.and_then(|d| d.services).unwrap_or_default();
     let mut out = HashMap::with_capacity(services.len());
     for (key_text, endpoints) in services {
-        let key = parse_target(&key_text).map_err(|source| FileError::Target {
+        let key = parse_target(&key_text).map_err(|reason| FileError::Target {
             path: path.into(),
             key: key_text.clone(),
-            source,
+            reason,
         })?;
         let mut list = Vec::new();
         for (index, e) in endpoints.unwrap_or_default().into_iter().enumerate() {
@@ -172,9 +170,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Services, FileError> {
 
 /// Reads and parses the file.
 pub fn load(path: &Path) -> Result<(Vec<u8>, Services), FileError> {
-    let bytes = std::fs::read(path).map_err(|source| FileError::Read {
+    let bytes = std::fs::read(path).map_err(|reason| FileError::Read {
         path: path.into(),
-        source,
+        reason,
     })?;
     let text = String::from_utf8_lossy(&bytes);
     let services = parse(path, &text)?;
@@ -252,9 +250,9 @@ impl FileSource {
                 self.last = bytes;
                 parse(&self.path, &text)
             }
-            Err(source) => Err(FileError::Read {
+            Err(reason) => Err(FileError::Read {
                 path: self.path.clone(),
-                source,
+                reason,
             }),
         };
         match result {
@@ -355,9 +353,16 @@ mod tests {
             ("servics: {}\n", "unknown field"),
         ];
         for (text, want) in cases {
-            let err = parse_str(text).unwrap_err().to_string();
-            assert!(err.contains(want), "{text:?}: {err}");
+            let err = parse_str(text).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains(want), "{text:?}: {message}");
+            // lb-server prints a start-up error with its chain of sources:
+            // the reason is in the message once, not repeated.
+            assert_eq!(format!("{:#}", anyhow::Error::from(err)), message);
         }
+        let missing = load(Path::new("/nonexistent/lb.yaml")).unwrap_err();
+        let message = format!("{:#}", anyhow::Error::from(missing));
+        assert_eq!(message.matches("No such file").count(), 1, "{message}");
     }
 
     /// One endpoint at `address` for `a.ns:grpc`.
