@@ -21,11 +21,11 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use lb_server::{
-    api::pb,
+    api::discovery::framed,
     metrics::Metrics,
-    model::{ServiceKey, Snapshot, parse_target},
+    model::{Snapshot, parse_target},
     source::file::FileSource,
     store::Store,
 };
@@ -86,21 +86,6 @@ fn frame(out: &mut BytesMut, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     out.put_u8(flags);
     out.put_u32(stream);
     out.put_slice(payload);
-}
-
-/// The snapshot as one framed gRPC message, encoded once per snapshot.
-fn message(key: &ServiceKey, snapshot: &Snapshot) -> Bytes {
-    snapshot
-        .encoded
-        .get_or_init(|| {
-            let response = pb::watch_response(key, snapshot);
-            let mut framed = BytesMut::with_capacity(5 + response.encoded_len());
-            framed.put_u8(0);
-            framed.put_u32(response.encoded_len() as u32);
-            response.encode(&mut framed).unwrap();
-            framed.freeze()
-        })
-        .clone()
 }
 
 /// What one frame from the client amounted to.
@@ -179,7 +164,7 @@ async fn serve(mut tcp: TcpStream, store: Arc<Store>) -> std::io::Result<()> {
     headers.extend_from_slice(b"application/grpc");
     frame(&mut out, HEADERS, END_HEADERS, stream, &headers);
     let send = |out: &mut BytesMut, snapshot: &Snapshot| {
-        frame(out, DATA, 0, stream, &message(&key, snapshot));
+        frame(out, DATA, 0, stream, &framed(&key, snapshot));
     };
     send(&mut out, &subscription.current());
     tcp.write_all(&out).await?;

@@ -32,7 +32,7 @@ const WATCH_PATH: &str = "/lookaside.v1.Discovery/Watch";
 /// A snapshot as one gRPC message of the Watch response, framed once per
 /// snapshot and shared by every subscriber of its service (see
 /// [`Snapshot::encoded`]).
-fn framed(key: &ServiceKey, snapshot: &Snapshot) -> Bytes {
+pub fn framed(key: &ServiceKey, snapshot: &Snapshot) -> Bytes {
     snapshot
         .encoded
         .get_or_init(|| grpc_frame(&pb::watch_response(key, snapshot)))
