@@ -15,9 +15,18 @@
 //! Latency is measured from the moment the benchmark renames the new file into
 //! place (lb-server sees it through its watch on the file's directory) to
 //! when each subscriber's socket received it (the kernel's receive
-//! timestamp, `SO_TIMESTAMPNS`). The table also shows the p99 of when the
-//! subscriber's thread read it: on one machine that thread waits for a CPU
-//! the server holds, which a fleet of pods would not.
+//! timestamp, `SO_TIMESTAMPNS`), so it does not depend on when the
+//! subscriber reads it.
+//!
+//! Reads: on one machine the subscribers' CPU comes out of the two cores the
+//! server pushes from; in a cluster it is on other nodes. So by default the
+//! Discovery subscribers' thread does not run for a while after each change
+//! (`hold_for`: about three times what the fan-out needs) and then reads
+//! everything; the table counts arrivals after the hold, when they did run
+//! beside the server. ADS subscribers read live, as every ACK they send is
+//! work the server does during the fan-out; so do subscribers on more than
+//! one thread. `FANOUT_READS=live` makes Discovery subscribers read live too,
+//! and the table then shows the p99 of when they read the change.
 //!
 //! Subscribers: by default each is a lean HTTP/2 client written for this
 //! benchmark (`support/lean_client.rs`), all on one thread, so that on one
@@ -26,7 +35,9 @@
 //! connection instead, and `FANOUT_CLIENT_THREADS=N` gives them N threads, to
 //! compare. The table shows the subscribers' CPU per push next to the server's.
 //!
-//! `FANOUT_DIST=1` also prints more percentiles of both latencies.
+//! `FANOUT_DIST=1` also prints more percentiles of both latencies, and each
+//! change's percentiles with the server threads' time on a CPU and waiting
+//! for one (their `schedstat`).
 //! `FANOUT_PERF_CTL=FIFO` with `FANOUT_WRAPPER="perf record -D -1
 //! --control=fifo:FIFO ..."` profiles the server over the changes only.
 
@@ -421,25 +432,151 @@ struct Row {
     p50: Duration,
     p99: Duration,
     max: Duration,
-    /// p99 of the time until the subscriber's thread read the change.
-    p99_read: Duration,
+    /// p99 of the time until the subscriber's thread read the change, when
+    /// it read live.
+    p99_read: Option<Duration>,
+    /// With held reads, how many arrivals came after the hold (the server
+    /// had not finished by then, and the subscribers ran beside it).
+    after_hold: Option<usize>,
     kib_per_subscriber: f64,
 }
 
-async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usize) -> Row {
+/// How the subscribers read during a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// They read as soon as their sockets have data, on the cores the server
+    /// is pushing from.
+    Live,
+    /// Their thread does not run for this long after each change, then reads
+    /// everything; the kernel's receive timestamps are the same either way.
+    Held(Duration),
+}
+
+/// How long held subscribers leave the cores to the server after a change:
+/// about three times what the server needs for the whole fan-out.
+fn hold_for(subscribers: usize) -> Duration {
+    Duration::from_millis(30) + Duration::from_micros(20) * subscribers as u32
+}
+
+fn run(
+    runtime: &tokio::runtime::Runtime,
+    protocol: Protocol,
+    client: Client,
+    subscribers: usize,
+    rounds: usize,
+    reads: Reads,
+) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("lb.yaml");
     let mut endpoints = 10;
     write_atomic(&file, &file_with(endpoints));
     let server = start_server(&file);
-    let url = format!("http://{}", server.grpc);
+    let tally = Arc::new(Tally::new(subscribers));
+    let (warm, kib_per_subscriber) =
+        runtime.block_on(subscribe(&server, protocol, client, tally.clone()));
 
-    // Warm the server up with one subscriber, then take the baseline.
-    let warm = Endpoint::from_shared(url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let mut latencies = Vec::with_capacity(subscribers * rounds);
+    let mut read_latencies = Vec::with_capacity(subscribers * rounds);
+    let mut after_hold = 0;
+    perf_control("enable");
+    let cpu_before = server.cpu();
+    let own_cpu_before = process_cpu(std::process::id());
+    for _ in 0..rounds {
+        endpoints += 1;
+        tally.expect(endpoints);
+        let threads_before = server.threads();
+        let started = Instant::now();
+        write_atomic(&file, &file_with(endpoints));
+        // The subscribers' runtime has one thread and runs only inside
+        // `block_on`: while this thread sleeps, none of them runs.
+        if let Reads::Held(hold) = reads {
+            std::thread::sleep(hold);
+        }
+        let held_until = Instant::now() - started;
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), tally.done.notified())
+                .await
+                .expect("every subscriber gets the change within 30 s");
+        });
+        let (arrived, read) = tally.latencies(started);
+        if std::env::var("FANOUT_DIST").is_ok() {
+            let mut round = arrived.clone();
+            round.sort();
+            let threads: Vec<String> = server
+                .threads()
+                .iter()
+                .filter_map(|(name, run, wait)| {
+                    let (_, run_before, wait_before) =
+                        threads_before.iter().find(|(n, _, _)| n == name)?;
+                    let run = ms(*run - *run_before);
+                    (run >= 0.1).then(|| {
+                        format!("{name} run={run:.1} wait={:.1}", ms(*wait - *wait_before))
+                    })
+                })
+                .collect();
+            eprintln!(
+                "ROUND {subscribers}: p50={:.2} p99={:.2} max={:.2} | {}",
+                ms(percentile(&round, 0.5)),
+                ms(percentile(&round, 0.99)),
+                ms(*round.last().unwrap()),
+                threads.join(", ")
+            );
+        }
+        if reads != Reads::Live {
+            after_hold += arrived.iter().filter(|at| **at > held_until).count();
+        }
+        latencies.extend(arrived);
+        read_latencies.extend(read);
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+    }
+    // The server is idle between changes, so its CPU time over the rounds is
+    // the cost of the pushes (and of reading ACKs, for ADS).
+    perf_control("disable");
+    let pushes = (subscribers * rounds) as u32;
+    let server_cpu_per_push = (server.cpu() - cpu_before) / pushes;
+    let subscriber_cpu_per_push = (process_cpu(std::process::id()) - own_cpu_before) / pushes;
+    latencies.sort();
+    read_latencies.sort();
+    if std::env::var("FANOUT_DIST").is_ok() {
+        for (what, sorted) in [("arrived", &latencies), ("read", &read_latencies)] {
+            let ps = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99];
+            let text: Vec<String> = ps
+                .iter()
+                .map(|p| format!("p{}={:.2}", p * 100.0, ms(percentile(sorted, *p))))
+                .collect();
+            eprintln!("DIST {what} {subscribers}: {}", text.join(" "));
+        }
+    }
+    runtime.block_on(async move { drop(warm) });
+    Row {
+        subscribers,
+        server_cpu_per_push,
+        subscriber_cpu_per_push,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        max: *latencies.last().unwrap(),
+        p99_read: (reads == Reads::Live).then(|| percentile(&read_latencies, 0.99)),
+        after_hold: (reads != Reads::Live).then_some(after_hold),
+        kib_per_subscriber,
+    }
+}
+
+/// Warms the server up with one subscriber, then connects N more, each on
+/// its own connection and reporting to `tally` when it sees the endpoint
+/// count it waits for. Returns the warm-up call (kept open) and the
+/// server's RSS growth per idle subscriber.
+async fn subscribe(
+    server: &ServerProcess,
+    protocol: Protocol,
+    client: Client,
+    tally: Arc<Tally>,
+) -> (
+    tonic::Streaming<lookaside_proto::lookaside::v1::WatchResponse>,
+    f64,
+) {
+    let subscribers = tally.read_at.len();
+    let url = format!("http://{}", server.grpc);
+    let warm = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
     let mut warm_stream = DiscoveryClient::new(warm)
         .watch(WatchRequest {
             target: TARGET.into(),
@@ -451,9 +588,6 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = server.rss_kib();
 
-    // N subscribers, each on its own connection; each reports when it sees
-    // the endpoint count it is waiting for.
-    let tally = Arc::new(Tally::new(subscribers));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
     let connecting = Arc::new(Semaphore::new(256));
     for id in 0..subscribers {
@@ -486,54 +620,7 @@ async fn run(protocol: Protocol, client: Client, subscribers: usize, rounds: usi
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_idle = server.rss_kib();
     let kib_per_subscriber = (rss_idle.saturating_sub(rss_before)) as f64 / subscribers as f64;
-
-    let mut latencies = Vec::with_capacity(subscribers * rounds);
-    let mut read_latencies = Vec::with_capacity(subscribers * rounds);
-    perf_control("enable");
-    let cpu_before = server.cpu();
-    let own_cpu_before = process_cpu(std::process::id());
-    for _ in 0..rounds {
-        endpoints += 1;
-        tally.expect(endpoints);
-        let done = tally.done.notified();
-        let started = Instant::now();
-        write_atomic(&file, &file_with(endpoints));
-        tokio::time::timeout(Duration::from_secs(30), done)
-            .await
-            .expect("every subscriber gets the change within 30 s");
-        let (arrived, read) = tally.latencies(started);
-        latencies.extend(arrived);
-        read_latencies.extend(read);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // The server is idle between changes, so its CPU time over the rounds is
-    // the cost of the pushes (and of reading ACKs, for ADS).
-    perf_control("disable");
-    let pushes = (subscribers * rounds) as u32;
-    let server_cpu_per_push = (server.cpu() - cpu_before) / pushes;
-    let subscriber_cpu_per_push = (process_cpu(std::process::id()) - own_cpu_before) / pushes;
-    latencies.sort();
-    read_latencies.sort();
-    if std::env::var("FANOUT_DIST").is_ok() {
-        for (what, sorted) in [("arrived", &latencies), ("read", &read_latencies)] {
-            let ps = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99];
-            let text: Vec<String> = ps
-                .iter()
-                .map(|p| format!("p{}={:.2}", p * 100.0, ms(percentile(sorted, *p))))
-                .collect();
-            eprintln!("DIST {what} {subscribers}: {}", text.join(" "));
-        }
-    }
-    Row {
-        subscribers,
-        server_cpu_per_push,
-        subscriber_cpu_per_push,
-        p50: percentile(&latencies, 0.50),
-        p99: percentile(&latencies, 0.99),
-        max: *latencies.last().unwrap(),
-        p99_read: percentile(&read_latencies, 0.99),
-        kib_per_subscriber,
-    }
+    (warm_stream, kib_per_subscriber)
 }
 
 fn main() {
@@ -587,10 +674,26 @@ fn main() {
     .enable_all()
     .build()
     .unwrap();
+    let live = match std::env::var("FANOUT_READS").as_deref() {
+        Ok("live") => true,
+        Ok("held") | Err(_) => false,
+        Ok(other) => panic!("FANOUT_READS is held or live, not {other}"),
+    };
     for protocol in protocols {
+        // ADS subscribers answer every push with an ACK the server must read
+        // during the fan-out, and a runtime on more threads cannot be held:
+        // those read live.
+        let held = !live && protocol == Protocol::Discovery && threads <= 1;
         let rows: Vec<Row> = counts
             .iter()
-            .map(|&n| runtime.block_on(run(protocol, client, n, rounds)))
+            .map(|&n| {
+                let reads = if held {
+                    Reads::Held(hold_for(n))
+                } else {
+                    Reads::Live
+                };
+                run(&runtime, protocol, client, n, rounds, reads)
+            })
             .collect();
         let who = match protocol {
             Protocol::Discovery => "Discovery subscribers",
@@ -600,22 +703,29 @@ fn main() {
             Client::Lean => "lean HTTP/2 clients",
             Client::Tonic => "tonic clients",
         };
-        let clients = format!("{clients} on {} thread(s)", threads.max(1));
+        let reads = if held {
+            "reads held during the fan-out"
+        } else {
+            "live reads"
+        };
+        let clients = format!("{clients} on {} thread(s), {reads}", threads.max(1));
         println!(
             "\nfan-out: one endpoint change to N {who}, each on its own connection ({clients}, {rounds} changes each)\n"
         );
         println!(
-            "| subscribers | p50 ms | p99 ms | max ms | p99 read ms | server CPU µs / push | subscribers' CPU µs / push | server RSS KiB / idle subscriber |"
+            "| subscribers | p50 ms | p99 ms | max ms | p99 read ms | arrived after hold | server CPU µs / push | subscribers' CPU µs / push | server RSS KiB / idle subscriber |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let dash = || "–".to_string();
         for row in rows {
             println!(
-                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {:.1} | {:.1} |",
                 row.subscribers,
                 ms(row.p50),
                 ms(row.p99),
                 ms(row.max),
-                ms(row.p99_read),
+                row.p99_read.map_or_else(dash, |d| format!("{:.2}", ms(d))),
+                row.after_hold.map_or_else(dash, |n| n.to_string()),
                 row.server_cpu_per_push.as_secs_f64() * 1e6,
                 row.subscriber_cpu_per_push.as_secs_f64() * 1e6,
                 row.kib_per_subscriber

@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+pub use crate::runtime::PinWorkers;
+
 /// Where endpoints come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SourceKind {
@@ -76,6 +78,12 @@ pub struct Config {
     /// How long to wait for streams to end on SIGTERM/SIGINT.
     #[arg(long, env = "LB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Whether each worker thread gets a CPU of its own (auto: when the process may run on exactly
+    /// as many CPUs as it has workers, e.g. a pod given whole CPUs). Read by the binary, which
+    /// builds the runtime; TOKIO_WORKER_THREADS sets the number of workers.
+    #[arg(long, env = "LB_PIN_WORKERS", value_enum, default_value = "auto")]
+    pub pin_workers: PinWorkers,
 }
 
 impl Config {
@@ -91,6 +99,7 @@ impl Config {
             grpclb_stats_interval: Duration::from_secs(10),
             xds_lb_policy: XdsLbPolicy::RoundRobin,
             shutdown_timeout: Duration::from_secs(5),
+            pin_workers: PinWorkers::Auto,
         }
     }
 }

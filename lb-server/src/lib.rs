@@ -16,12 +16,14 @@
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`server`]: binds, wires and runs it all, and drains on shutdown.
 //! - [`signal`]: the SIGTERM/SIGINT future.
+//! - [`runtime`]: the binary's tokio runtime, and pinning its workers to CPUs.
 
 pub mod api;
 pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod runtime;
 pub mod server;
 pub mod signal;
 pub mod source;

@@ -3,11 +3,10 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use lb_server::{Config, LbServer, signal};
+use lb_server::{Config, LbServer, runtime, signal};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
@@ -16,7 +15,23 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let config = Config::parse();
-    if let Err(error) = run(config).await {
+    let workers = runtime::worker_count();
+    let allowed = runtime::allowed_cpus();
+    let cpus = runtime::plan(config.pin_workers, workers, &allowed);
+    let result = runtime::build(workers, cpus.clone())
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            match &cpus {
+                Some(cpus) => tracing::info!(workers, ?cpus, "worker threads pinned, one per CPU"),
+                None => tracing::info!(
+                    workers,
+                    ?allowed,
+                    "worker threads free to run on any allowed CPU"
+                ),
+            }
+            rt.block_on(run(config))
+        });
+    if let Err(error) = result {
         eprintln!("lb-server: error: {error:#}");
         std::process::exit(1);
     }

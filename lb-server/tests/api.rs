@@ -446,3 +446,100 @@ fn a_broken_file_at_start_exits_non_zero_with_the_reason() {
         "{stderr}"
     );
 }
+
+/// lb-server as a child process on `file`, killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The CPUs `pid` may run on, and each of its threads' name and CPUs.
+fn cpus_of(pid: u32) -> (String, Vec<(String, String)>) {
+    let allowed = |status: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|list| list.trim().to_string())
+    };
+    let process = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(list) = allowed(&status) {
+            threads.push((name.trim().to_string(), list));
+        }
+    }
+    threads.sort();
+    (allowed(&process).unwrap(), threads)
+}
+
+#[test]
+fn worker_threads_get_a_cpu_each_when_pinned_and_any_cpu_when_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.yaml");
+    std::fs::write(&file, "services: {}\n").unwrap();
+    let allowed = lb_server::runtime::allowed_cpus();
+    let start = |pin: &str| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lb-server"))
+            .args(["--source", "file", "--file"])
+            .arg(&file)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--pin-workers", pin])
+            .env("TOKIO_WORKER_THREADS", "2")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let child = Child(child);
+        let mut log = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let line = line.unwrap();
+            log += &line;
+            log.push('\n');
+            if line.contains("lb-server listening") {
+                return (child, log);
+            }
+        }
+        panic!("lb-server ended before listening:\n{log}");
+    };
+
+    let (child, log) = start("on");
+    assert!(log.contains("worker threads pinned, one per CPU"), "{log}");
+    if allowed.len() >= 2 {
+        // Each worker takes a CPU of its own when it first goes idle, right
+        // after start; the blocking pool's threads (if any) keep them all.
+        let mut expected = vec![allowed[0].to_string(), allowed[1].to_string()];
+        expected.sort();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let (all, threads) = cpus_of(child.0.id());
+            let pinned: Vec<&(String, String)> = threads.iter().filter(|t| t.1 != all).collect();
+            let workers = ["tokio-rt-worker", "tokio-rt-worker"];
+            if pinned.iter().map(|t| t.0.as_str()).eq(workers)
+                && pinned.iter().map(|t| &t.1).eq(&expected)
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "threads on {threads:?}: expected two workers, one on each of {expected:?}, \
+                 and every other thread on {all}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    drop(child);
+
+    let (child, log) = start("off");
+    assert!(log.contains("worker threads free to run"), "{log}");
+    let (all, threads) = cpus_of(child.0.id());
+    let workers = threads.iter().filter(|t| t.0 == "tokio-rt-worker").count();
+    assert!(workers >= 2, "{threads:?}");
+    assert!(threads.iter().all(|t| t.1 == all), "{threads:?} vs {all}");
+}

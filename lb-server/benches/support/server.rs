@@ -46,6 +46,12 @@ impl ServerProcess {
         process_cpu(self.child.id())
     }
 
+    /// The server's threads' time on a CPU and waiting for one.
+    #[allow(dead_code)] // the fan-out benchmark reads it; the memory example does not
+    pub(crate) fn threads(&self) -> Vec<(String, Duration, Duration)> {
+        thread_times(self.child.id())
+    }
+
     /// The server's resident memory.
     pub(crate) fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -56,6 +62,32 @@ impl ServerProcess {
             .and_then(|v| v.parse().ok())
             .unwrap()
     }
+}
+
+/// Each thread of a process: its name, and its time on a CPU and waiting
+/// for one so far (the scheduler's `schedstat`, in nanoseconds).
+#[allow(dead_code)] // the fan-out benchmark reads it; the memory example does not
+pub(crate) fn thread_times(pid: u32) -> Vec<(String, Duration, Duration)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut threads: Vec<(String, Duration, Duration)> = tasks
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+            let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
+            let (run, wait) = (fields.next()??, fields.next()??);
+            let tid = dir.file_name()?.to_string_lossy().into_owned();
+            Some((
+                format!("{}/{tid}", name.trim()),
+                Duration::from_nanos(run),
+                Duration::from_nanos(wait),
+            ))
+        })
+        .collect();
+    threads.sort();
+    threads
 }
 
 /// A process's user + system CPU time so far.

@@ -187,11 +187,16 @@ pub struct FileSource {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     last: Vec<u8>,
+    /// Notified by the directory watch.
+    changed: Arc<Notify>,
+    /// The directory watch, if the directory could be watched.
+    watcher: Option<RecommendedWatcher>,
 }
 
 impl FileSource {
-    /// Loads the file and publishes its services. A broken file is an error here,
-    /// so that a process starting on one exits with the reason.
+    /// Loads the file, publishes its services and starts watching its
+    /// directory. A broken file is an error here, so that a process starting
+    /// on one exits with the reason.
     pub fn start(
         path: PathBuf,
         interval: Duration,
@@ -199,33 +204,40 @@ impl FileSource {
         metrics: Arc<Metrics>,
     ) -> Result<Self, FileError> {
         let (bytes, services) = load(&path)?;
-        let changed = store.replace_all(services, Instant::now());
-        tracing::info!(path = %path.display(), services = changed, "loaded file source");
+        let count = store.replace_all(services, Instant::now());
+        tracing::info!(path = %path.display(), services = count, "loaded file source");
+        // The watch's thread starts here, not in `run` on a runtime worker
+        // that may be pinned to a CPU (see `runtime`), whose CPU it would inherit.
+        let changed = Arc::new(Notify::new());
+        let watcher = match watch_directory(&path, changed.clone()) {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    ?interval,
+                    "cannot watch the file's directory; polling only"
+                );
+                None
+            }
+        };
         Ok(Self {
             path,
             interval,
             store,
             metrics,
             last: bytes,
+            changed,
+            watcher,
         })
     }
 
-    /// Watches and polls the file until `shutdown`, publishing each good change.
+    /// Polls the file, and reloads it when the directory watch reports a
+    /// change, until `shutdown`, publishing each good change.
     pub async fn run(mut self, synced: watch::Sender<bool>, shutdown: CancellationToken) {
-        let changed = Arc::new(Notify::new());
         // Kept for as long as the source runs: dropping it ends the watch.
-        let _watcher = match watch_directory(&self.path, changed.clone()) {
-            Ok(watcher) => Some(watcher),
-            Err(error) => {
-                tracing::warn!(
-                    path = %self.path.display(),
-                    %error,
-                    interval = ?self.interval,
-                    "cannot watch the file's directory; polling only"
-                );
-                None
-            }
-        };
+        let _watcher = self.watcher.take();
+        let changed = self.changed.clone();
         // start() has just read the file: the first poll is one interval away.
         let first = tokio::time::Instant::now() + self.interval;
         let mut ticker = tokio::time::interval_at(first, self.interval);
