@@ -79,7 +79,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    let mut builder = tonic::transport::Server::builder();
     if let Some(age) = options.max_connection_age {
         builder = builder.max_connection_age(age);
     }
@@ -91,12 +91,15 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1);
-    let serving = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    // tonic's tcp_nodelay applies only to sockets it accepts itself.
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |accepted| {
+        accepted.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    });
+    let serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
     shutdown.await;
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)

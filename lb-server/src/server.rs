@@ -5,7 +5,6 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info_span};
 
@@ -196,9 +195,8 @@ impl LbServer {
             .context("building reflection v1alpha")?;
 
         let grpc_token = token.clone();
-        let incoming = TcpListenerStream::new(self.grpc);
+        let incoming = grpc_incoming(self.grpc);
         let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             .add_service(DiscoveryApi::server(shared.clone()))
@@ -258,5 +256,38 @@ async fn set_health(
         "envoy.service.discovery.v3.AggregatedDiscoveryService",
     ] {
         health.set_service_status(service, status).await;
+    }
+}
+
+/// The gRPC port's connections, each with `TCP_NODELAY`. tonic sets it only
+/// on sockets it accepts itself, not on an incoming stream it is handed (ours,
+/// so that the port is bound before the server runs). Without it a second
+/// small write waits for the peer's ACK of the first (Nagle), which a delayed
+/// ACK can hold for 40 ms. A socket that refuses it is served anyway.
+fn grpc_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY on a gRPC connection");
+            }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn grpc_connections_have_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(super::grpc_incoming(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

@@ -538,8 +538,17 @@ fn worker_threads_get_a_cpu_each_when_pinned_and_any_cpu_when_not() {
 
     let (child, log) = start("off");
     assert!(log.contains("worker threads free to run"), "{log}");
-    let (all, threads) = cpus_of(child.0.id());
-    let workers = threads.iter().filter(|t| t.0 == "tokio-rt-worker").count();
-    assert!(workers >= 2, "{threads:?}");
+    // A new thread takes its name when it first runs, which may be after
+    // the server is listening.
+    let deadline = std::time::Instant::now() + WAIT;
+    let (all, threads) = loop {
+        let (all, threads) = cpus_of(child.0.id());
+        let workers = threads.iter().filter(|t| t.0 == "tokio-rt-worker").count();
+        if workers >= 2 {
+            break (all, threads);
+        }
+        assert!(std::time::Instant::now() < deadline, "{threads:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     assert!(threads.iter().all(|t| t.1 == all), "{threads:?} vs {all}");
 }
