@@ -478,13 +478,14 @@ fn run(
     let mut latencies = Vec::with_capacity(subscribers * rounds);
     let mut read_latencies = Vec::with_capacity(subscribers * rounds);
     let mut after_hold = 0;
+    let dist = std::env::var("FANOUT_DIST").is_ok();
     perf_control("enable");
     let cpu_before = server.cpu();
     let own_cpu_before = process_cpu(std::process::id());
     for _ in 0..rounds {
         endpoints += 1;
         tally.expect(endpoints);
-        let threads_before = server.threads();
+        let threads_before = if dist { server.threads() } else { Vec::new() };
         let started = Instant::now();
         write_atomic(&file, &file_with(endpoints));
         // The subscribers' runtime has one thread and runs only inside
@@ -499,7 +500,7 @@ fn run(
                 .expect("every subscriber gets the change within 30 s");
         });
         let (arrived, read) = tally.latencies(started);
-        if std::env::var("FANOUT_DIST").is_ok() {
+        if dist {
             let mut round = arrived.clone();
             round.sort();
             let threads: Vec<String> = server
@@ -537,7 +538,7 @@ fn run(
     let subscriber_cpu_per_push = (process_cpu(std::process::id()) - own_cpu_before) / pushes;
     latencies.sort();
     read_latencies.sort();
-    if std::env::var("FANOUT_DIST").is_ok() {
+    if dist {
         for (what, sorted) in [("arrived", &latencies), ("read", &read_latencies)] {
             let ps = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99];
             let text: Vec<String> = ps
