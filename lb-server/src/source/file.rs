@@ -189,8 +189,9 @@ pub struct FileSource {
     last: Vec<u8>,
     /// Notified by the directory watch.
     changed: Arc<Notify>,
-    /// The directory watch, if the directory could be watched.
-    watcher: Option<RecommendedWatcher>,
+    /// The directory watch, if the directory could be watched. Never read:
+    /// it lives as long as the source, and dropping it ends the watch.
+    _watcher: Option<RecommendedWatcher>,
 }
 
 impl FileSource {
@@ -228,15 +229,13 @@ impl FileSource {
             metrics,
             last: bytes,
             changed,
-            watcher,
+            _watcher: watcher,
         })
     }
 
     /// Polls the file, and reloads it when the directory watch reports a
     /// change, until `shutdown`, publishing each good change.
     pub async fn run(mut self, synced: watch::Sender<bool>, shutdown: CancellationToken) {
-        // Kept for as long as the source runs: dropping it ends the watch.
-        let _watcher = self.watcher.take();
         let changed = self.changed.clone();
         // start() has just read the file: the first poll is one interval away.
         let first = tokio::time::Instant::now() + self.interval;
