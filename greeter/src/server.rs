@@ -3,7 +3,19 @@
 //! On shutdown it first reports NOT_SERVING (so health-checking balancers and
 //! Kubernetes stop sending), then stops accepting and finishes calls in flight.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use lookaside_tls::Reloading;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::{TlsAcceptor, rustls::ServerConfig};
+use tonic::transport::server::Connected;
 
 use lookaside_proto::helloworld::{
     HelloReply, HelloRequest,
@@ -55,6 +67,105 @@ pub struct ServerOptions {
     pub shutdown_delay: Duration,
     /// How long to wait for calls in flight after the listener closes.
     pub drain_timeout: Duration,
+    /// Serve TLS with the configuration in use at each handshake (it is
+    /// replaced when its files rotate); `None` serves plaintext.
+    pub tls: Option<ServerTls>,
+}
+
+/// A TLS server configuration that rotates (see `lookaside_tls::Reloading`).
+pub type ServerTls = Arc<Reloading<ServerConfig>>;
+
+/// How long a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepted connections, each past its TLS handshake. Handshakes run in
+/// tasks of their own so that a slow or silent client holds up no other;
+/// failed ones are logged and dropped (the client sees the TLS alert).
+fn tls_incoming(
+    listener: TcpListener,
+    tls: ServerTls,
+) -> impl futures::Stream<Item = std::io::Result<TlsConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(tls.current());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(TlsConn(stream))).await;
+                    }
+                    Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A TLS connection as tonic's server takes it.
+#[derive(Debug)]
+pub struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl Connected for TlsConn {
+    type ConnectInfo = <tokio::net::TcpStream as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Serves the greeter on `listener` until `shutdown`, then reports
@@ -91,15 +202,24 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1);
-    // tonic's tcp_nodelay applies only to sockets it accepts itself.
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |accepted| {
-        accepted.inspect(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
-    });
-    let serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+    let stopped = async {
         let _ = stop_rx.await;
-    }));
+    };
+    let serving = match options.tls {
+        None => {
+            // tonic's tcp_nodelay applies only to sockets it accepts itself.
+            let incoming =
+                tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |accepted| {
+                    accepted.inspect(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    })
+                });
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        Some(tls) => tokio::spawn(
+            router.serve_with_incoming_shutdown(tls_incoming(listener, tls), stopped),
+        ),
+    };
     shutdown.await;
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -144,6 +264,15 @@ pub struct LocalGreeter {
 impl LocalGreeter {
     /// Starts a greeter named `name` on `addr` (port 0: the OS picks).
     pub async fn start(name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(name, addr, None).await
+    }
+
+    /// Starts a greeter that serves TLS with `tls` if given.
+    pub async fn start_with(
+        name: &str,
+        addr: SocketAddr,
+        tls: Option<ServerTls>,
+    ) -> anyhow::Result<Self> {
         let (listener, addr) = bind(addr).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let options = ServerOptions {
@@ -151,6 +280,7 @@ impl LocalGreeter {
             max_connection_age: None,
             shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
+            tls,
         };
         let task = tokio::spawn(serve(listener, options, async {
             let _ = stopped.await;

@@ -13,7 +13,8 @@ use std::{
     time::Duration,
 };
 
-use http::uri::{PathAndQuery, Scheme, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::Status;
 use tracing::{Instrument, field};
@@ -23,7 +24,9 @@ use crate::{
     endpoint::{Outcome, now_nanos},
     picker::{NoPick, Policy},
     pool::{ListState, Pool, PoolSettings},
-    resolver::{Fallback, Subscription},
+    pool::{AuthorityRule, BackendTls},
+    resolver::{Fallback, LbServer, Subscription},
+    tls::ClientTls,
     stats::{ChannelStats, EndpointStats},
 };
 
@@ -44,6 +47,17 @@ pub enum Error {
     /// A fallback address that is neither `IP:PORT` nor `dns:///HOST:PORT`.
     #[error("bad fallback address {0:?}: expected IP:PORT or dns:///HOST:PORT")]
     BadFallback(String),
+    /// A TLS file is missing or unusable (the message names it).
+    #[error("TLS: {0}")]
+    Tls(#[from] lookaside_tls::TlsError),
+    /// A TLS server name or `:authority` override that is not a valid name.
+    #[error("bad {what} {value:?}")]
+    BadName {
+        /// Which setting.
+        what: &'static str,
+        /// The value as given.
+        value: String,
+    },
     /// The LB server rejected the target.
     #[error("the LB server rejected target {target:?}: {message}")]
     Rejected {
@@ -67,6 +81,10 @@ pub struct Builder {
     ejection_base: Duration,
     ejection_max: Duration,
     consecutive_errors: u32,
+    lb_tls: Option<ClientTls>,
+    backend_tls: Option<ClientTls>,
+    tls_server_name: Option<String>,
+    authority: Option<String>,
 }
 
 impl Builder {
@@ -82,7 +100,52 @@ impl Builder {
             ejection_base: Duration::from_secs(1),
             ejection_max: Duration::from_secs(30),
             consecutive_errors: 5,
+            lb_tls: None,
+            backend_tls: None,
+            tls_server_name: None,
+            authority: None,
         }
+    }
+
+    /// TLS for both the LB connection (`https://` LB URLs) and the backend
+    /// connections: [`lb_tls`](Self::lb_tls) and
+    /// [`backend_tls`](Self::backend_tls) in one call.
+    pub fn tls(self, tls: ClientTls) -> Self {
+        self.lb_tls(tls.clone()).backend_tls(tls)
+    }
+
+    /// TLS for `https://` LB servers, whose certificate must carry the URL's
+    /// host. Without it, `https://` URLs trust the system's CAs and present
+    /// no client certificate; `http://` URLs are always plaintext.
+    pub fn lb_tls(mut self, tls: ClientTls) -> Self {
+        self.lb_tls = Some(tls);
+        self
+    }
+
+    /// TLS for the backend connections (without it they are plaintext). A
+    /// backend's certificate must carry the service's DNS name,
+    /// `NAME.NAMESPACE.svc` for target `NAME.NAMESPACE:PORT` (as pods'
+    /// certificates do, not their IPs), unless
+    /// [`tls_server_name`](Self::tls_server_name) says otherwise.
+    pub fn backend_tls(mut self, tls: ClientTls) -> Self {
+        self.backend_tls = Some(tls);
+        self
+    }
+
+    /// The name a backend's certificate must carry, instead of
+    /// `NAME.NAMESPACE.svc`.
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
+    /// The `:authority` of every call (`HOST` or `HOST:PORT`), instead of
+    /// the service's DNS name and the backend's port
+    /// (`NAME.NAMESPACE.svc:PORT`; a backend's `IP:PORT` when the target
+    /// names no service).
+    pub fn authority(mut self, authority: impl Into<String>) -> Self {
+        self.authority = Some(authority.into());
+        self
     }
 
     /// Adds an LB server (`http://HOST:PORT`). With several, the channel uses
@@ -126,7 +189,8 @@ impl Builder {
     }
 
     /// First ejection period; it doubles with each ejection in a row up to
-    /// `max` (defaults 1 s and 30 s).
+    /// `max` (defaults 1 s and 30 s). Each period is drawn between half its
+    /// step and the whole step, so endpoints ejected together return apart.
     pub fn ejection(mut self, base: Duration, max: Duration) -> Self {
         self.ejection_base = base;
         self.ejection_max = max;
@@ -189,22 +253,89 @@ impl Builder {
         if self.lbs.is_empty() {
             return Err(Error::NoLbServer);
         }
+        // One load and one watch per distinct set of files.
+        let backend_tls = self.backend_tls.as_ref().map(ClientTls::start).transpose()?;
+        let lb_tls = match (&self.lb_tls, &backend_tls) {
+            (Some(lb), Some(loaded)) if Some(lb) == self.backend_tls.as_ref() => {
+                Some(loaded.clone())
+            }
+            (Some(lb), _) => Some(lb.start()?),
+            (None, _) => None,
+        };
+        let mut system_tls = None;
         let mut lbs = Vec::with_capacity(self.lbs.len());
         for url in &self.lbs {
-            let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| {
-                Error::BadLbUrl {
-                    url: url.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-            lbs.push(
-                endpoint
+            let bad = |reason: String| Error::BadLbUrl {
+                url: url.clone(),
+                reason,
+            };
+            let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|e| bad(e.to_string()))?;
+            let tls = if endpoint.uri().scheme() == Some(&Scheme::HTTPS) {
+                let host = endpoint
+                    .uri()
+                    .host()
+                    .unwrap_or_default()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = ServerName::try_from(host.to_owned())
+                    .map_err(|e| bad(format!("host {host:?} is not a TLS name: {e}")))?;
+                let loaded = match &lb_tls {
+                    Some(loaded) => loaded.clone(),
+                    None => match &system_tls {
+                        Some(loaded) => Clone::clone(loaded),
+                        None => system_tls.insert(ClientTls::system_roots().start()?).clone(),
+                    },
+                };
+                Some((loaded, name))
+            } else {
+                None
+            };
+            lbs.push(LbServer {
+                endpoint: endpoint
                     .connect_timeout(self.connect_timeout)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(30))
                     .keep_alive_timeout(Duration::from_secs(10)),
-            );
+                tls,
+            });
         }
+        let service_host = service_host(&self.target);
+        let authority = match &self.authority {
+            Some(value) => AuthorityRule::Fixed(Authority::try_from(value.as_str()).map_err(
+                |_| Error::BadName {
+                    what: "authority",
+                    value: value.clone(),
+                },
+            )?),
+            None => match &service_host {
+                Some(host) => AuthorityRule::Host(host.clone()),
+                None => AuthorityRule::Address,
+            },
+        };
+        let tls = match backend_tls {
+            Some(loaded) => {
+                let name = match self.tls_server_name.as_ref().or(service_host.as_ref()) {
+                    Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
+                        Error::BadName {
+                            what: "TLS server name",
+                            value: name.clone(),
+                        }
+                    })?),
+                    None => None,
+                };
+                Some(BackendTls {
+                    loaded,
+                    server_name: name,
+                })
+            }
+            None => None,
+        };
+        let scheme = if tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
         let fallback = self
             .fallback
             .iter()
@@ -214,6 +345,8 @@ impl Builder {
         let pool = Pool::new(
             self.target.clone(),
             PoolSettings {
+                tls,
+                authority,
                 connect_timeout: self.connect_timeout,
                 ejection_base: self.ejection_base,
                 ejection_max: self.ejection_max,
@@ -234,6 +367,7 @@ impl Builder {
         Ok(Channel {
             inner: Arc::new(Inner {
                 pool,
+                scheme,
                 policy: self.policy,
                 wait_timeout: self.wait_timeout,
                 _stop: shutdown.drop_guard(),
@@ -244,6 +378,8 @@ impl Builder {
 
 struct Inner {
     pool: Arc<Pool>,
+    /// `https` when the backend connections are TLS.
+    scheme: Scheme,
     policy: Policy,
     wait_timeout: Duration,
     /// Stops the subscription and the connections when the last clone goes.
@@ -343,6 +479,7 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Channel {
         let inner = &self.inner;
         Box::pin(send(
             inner.pool.clone(),
+            inner.scheme.clone(),
             inner.policy,
             inner.wait_timeout,
             request,
@@ -359,11 +496,16 @@ const MAX_RETRIES: u32 = 3;
 /// per call, not two).
 async fn send(
     mut pool: Arc<Pool>,
+    scheme: Scheme,
     policy: Policy,
     wait_timeout: Duration,
     mut request: http::Request<tonic::body::Body>,
 ) -> Result<http::Response<ResponseBody>, BoxError> {
     let mut retries = 0;
+    // The caller's deadline (tonic sets `grpc-timeout` from a request's
+    // timeout): enforced here, as tonic's own channel does, so that a call
+    // to a backend that stopped answering ends at its deadline.
+    let deadline = grpc_timeout(request.headers()).map(|t| (t, tokio::time::Instant::now() + t));
     let mut wait_until: Option<tokio::time::Instant> = None;
     let mut changes = None;
     loop {
@@ -388,11 +530,14 @@ async fn send(
                 // fast on everything else.
                 let connecting =
                     matches!(why, NoPick::Unavailable { connecting, .. } if connecting > 0);
-                let deadline =
+                let mut until =
                     *wait_until.get_or_insert_with(|| tokio::time::Instant::now() + wait_timeout);
-                if connecting && tokio::time::Instant::now() < deadline {
+                if let Some((_, call_deadline)) = deadline {
+                    until = until.min(call_deadline);
+                }
+                if connecting && tokio::time::Instant::now() < until {
                     let rx = changes.get_or_insert_with(|| pool.changes());
-                    let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+                    let _ = tokio::time::timeout_at(until, rx.changed()).await;
                     continue;
                 }
                 pool.counters.no_endpoint.inc();
@@ -405,11 +550,31 @@ async fn send(
             endpoint.mark_closed();
             continue;
         };
-        set_uri(&mut request, &endpoint.authority);
+        set_uri(&mut request, &scheme, &endpoint.authority);
         pool.counters.picks.inc();
         let guard = CallGuard::start(endpoint, pool);
         drop(_entered);
-        match sender.try_send_request(request).await {
+        let sent = sender.try_send_request(request);
+        let sent = match deadline {
+            None => sent.await,
+            Some((timeout, at)) => match tokio::time::timeout_at(at, sent).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    // Dropping the request future resets the HTTP/2 stream.
+                    // An endpoint that did not answer within a deadline is
+                    // treated as unavailable (ejected), so that the calls
+                    // after it go elsewhere while it is partitioned.
+                    let message = format!(
+                        "lb-client: deadline of {timeout:?} exceeded waiting for backend {} of {}",
+                        guard.endpoint().addr,
+                        guard.pool().target,
+                    );
+                    guard.finish(Outcome::Unavailable);
+                    return Err(Box::new(Status::deadline_exceeded(message)));
+                }
+            },
+        };
+        match sent {
             Ok(response) => {
                 let answered_at = now_nanos();
                 guard.endpoint().observe(
@@ -448,14 +613,18 @@ async fn send(
     }
 }
 
-fn set_uri(request: &mut http::Request<tonic::body::Body>, authority: &http::uri::Authority) {
+fn set_uri(
+    request: &mut http::Request<tonic::body::Body>,
+    scheme: &Scheme,
+    authority: &http::uri::Authority,
+) {
     let path = request
         .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(scheme.clone());
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path);
     *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
@@ -504,8 +673,62 @@ fn explain(pool: &Pool, why: NoPick) -> String {
                 connecting,
                 failed,
             },
-        ) => format!(
-            "lb-client: all {total} endpoints of {target} are unavailable ({failed} unreachable, {ejected} ejected after failures, {connecting} connecting)"
-        ),
+        ) => {
+            let mut message = format!(
+                "lb-client: all {total} endpoints of {target} are unavailable ({failed} unreachable, {ejected} ejected after failures, {connecting} connecting)"
+            );
+            // Say why connecting failed (a TLS handshake's reason, a refused
+            // connection), for the first few endpoints that failed.
+            let reasons: Vec<String> = pool
+                .picker
+                .load()
+                .endpoints()
+                .iter()
+                .filter(|e| e.conn() == crate::endpoint::Conn::Failed)
+                .filter_map(|e| Some(format!("{}: {}", e.addr, e.last_error()?)))
+                .take(MAX_REASONS)
+                .collect();
+            if !reasons.is_empty() {
+                message.push_str("; ");
+                message.push_str(&reasons.join("; "));
+            }
+            message
+        }
     }
+}
+
+/// A request's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How many endpoints' connect errors a call's error message lists.
+const MAX_REASONS: usize = 3;
+
+/// The service's DNS name, `NAME.NAMESPACE.svc`, of a target
+/// `NAME.NAMESPACE:PORT`; `None` for a target of another form.
+fn service_host(target: &str) -> Option<String> {
+    let (host, _port) = target.rsplit_once(':')?;
+    let (name, namespace) = host.split_once('.')?;
+    let label = |s: &str| {
+        !s.is_empty()
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    (label(name) && label(namespace)).then(|| format!("{name}.{namespace}.svc"))
 }

@@ -15,6 +15,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 use http::uri::Authority;
 use hyper::client::conn::http2::SendRequest;
+use lookaside_backoff::Backoff;
 
 /// How fast the latency estimate forgets: the EWMA time constant. Short, so
 /// that an endpoint that looked slow once (a pause, a GC) is tried again soon.
@@ -68,6 +69,8 @@ pub(crate) struct EndpointState {
     pub(crate) authority: Authority,
     pub(crate) zone: String,
     pub(crate) pod: String,
+    /// Why the last connection attempt failed, for a call's error message.
+    last_error: ArcSwapOption<String>,
     weight: AtomicU32,
     draining: AtomicBool,
     conn: AtomicU8,
@@ -84,14 +87,24 @@ pub(crate) struct EndpointState {
 }
 
 impl EndpointState {
-    pub(crate) fn new(addr: SocketAddr, weight: u32, zone: String, pod: String) -> Arc<Self> {
-        let authority = Authority::try_from(addr.to_string().as_str())
-            .expect("a socket address is a valid authority");
+    /// An endpoint whose calls carry `authority` (`None`: its `IP:PORT`).
+    pub(crate) fn new(
+        addr: SocketAddr,
+        authority: Option<Authority>,
+        weight: u32,
+        zone: String,
+        pod: String,
+    ) -> Arc<Self> {
+        let authority = authority.unwrap_or_else(|| {
+            Authority::try_from(addr.to_string().as_str())
+                .expect("a socket address is a valid authority")
+        });
         Arc::new(Self {
             addr,
             authority,
             zone,
             pod,
+            last_error: ArcSwapOption::empty(),
             weight: AtomicU32::new(weight.max(1)),
             draining: AtomicBool::new(false),
             conn: AtomicU8::new(Conn::Connecting as u8),
@@ -136,6 +149,16 @@ impl EndpointState {
     pub(crate) fn set_sender(&self, sender: Option<Sender>, state: Conn) {
         self.sender.store(sender.map(Arc::new));
         self.conn.store(state as u8, Relaxed);
+    }
+
+    /// Records why a connection attempt failed (`None`: it succeeded).
+    pub(crate) fn set_last_error(&self, error: Option<String>) {
+        self.last_error.store(error.map(Arc::new));
+    }
+
+    /// Why the last connection attempt failed, if it did.
+    pub(crate) fn last_error(&self) -> Option<Arc<String>> {
+        self.last_error.load_full()
     }
 
     /// A sender for one call, if the connection is up.
@@ -230,12 +253,12 @@ impl EndpointState {
         }
     }
 
-    /// Ejects for a backoff that doubles with each ejection in a row.
+    /// Ejects for a backoff that doubles with each ejection in a row, with
+    /// the workspace's one jitter rule (half the step to the whole step), so
+    /// endpoints ejected together do not return together.
     pub(crate) fn eject(&self, base: Duration, max: Duration, now: u64) -> Duration {
-        let n = self.ejections.fetch_add(1, Relaxed).min(16);
-        let backoff = base.saturating_mul(1 << n).min(max);
-        // Jitter: 80% to 120%, so endpoints ejected together do not return together.
-        let backoff = backoff.mul_f64(0.8 + fastrand::f64() * 0.4);
+        let n = self.ejections.fetch_add(1, Relaxed);
+        let backoff = Backoff::new(base, max).delay(n);
         let until = now.saturating_add(u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX));
         self.ejected_until.store(until, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
@@ -258,6 +281,7 @@ mod tests {
     fn ep() -> Arc<EndpointState> {
         EndpointState::new(
             "127.0.0.1:1".parse().unwrap(),
+            None,
             1,
             String::new(),
             String::new(),
@@ -284,8 +308,11 @@ mod tests {
         let first = e.eject(Duration::from_secs(1), Duration::from_secs(30), now);
         assert!(e.ejected(now + 1));
         let second = e.eject(Duration::from_secs(1), Duration::from_secs(30), now);
-        assert!(second > first);
-        assert!(second <= Duration::from_millis(2400));
+        assert!(first <= Duration::from_secs(1), "{first:?}");
+        assert!(
+            second >= Duration::from_secs(1) && second <= Duration::from_secs(2),
+            "the second ejection's step doubled: {second:?}"
+        );
         assert_eq!(e.record(Outcome::Unavailable), 1);
         assert_eq!(e.record(Outcome::ServerError), 2);
         assert_eq!(e.record(Outcome::Cancelled), 2);

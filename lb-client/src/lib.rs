@@ -32,7 +32,6 @@
 //! - `body`: the response body that ends a call and reads its status.
 //! - [`stats`]: counters a user can export.
 
-mod backoff;
 mod body;
 pub mod channel;
 mod endpoint;
@@ -40,8 +39,11 @@ mod picker;
 mod pool;
 mod resolver;
 pub mod stats;
+mod tls;
 
 pub use body::ResponseBody;
 pub use channel::{Builder, Channel, Error, ResponseFuture};
 pub use picker::Policy;
 pub use stats::{ChannelStats, EndpointStats};
+pub use tls::ClientTls;
+pub use lookaside_tls::TlsError;

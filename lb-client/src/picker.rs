@@ -240,6 +240,7 @@ mod tests {
     fn ready(port: u16, weight: u32) -> Arc<EndpointState> {
         let e = EndpointState::new(
             ([127, 0, 0, 1], port).into(),
+            None,
             weight,
             String::new(),
             String::new(),

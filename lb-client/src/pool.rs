@@ -14,13 +14,15 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use http::uri::Authority;
+use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use lookaside_backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug_span};
 
 use crate::{
-    backoff::Backoff,
     endpoint::{Conn, EndpointState, Outcome, now_nanos},
     picker::Picker,
     stats::Counters,
@@ -54,10 +56,45 @@ pub(crate) enum ListState {
 /// Connection and ejection settings.
 #[derive(Debug, Clone)]
 pub(crate) struct PoolSettings {
+    /// TLS to the backends, if they serve it.
+    pub(crate) tls: Option<BackendTls>,
+    /// The `:authority` of calls.
+    pub(crate) authority: AuthorityRule,
     pub(crate) connect_timeout: Duration,
     pub(crate) ejection_base: Duration,
     pub(crate) ejection_max: Duration,
     pub(crate) consecutive_errors: u32,
+}
+
+/// TLS to the backends: the configuration in use and the name their
+/// certificates must carry (`None`: each endpoint's IP address).
+#[derive(Debug, Clone)]
+pub(crate) struct BackendTls {
+    pub(crate) loaded: crate::tls::Loaded,
+    pub(crate) server_name: Option<ServerName<'static>>,
+}
+
+/// What a call's `:authority` is.
+#[derive(Debug, Clone)]
+pub(crate) enum AuthorityRule {
+    /// The same for every endpoint (the user's override).
+    Fixed(Authority),
+    /// This host (the service's DNS name) and the endpoint's port.
+    Host(String),
+    /// The endpoint's `IP:PORT` (a target that names no service).
+    Address,
+}
+
+impl AuthorityRule {
+    fn for_endpoint(&self, addr: SocketAddr) -> Option<Authority> {
+        match self {
+            AuthorityRule::Fixed(authority) => Some(authority.clone()),
+            AuthorityRule::Host(host) => {
+                Authority::try_from(format!("{host}:{}", addr.port()).as_str()).ok()
+            }
+            AuthorityRule::Address => None,
+        }
+    }
 }
 
 struct Managed {
@@ -160,7 +197,13 @@ impl Pool {
     }
 
     fn start(self: &Arc<Self>, spec: &EndpointSpec) -> Managed {
-        let state = EndpointState::new(spec.addr, spec.weight, spec.zone.clone(), spec.pod.clone());
+        let state = EndpointState::new(
+            spec.addr,
+            self.settings.authority.for_endpoint(spec.addr),
+            spec.weight,
+            spec.zone.clone(),
+            spec.pod.clone(),
+        );
         let stop = self.shutdown.child_token();
         let task = Arc::clone(self).manage(state.clone(), stop.clone());
         tokio::spawn(
@@ -171,11 +214,14 @@ impl Pool {
 
     /// Keeps one HTTP/2 connection to the endpoint open until `stop`.
     async fn manage(self: Arc<Self>, state: Arc<EndpointState>, stop: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5)).start();
         loop {
             let connected = tokio::select! {
                 _ = stop.cancelled() => return,
-                connected = tokio::time::timeout(self.settings.connect_timeout, connect(state.addr)) => connected,
+                connected = tokio::time::timeout(
+                    self.settings.connect_timeout,
+                    connect(state.addr, self.settings.tls.as_ref()),
+                ) => connected,
             };
             match connected {
                 Ok(Ok((sender, connection))) => {
@@ -186,6 +232,7 @@ impl Pool {
                         let result = connection.await;
                         let _ = closed_tx.send(result);
                     });
+                    state.set_last_error(None);
                     state.set_sender(Some(sender), Conn::Ready);
                     self.notify();
                     tracing::debug!("connected");
@@ -210,10 +257,15 @@ impl Pool {
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "connect failed");
+                    state.set_last_error(Some(error));
                     self.connect_failed(&state);
                 }
                 Err(_) => {
                     tracing::debug!("connect timed out");
+                    state.set_last_error(Some(format!(
+                        "connect timed out after {:?}",
+                        self.settings.connect_timeout
+                    )));
                     self.connect_failed(&state);
                 }
             }
@@ -268,29 +320,53 @@ impl Pool {
     }
 }
 
-/// Opens a TCP connection and an HTTP/2 session over it.
+/// A backend connection's HTTP/2 session, run by its own task.
+type Connection = std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>;
+
+/// Opens a TCP connection, a TLS session over it if `tls`, and an HTTP/2
+/// session over that. The error says which step failed and why.
 async fn connect(
     addr: SocketAddr,
-) -> Result<
-    (
-        crate::endpoint::Sender,
-        hyper::client::conn::http2::Connection<
-            TokioIo<tokio::net::TcpStream>,
-            tonic::body::Body,
-            TokioExecutor,
-        >,
-    ),
-    Box<dyn std::error::Error + Send + Sync>,
-> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
+    tls: Option<&BackendTls>,
+) -> Result<(crate::endpoint::Sender, Connection), String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("connect: {e}"))?;
+    match tls {
+        None => handshake(stream).await,
+        Some(tls) => {
+            // The configuration in use now: a rotation applies from the next
+            // connection on.
+            let connector = TlsConnector::from(tls.loaded.config.current());
+            let name = tls
+                .server_name
+                .clone()
+                .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+            let stream = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| crate::tls::handshake_error(&e))?;
+            handshake(stream).await
+        }
+    }
+}
+
+/// The HTTP/2 handshake over `io`.
+async fn handshake<IO>(io: IO) -> Result<(crate::endpoint::Sender, Connection), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
-        .handshake(TokioIo::new(stream))
-        .await?;
-    Ok((sender, connection))
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    Ok((sender, Box::pin(connection)))
 }
 
 #[cfg(test)]
@@ -301,6 +377,8 @@ mod tests {
         Pool::new(
             "svc.ns:grpc".into(),
             PoolSettings {
+                tls: None,
+                authority: AuthorityRule::Address,
                 connect_timeout: Duration::from_secs(1),
                 ejection_base: Duration::from_secs(10),
                 ejection_max: Duration::from_secs(60),
@@ -313,6 +391,7 @@ mod tests {
     fn ready(port: u16) -> Arc<EndpointState> {
         let e = EndpointState::new(
             ([127, 0, 0, 1], port).into(),
+            None,
             1,
             String::new(),
             String::new(),

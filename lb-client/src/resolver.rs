@@ -7,15 +7,15 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use lookaside_backoff::{Backoff, JitteredBackoff};
 use lookaside_proto::lookaside::v1::{
     WatchRequest, WatchResponse, discovery_client::DiscoveryClient,
 };
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    backoff::Backoff,
-    pool::{EndpointSpec, ListState, Pool},
-};
+use crate::pool::{EndpointSpec, ListState, Pool};
 
 /// How long an LB server has to send the first snapshot after the stream opens.
 const FIRST_ANSWER: Duration = Duration::from_secs(3);
@@ -55,10 +55,93 @@ impl Fallback {
     }
 }
 
+/// One LB server: its endpoint and, for an `https://` URL, the TLS
+/// configuration and the name its certificate must carry (the URL's host).
+pub(crate) struct LbServer {
+    pub(crate) endpoint: tonic::transport::Endpoint,
+    pub(crate) tls: Option<(crate::tls::Loaded, ServerName<'static>)>,
+}
+
+impl LbServer {
+    fn uri(&self) -> &http::Uri {
+        self.endpoint.uri()
+    }
+
+    async fn connect(&self) -> Result<tonic::transport::Channel, String> {
+        let connected = match &self.tls {
+            None => self.endpoint.connect().await,
+            Some((loaded, name)) => {
+                self.endpoint
+                    .connect_with_connector(TlsConnect {
+                        // The configuration in use now: a rotation applies
+                        // from the next connection on.
+                        connector: TlsConnector::from(loaded.config.current()),
+                        name: name.clone(),
+                    })
+                    .await
+            }
+        };
+        connected.map_err(|error| {
+            // tonic wraps the connector's error: show the innermost reason
+            // (the TLS one) rather than "transport error".
+            let mut source: &dyn std::error::Error = &error;
+            while let Some(next) = source.source() {
+                source = next;
+            }
+            match source.downcast_ref::<std::io::Error>() {
+                Some(io) if io.get_ref().is_some_and(|e| e.is::<tokio_rustls::rustls::Error>()) => {
+                    crate::tls::handshake_error(io)
+                }
+                _ => format!("{error}: {source}"),
+            }
+        })
+    }
+}
+
+/// Connects to an LB server over TLS (tonic's own TLS is not compiled in:
+/// this keeps one TLS stack, rustls with *ring*, for every connection).
+#[derive(Clone)]
+struct TlsConnect {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl tower_service::Service<http::Uri> for TlsConnect {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = this.connector.connect(this.name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
 /// Runs the subscription until `shutdown`.
 pub(crate) struct Subscription {
     pub(crate) pool: Arc<Pool>,
-    pub(crate) lbs: Vec<tonic::transport::Endpoint>,
+    pub(crate) lbs: Vec<LbServer>,
     pub(crate) fallback: Vec<Fallback>,
 }
 
@@ -71,7 +154,7 @@ enum Ended {
 
 impl Subscription {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).start();
         let mut answered = false;
         for lb in self.lbs.iter().cycle() {
             let ended = tokio::select! {
@@ -111,9 +194,9 @@ impl Subscription {
 
     async fn watch(
         &self,
-        lb: &tonic::transport::Endpoint,
+        lb: &LbServer,
         answered: &mut bool,
-        backoff: &mut Backoff,
+        backoff: &mut JitteredBackoff,
     ) -> Ended {
         let channel = match lb.connect().await {
             Ok(channel) => channel,

@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+use crate::limits::Limits;
 pub use crate::runtime::PinWorkers;
 
 /// Where endpoints come from.
@@ -58,6 +59,26 @@ pub struct Config {
     #[arg(long, env = "LB_LISTEN", default_value = "0.0.0.0:7000")]
     pub listen: SocketAddr,
 
+    /// Serve lookaside.v1.Admin (every client's address, every pod's IP, node and zone) on
+    /// this address of its own, in plaintext (e.g. 127.0.0.1:7001, reached with
+    /// `kubectl port-forward`), and not on the gRPC port.
+    #[arg(long, env = "LB_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// The gRPC port's TLS certificate chain (PEM, leaf first); with --tls-key, the port
+    /// serves TLS only. Reloaded when it changes.
+    #[arg(long, env = "LB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM). Reloaded when it changes.
+    #[arg(long, env = "LB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require clients of the gRPC port to present a certificate signed by a CA in this
+    /// PEM file (mutual TLS). Reloaded when it changes.
+    #[arg(long, env = "LB_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// HTTP listen address for /metrics, /healthz and /readyz.
     #[arg(long, env = "LB_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: SocketAddr,
@@ -80,10 +101,40 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 
     /// Whether each worker thread gets a CPU of its own (auto: when the process may run on exactly
-    /// as many CPUs as it has workers, e.g. a pod given whole CPUs). Read by the binary, which
-    /// builds the runtime; TOKIO_WORKER_THREADS sets the number of workers.
-    #[arg(long, env = "LB_PIN_WORKERS", value_enum, default_value = "auto")]
+    /// as many CPUs as it has workers, e.g. a pod given whole CPUs by the static CPU manager).
+    /// Off by default: a pod with no CPU limit on a shared node would pin a worker to every
+    /// CPU of the node. Read by the binary, which builds the runtime; TOKIO_WORKER_THREADS
+    /// sets the number of workers.
+    #[arg(long, env = "LB_PIN_WORKERS", value_enum, default_value = "off")]
     pub pin_workers: PinWorkers,
+
+    /// gRPC connections open at once; more are closed as they arrive. Lowered at start to
+    /// what the file descriptor limit allows.
+    #[arg(long, env = "LB_MAX_CONNECTIONS", default_value = "20000", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Time a new gRPC connection has to finish its TLS handshake and send the HTTP/2 preface.
+    #[arg(long, env = "LB_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Streams (calls) one gRPC connection may have open at once.
+    #[arg(long, env = "LB_MAX_STREAMS_PER_CONNECTION", default_value = "100", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
+    /// Time a call has to send its first complete request message, and any later message
+    /// from its first byte to its last.
+    #[arg(long, env = "LB_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub request_timeout: Duration,
+
+    /// Bytes of request messages all connections together may be receiving at once
+    /// (e.g. 64Mi); a message that would go over is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LB_REQUEST_MEMORY", default_value = "64Mi", value_parser = parse_bytes)]
+    pub request_memory: usize,
+
+    /// Time a client of the metrics port has to send a request's headers; a kept-alive
+    /// connection idle that long is closed.
+    #[arg(long, env = "LB_METRICS_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    pub metrics_header_timeout: Duration,
 }
 
 impl Config {
@@ -95,13 +146,80 @@ impl Config {
             file_poll_interval: Duration::from_millis(50),
             namespaces: Vec::new(),
             listen: ([127, 0, 0, 1], 0).into(),
+            admin_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             metrics_listen: ([127, 0, 0, 1], 0).into(),
             grpclb_stats_interval: Duration::from_secs(10),
             xds_lb_policy: XdsLbPolicy::RoundRobin,
             shutdown_timeout: Duration::from_secs(5),
-            pin_workers: PinWorkers::Auto,
+            pin_workers: PinWorkers::Off,
+            max_connections: 20_000,
+            handshake_timeout: Duration::from_secs(10),
+            max_streams_per_connection: 100,
+            request_timeout: Duration::from_secs(10),
+            request_memory: 64 * 1024 * 1024,
+            metrics_header_timeout: Duration::from_secs(5),
         }
     }
+
+    /// The TLS files of the gRPC port, if it serves TLS.
+    pub fn tls_files(&self) -> Option<lookaside_tls::ServerFiles> {
+        Some(lookaside_tls::ServerFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// The limits the flags set.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections as usize,
+            handshake_timeout: self.handshake_timeout,
+            max_streams_per_connection: self.max_streams_per_connection,
+            request_timeout: self.request_timeout,
+            request_memory: self.request_memory,
+            metrics_header_timeout: self.metrics_header_timeout,
+        }
+    }
+}
+
+/// Parses a duration that must be more than zero.
+pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err(format!("must be more than 0, not {text:?}"));
+    }
+    Ok(duration)
+}
+
+/// Parses a size in bytes: `65536`, `64Ki`, `64Mi`, `1Gi` (a trailing `B` is allowed).
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
+    let trimmed = text.trim();
+    let trimmed = trimmed.strip_suffix('B').unwrap_or(trimmed);
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let value: usize = number
+        .parse()
+        .map_err(|_| format!("bad size {text:?}: expected e.g. 65536, 64Ki, 64Mi, 1Gi"))?;
+    let scale: usize = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(format!("bad size unit in {text:?}: use Ki, Mi or Gi")),
+    };
+    let bytes = value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("size {text:?} is too large"))?;
+    if bytes == 0 {
+        return Err(format!("must be more than 0, not {text:?}"));
+    }
+    Ok(bytes)
 }
 
 /// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
@@ -168,5 +286,52 @@ mod tests {
         let config = Config::try_parse_from(["lb-server", "--xds-lb-policy", "ring-hash"]).unwrap();
         assert_eq!(config.xds_lb_policy, XdsLbPolicy::RingHash);
         assert!(Config::try_parse_from(["lb-server", "--xds-lb-policy", "maglev"]).is_err());
+    }
+
+    #[test]
+    fn limits_default_to_the_documented_values() {
+        let config = Config::try_parse_from(["lb-server"]).unwrap();
+        assert_eq!(config.limits(), Limits::default());
+        assert_eq!(config.pin_workers, PinWorkers::Off);
+        assert_eq!(
+            Config::for_file("a.yaml").limits(),
+            Limits::default(),
+            "tests run with the production limits"
+        );
+    }
+
+    #[test]
+    fn tls_flags_come_together() {
+        let config =
+            Config::try_parse_from(["lb-server", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+                .unwrap();
+        let files = config.tls_files().unwrap();
+        assert_eq!(
+            (files.cert.to_str(), files.client_ca),
+            (Some("c.pem"), None)
+        );
+        assert!(Config::try_parse_from(["lb-server", "--tls-cert", "c.pem"]).is_err());
+        assert!(Config::try_parse_from(["lb-server", "--tls-key", "k.pem"]).is_err());
+        assert!(Config::try_parse_from(["lb-server", "--tls-client-ca", "ca.pem"]).is_err());
+        assert!(
+            Config::try_parse_from(["lb-server"])
+                .unwrap()
+                .tls_files()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("65536").unwrap(), 65536);
+        assert_eq!(parse_bytes("64Ki").unwrap(), 64 << 10);
+        assert_eq!(parse_bytes("64Mi").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("12MB").is_err());
+        assert!(parse_bytes("x").is_err());
+        assert!(parse_bytes("99999999999999999999Gi").is_err());
+        assert!(Config::try_parse_from(["lb-server", "--max-connections", "0"]).is_err());
+        assert!(Config::try_parse_from(["lb-server", "--request-timeout", "0s"]).is_err());
     }
 }

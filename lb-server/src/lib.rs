@@ -13,6 +13,8 @@
 //! - [`store`]: one watch channel per service; knows nothing of gRPC or Kubernetes.
 //! - [`api`]: the gRPC edge: Discovery, grpclb, xDS, Admin, and the subscriber registry.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`limits`]: every limit that protects the server from its clients, in one place.
+//! - [`listener`]: the gRPC port's accept loop and handshakes.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`server`]: binds, wires and runs it all, and drains on shutdown.
 //! - [`signal`]: the SIGTERM/SIGINT future.
@@ -21,6 +23,8 @@
 pub mod api;
 pub mod config;
 pub mod http;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod runtime;

@@ -32,7 +32,10 @@ fn main() {
             rt.block_on(run(config))
         });
     if let Err(error) = result {
-        eprintln!("lb-server: error: {error:#}");
+        eprintln!(
+            "lb-server: error: {}",
+            lb_server::server::error_text(&error)
+        );
         std::process::exit(1);
     }
 }
@@ -42,6 +45,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         grpc = %server.grpc_addr(),
         metrics = %server.metrics_addr(),
+        admin = ?server.admin_addr(),
         "lb-server listening"
     );
     server.run(signal::shutdown()).await

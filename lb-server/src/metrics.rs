@@ -44,10 +44,17 @@ pub struct Metrics {
     pub file_reloads: IntCounterVec,
     /// Requests rejected for bad input, by API and reason.
     pub rejected: IntCounterVec,
+    /// Connections closed before they were served, by listener (`grpc`,
+    /// `http`) and reason (a limit of [`crate::limits`], or a failed handshake).
+    pub rejected_connections: IntCounterVec,
+    /// Reloads of the gRPC port's TLS files after they changed, by result (`ok`, `error`).
+    pub tls_reloads: IntCounterVec,
     /// Call counts grpclb clients reported in `ClientStats`, by kind.
     pub grpclb_client_calls: IntCounterVec,
     /// xDS responses a client rejected (NACKed), by resource type URL.
     pub xds_nacks: IntCounterVec,
+    /// Log lines left out by a rate limit, by event (`xds_nack`).
+    pub suppressed_logs: IntCounterVec,
 }
 
 impl Metrics {
@@ -115,6 +122,22 @@ impl Metrics {
             &["api", "reason"],
         )
         .unwrap();
+        let rejected_connections = IntCounterVec::new(
+            Opts::new(
+                "rejected_connections_total",
+                "Connections closed before they were served, by listener and reason.",
+            ),
+            &["listener", "reason"],
+        )
+        .unwrap();
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "tls_reloads_total",
+                "Reloads of the gRPC port's TLS files after they changed, by result.",
+            ),
+            &["result"],
+        )
+        .unwrap();
         let grpclb_client_calls = IntCounterVec::new(
             Opts::new(
                 "grpclb_client_calls_total",
@@ -131,6 +154,14 @@ impl Metrics {
             &["type_url"],
         )
         .unwrap();
+        let suppressed_logs = IntCounterVec::new(
+            Opts::new(
+                "suppressed_logs_total",
+                "Log lines left out by a rate limit, by event.",
+            ),
+            &["event"],
+        )
+        .unwrap();
         for collector in [
             Box::new(subscribers.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(services.clone()),
@@ -142,8 +173,11 @@ impl Metrics {
             Box::new(watch_restarts.clone()),
             Box::new(file_reloads.clone()),
             Box::new(rejected.clone()),
+            Box::new(rejected_connections.clone()),
+            Box::new(tls_reloads.clone()),
             Box::new(grpclb_client_calls.clone()),
             Box::new(xds_nacks.clone()),
+            Box::new(suppressed_logs.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -159,8 +193,11 @@ impl Metrics {
             watch_restarts,
             file_reloads,
             rejected,
+            rejected_connections,
+            tls_reloads,
             grpclb_client_calls,
             xds_nacks,
+            suppressed_logs,
         }
     }
 

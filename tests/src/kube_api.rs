@@ -43,19 +43,17 @@ use axum::{
     routing::get,
 };
 use k8s_openapi::{
-    List,
-    api::{
-        core::v1::ObjectReference,
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta},
+    List, api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ListMeta,
 };
 use serde_json::json;
 use tokio::{net::TcpListener, sync::mpsc, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-/// The label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The EndpointSlice fixture builders, shared with lb-server's unit tests.
+pub use lb_server::source::kube::{
+    SERVICE_NAME_LABEL,
+    fixtures::{EndpointBuilder, SliceBuilder, ep, eps, slice},
+};
 
 const GROUP_VERSION: &str = "discovery.k8s.io/v1";
 const CLUSTER_PATH: &str = "/apis/discovery.k8s.io/v1/endpointslices";
@@ -910,193 +908,6 @@ fn json_response(code: StatusCode, body: impl Into<Body>) -> Response {
         body.into(),
     )
         .into_response()
-}
-
-/// Starts an EndpointSlice fixture: IPv4, labelled `kubernetes.io/service-name=SERVICE`,
-/// no ports and no endpoints yet.
-pub fn slice(namespace: &str, name: &str, service: &str) -> SliceBuilder {
-    SliceBuilder(EndpointSlice {
-        address_type: "IPv4".into(),
-        endpoints: Vec::new(),
-        metadata: ObjectMeta {
-            namespace: Some(namespace.into()),
-            name: Some(name.into()),
-            labels: Some(BTreeMap::from([
-                (SERVICE_NAME_LABEL.into(), service.into()),
-                (
-                    "endpointslice.kubernetes.io/managed-by".into(),
-                    "endpointslice-controller.k8s.io".into(),
-                ),
-            ])),
-            ..ObjectMeta::default()
-        },
-        ports: None,
-    })
-}
-
-/// Builds an EndpointSlice fixture; see [`slice()`].
-#[derive(Debug, Clone)]
-pub struct SliceBuilder(EndpointSlice);
-
-impl SliceBuilder {
-    /// Sets `addressType` (`IPv4`, `IPv6`, `FQDN`).
-    pub fn address_type(mut self, address_type: &str) -> Self {
-        self.0.address_type = address_type.into();
-        self
-    }
-
-    /// Makes it an IPv6 slice.
-    pub fn ipv6(self) -> Self {
-        self.address_type("IPv6")
-    }
-
-    /// Adds a named TCP port.
-    pub fn port(self, name: &str, port: u16) -> Self {
-        self.port_spec(EndpointPort {
-            name: Some(name.into()),
-            port: Some(i32::from(port)),
-            protocol: Some("TCP".into()),
-            app_protocol: None,
-        })
-    }
-
-    /// Adds an unnamed TCP port.
-    pub fn unnamed_port(self, port: u16) -> Self {
-        self.port_spec(EndpointPort {
-            name: Some(String::new()),
-            port: Some(i32::from(port)),
-            protocol: Some("TCP".into()),
-            app_protocol: None,
-        })
-    }
-
-    /// Adds a port as given.
-    pub fn port_spec(mut self, port: EndpointPort) -> Self {
-        self.0.ports.get_or_insert_with(Vec::new).push(port);
-        self
-    }
-
-    /// Adds an endpoint.
-    pub fn endpoint(mut self, endpoint: EndpointBuilder) -> Self {
-        self.0.endpoints.push(endpoint.0);
-        self
-    }
-
-    /// Adds endpoints.
-    pub fn endpoints(mut self, endpoints: impl IntoIterator<Item = EndpointBuilder>) -> Self {
-        self.0.endpoints.extend(endpoints.into_iter().map(|e| e.0));
-        self
-    }
-
-    /// Sets a label.
-    pub fn label(mut self, key: &str, value: &str) -> Self {
-        self.0
-            .metadata
-            .labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert(key.into(), value.into());
-        self
-    }
-
-    /// Removes the `kubernetes.io/service-name` label.
-    pub fn without_service_label(mut self) -> Self {
-        if let Some(labels) = &mut self.0.metadata.labels {
-            labels.remove(SERVICE_NAME_LABEL);
-        }
-        self
-    }
-
-    /// The slice.
-    pub fn build(self) -> EndpointSlice {
-        self.0
-    }
-}
-
-impl From<SliceBuilder> for EndpointSlice {
-    fn from(builder: SliceBuilder) -> Self {
-        builder.0
-    }
-}
-
-/// Starts an endpoint fixture with one address and no conditions (which
-/// Kubernetes reads as ready, serving, not terminating).
-pub fn ep(address: &str) -> EndpointBuilder {
-    EndpointBuilder(Endpoint {
-        addresses: vec![address.into()],
-        ..Endpoint::default()
-    })
-}
-
-/// `count` endpoint fixtures `10.BLOCK.x.y`, ready, one per address.
-pub fn eps(block: u8, count: u16) -> Vec<EndpointBuilder> {
-    (0..count)
-        .map(|i| ep(&format!("10.{block}.{}.{}", i / 256, i % 256)))
-        .collect()
-}
-
-/// Builds an endpoint of an EndpointSlice; see [`ep`].
-#[derive(Debug, Clone)]
-pub struct EndpointBuilder(Endpoint);
-
-impl EndpointBuilder {
-    fn conditions(&mut self) -> &mut EndpointConditions {
-        self.0
-            .conditions
-            .get_or_insert_with(EndpointConditions::default)
-    }
-
-    /// Sets `conditions.ready`.
-    pub fn ready(mut self, ready: bool) -> Self {
-        self.conditions().ready = Some(ready);
-        self
-    }
-
-    /// Sets `conditions.serving`.
-    pub fn serving(mut self, serving: bool) -> Self {
-        self.conditions().serving = Some(serving);
-        self
-    }
-
-    /// Marks it terminating (and not ready, as Kubernetes does); `serving`
-    /// stays as set, so absent it follows `ready`.
-    pub fn terminating(mut self) -> Self {
-        let conditions = self.conditions();
-        conditions.terminating = Some(true);
-        conditions.ready = Some(false);
-        self
-    }
-
-    /// Terminating but still serving: a pod in its graceful shutdown.
-    pub fn draining(self) -> Self {
-        self.terminating().serving(true)
-    }
-
-    /// Sets `zone`.
-    pub fn zone(mut self, zone: &str) -> Self {
-        self.0.zone = Some(zone.into());
-        self
-    }
-
-    /// Sets `nodeName`.
-    pub fn node(mut self, node: &str) -> Self {
-        self.0.node_name = Some(node.into());
-        self
-    }
-
-    /// Sets `targetRef` to a Pod of this name.
-    pub fn pod(mut self, name: &str) -> Self {
-        self.0.target_ref = Some(ObjectReference {
-            kind: Some("Pod".into()),
-            name: Some(name.into()),
-            ..ObjectReference::default()
-        });
-        self
-    }
-
-    /// The endpoint.
-    pub fn build(self) -> Endpoint {
-        self.0
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`kube_api`]: a Kubernetes API server stand-in for EndpointSlices that
-//!   speaks the real list/watch wire protocol, with fixture builders.
+//!   speaks the real list/watch wire protocol, with the EndpointSlice fixture
+//!   builders (lb-server's `source::kube::fixtures`, re-exported).
 //! - [`local`]: greeter backends, lb-server (in-process or a real process) and
 //!   the file source, on loopback, each stopped by its own handle.
 

@@ -7,11 +7,16 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use lb_server::{
     metrics::Metrics,
     model::{ServiceKey, Snapshot},
-    source::kube::KubeSource,
+    source::kube::{DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF, KubeSource},
     store::{Store, Subscription},
 };
+use lookaside_backoff::Backoff;
 use lookaside_tests::kube_api::{Counters, KubeApi, ep, eps, slice};
-use tokio::{sync::watch, task::JoinHandle, time::timeout};
+use tokio::{
+    sync::watch,
+    task::JoinHandle,
+    time::{Instant, timeout},
+};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -28,6 +33,21 @@ struct Running {
 }
 
 async fn start(api: KubeApi, namespaces: &[&str]) -> Running {
+    start_with_backoff(
+        api,
+        namespaces,
+        Duration::from_millis(20),
+        Duration::from_millis(200),
+    )
+    .await
+}
+
+async fn start_with_backoff(
+    api: KubeApi,
+    namespaces: &[&str],
+    min: Duration,
+    max: Duration,
+) -> Running {
     let store = Store::new();
     let metrics = Arc::new(Metrics::new());
     let (synced_tx, synced) = watch::channel(false);
@@ -40,7 +60,7 @@ async fn start(api: KubeApi, namespaces: &[&str]) -> Running {
         Arc::clone(&store),
         Arc::clone(&metrics),
     )
-    .backoff(Duration::from_millis(20), Duration::from_millis(200));
+    .backoff(min, max);
     let task = tokio::spawn(source.run(synced_tx, shutdown.clone()));
     Running {
         api,
@@ -628,4 +648,92 @@ async fn slices_without_the_service_name_label_are_ignored() {
     until(&mut greeter, "the service removed", |s| !s.exists).await;
     assert!(running.store.services().is_empty());
     running.stop().await;
+}
+
+/// How soon after the API server answers again the first change must reach
+/// subscribers, however long the outage was (issue 13: with client-go's
+/// 800 ms doubling to 30 s plus up to 100% jitter it grew with the outage).
+const RECOVERY: Duration = Duration::from_secs(5);
+
+/// The test runs the default backoff and the bound at a fifth of their
+/// length, so an outage long enough to take the old backoff past the bound
+/// lasts about a second instead of ten. (Real time, not a paused clock: the
+/// kube client's own timeouts would fire at once under auto-advance.)
+const SCALE: u32 = 5;
+
+/// The API server fails every request for as long as it takes the source to
+/// fail four times in a row (the old backoff's fourth delay is at least
+/// 6.4 s, scaled 1.28 s: past the bound), then answers again; a change made
+/// right then must reach a subscriber within the bound. With `compacted`,
+/// the history is gone meanwhile, so the resumed watch gets 410 and the
+/// source must re-list first.
+async fn a_change_after_an_outage_arrives_within_the_bound(compacted: bool) {
+    let (min, max) = (DEFAULT_MIN_BACKOFF / SCALE, DEFAULT_MAX_BACKOFF / SCALE);
+    let bound = RECOVERY / SCALE;
+    let api = KubeApi::start().await;
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    let mut running = start_with_backoff(api, &[], min, max).await;
+    running.synced().await;
+    running.watching().await;
+    let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
+    greeter.current();
+
+    let down = Instant::now();
+    running.api.set_failing(true);
+    running.api.drop_watches();
+    running
+        .api_until("four failed retries", |c| c.failed >= 4)
+        .await;
+    let outage = down.elapsed();
+    // Not hammering: at least three delays, each at least half its step.
+    let policy = Backoff::new(min, max);
+    let least: Duration = (0..3).map(|n| policy.step(n) / 2).sum();
+    assert!(
+        outage >= least,
+        "four attempts in {outage:?}, faster than the backoff allows ({least:?})"
+    );
+    if compacted {
+        running.api.compact();
+    }
+
+    let back = Instant::now();
+    running.api.set_failing(false);
+    running.api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.2")),
+    );
+    let arrived = timeout(bound, async {
+        while addresses(&greeter.current()) != ["10.0.0.2:50051"] {
+            greeter.next().await;
+        }
+    })
+    .await;
+    let took = back.elapsed();
+    assert!(
+        arrived.is_ok(),
+        "the change took longer than {bound:?} (outage {outage:?}, compacted {compacted}): {:?}",
+        running.api.counters()
+    );
+    eprintln!("outage {outage:?}; the change arrived {took:?} after the API server answered");
+    assert_eq!(
+        running.restarts(),
+        u64::from(compacted),
+        "a re-list only after a 410"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn after_an_outage_a_resumed_watch_delivers_the_next_change_within_the_bound() {
+    a_change_after_an_outage_arrives_within_the_bound(false).await;
+}
+
+#[tokio::test]
+async fn after_an_outage_that_expired_the_history_a_relist_delivers_within_the_bound() {
+    a_change_after_an_outage_arrives_within_the_bound(true).await;
 }

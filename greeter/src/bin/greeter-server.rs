@@ -1,9 +1,10 @@
 //! `greeter-server`: the example backend. Its replies name the backend that served them.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use greeter::server::{self, ServerOptions};
+use lookaside_tls::{Reloading, ServerFiles};
 
 /// The example gRPC backend.
 #[derive(Debug, Parser)]
@@ -25,6 +26,16 @@ struct Args {
     /// Seconds to finish calls in flight once the listener has closed.
     #[arg(long, env = "GREETER_DRAIN_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
     drain_timeout: Duration,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key. The
+    /// files are watched and reloaded when they change.
+    #[arg(long, env = "GREETER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "GREETER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS); needs --tls-cert.
+    #[arg(long, env = "GREETER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -48,10 +59,43 @@ fn default_name() -> String {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     greeter::init_tracing("info");
     let args = Args::parse();
     let name = args.name.unwrap_or_else(default_name);
+    let files = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+        _ => None,
+    };
+    let tls = match &files {
+        Some(files) => match files.load() {
+            Ok(config) => Some(Reloading::new(config)),
+            Err(error) => {
+                eprintln!("greeter-server: TLS: {error}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        None => None,
+    };
+    // New handshakes use the rotated files; a broken rotation keeps the last
+    // good certificate.
+    let _watch = tls.as_ref().zip(files).map(|(tls, files)| {
+        let paths = files.paths();
+        tls.watch(
+            paths,
+            move || files.load(),
+            |result| match result {
+                Ok(()) => tracing::info!("TLS files reloaded"),
+                Err(error) => {
+                    tracing::warn!(%error, "TLS files changed but cannot be used; keeping the previous ones")
+                }
+            },
+        )
+    });
     let (listener, addr) = server::bind(args.listen).await?;
     tracing::info!(%addr, %name, "greeter-server listening");
     let options = ServerOptions {
@@ -59,8 +103,10 @@ async fn main() -> anyhow::Result<()> {
         max_connection_age: args.max_connection_age,
         shutdown_delay: args.shutdown_delay,
         drain_timeout: args.drain_timeout,
+        tls,
     };
-    server::serve(listener, options, shutdown()).await
+    server::serve(listener, options, shutdown()).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown() {

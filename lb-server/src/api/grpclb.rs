@@ -28,9 +28,6 @@ pub const MAX_NAME_BYTES: usize = 256;
 /// The most times one endpoint is repeated for its weight.
 const MAX_REPEAT: u32 = 100;
 
-/// How long a client may take to send `initial_request`.
-const INITIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The grpclb service.
 #[derive(Debug, Clone)]
 pub struct GrpclbApi {
@@ -81,9 +78,8 @@ impl LoadBalancer for GrpclbApi {
     ) -> Result<Response<BalanceLoadStream>, Status> {
         let peer = super::peer(&request);
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(INITIAL_REQUEST_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| Status::invalid_argument("no initial_request within 10s"))??;
+        // `--request-timeout` bounds the wait (crate::limits).
+        let first = inbound.message().await?;
         let name = match first.and_then(|m| m.load_balance_request_type) {
             Some(LoadBalanceRequestType::InitialRequest(initial)) => initial.name,
             _ => {
@@ -168,8 +164,11 @@ async fn next_response(
                             }
                             Ok(None) => s.inbound_open = false,
                             Err(status) => {
-                                tracing::debug!(%status, "grpclb client went away");
-                                return None;
+                                // A client that went away reads nothing; one
+                                // that broke a limit learns which.
+                                tracing::debug!(%status, "grpclb stream ended by its client");
+                                s.inbound_open = false;
+                                return Some((Err(status), s));
                             }
                         }
                         continue;
@@ -185,35 +184,48 @@ async fn next_response(
     }
 }
 
+/// Adds a client's report to the metrics and its subscriber's totals, which
+/// saturate; a report with a negative count is refused whole and counted
+/// (`rejected_requests_total{api="grpclb",reason="negative_stats"}`).
 fn record_stats(s: &StreamState, stats: &ClientStats) {
-    let dropped: i64 = stats
-        .calls_finished_with_drop
-        .iter()
-        .map(|d| d.num_calls)
-        .sum();
+    let drops = || stats.calls_finished_with_drop.iter().map(|d| d.num_calls);
+    let counts = [
+        stats.num_calls_started,
+        stats.num_calls_finished,
+        stats.num_calls_finished_with_client_failed_to_send,
+        stats.num_calls_finished_known_received,
+    ];
+    if counts.iter().copied().chain(drops()).any(|count| count < 0) {
+        s.shared
+            .metrics
+            .rejected
+            .with_label_values(&["grpclb", "negative_stats"])
+            .inc();
+        tracing::debug!("grpclb client stats with a negative count ignored");
+        return;
+    }
+    let dropped = drops().fold(0i64, i64::saturating_add);
+    let [started, finished, failed_to_send, known_received] = counts;
     let counter = &s.shared.metrics.grpclb_client_calls;
     for (kind, value) in [
-        ("started", stats.num_calls_started),
-        ("finished", stats.num_calls_finished),
-        (
-            "failed_to_send",
-            stats.num_calls_finished_with_client_failed_to_send,
-        ),
-        ("known_received", stats.num_calls_finished_known_received),
+        ("started", started),
+        ("finished", finished),
+        ("failed_to_send", failed_to_send),
+        ("known_received", known_received),
         ("dropped", dropped),
     ] {
         counter
             .with_label_values(&[kind])
-            .inc_by(u64::try_from(value).unwrap_or(0));
+            .inc_by(value.unsigned_abs());
     }
     s.guard.record_grpclb(|totals| {
         totals.last_report = Some(std::time::SystemTime::now());
-        totals.reports += 1;
-        totals.calls_started += stats.num_calls_started;
-        totals.calls_finished += stats.num_calls_finished;
-        totals.calls_failed_to_send += stats.num_calls_finished_with_client_failed_to_send;
-        totals.calls_known_received += stats.num_calls_finished_known_received;
-        totals.calls_dropped += dropped;
+        totals.reports = totals.reports.saturating_add(1);
+        totals.calls_started = totals.calls_started.saturating_add(started);
+        totals.calls_finished = totals.calls_finished.saturating_add(finished);
+        totals.calls_failed_to_send = totals.calls_failed_to_send.saturating_add(failed_to_send);
+        totals.calls_known_received = totals.calls_known_received.saturating_add(known_received);
+        totals.calls_dropped = totals.calls_dropped.saturating_add(dropped);
     });
 }
 

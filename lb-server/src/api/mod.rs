@@ -4,9 +4,11 @@
 //! nothing of Kubernetes: it reads the [`Store`](crate::store::Store).
 
 pub mod admin;
+pub mod client_text;
 pub mod discovery;
 pub mod grpclb;
 pub mod pb;
+pub mod rate;
 pub mod subscribers;
 pub mod xds;
 
@@ -106,10 +108,15 @@ impl Shared {
     }
 }
 
-/// The peer address of a request as text, or `unknown`.
+/// The peer address of a request as text, or `unknown`: from the
+/// listener's [`ConnInfo`](crate::limits::ConnInfo), or tonic's own when a
+/// test serves the APIs on a listener of its own.
 pub(crate) fn peer<T>(request: &tonic::Request<T>) -> String {
     request
-        .remote_addr()
+        .extensions()
+        .get::<crate::limits::ConnInfo>()
+        .and_then(|info| info.remote)
+        .or_else(|| request.remote_addr())
         .map_or_else(|| "unknown".to_owned(), |addr: SocketAddr| addr.to_string())
 }
 

@@ -12,6 +12,11 @@
 //!
 //! A broken file at start-up is an error the caller reports; a broken file
 //! later is logged and counted, and the last good state keeps being served.
+//! Broken includes a service listed twice, even under two spellings of one
+//! target, an address listed twice for one service, port 0, and a file past
+//! [`MAX_FILE_BYTES`] or nested deeper than [`MAX_NESTING`]. A reload reads
+//! and parses on a blocking thread, so that a large file never stalls the
+//! runtime that serves the APIs.
 //!
 //! The file's directory is watched (inotify), so a change is seen as soon as
 //! it is complete: a write closed, or a file renamed into place, which is how
@@ -22,7 +27,9 @@
 //! its bytes changed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, hash_map::RandomState},
+    hash::BuildHasher,
+    io::Read,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -39,9 +46,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::Metrics,
-    model::{Endpoint, Services, TargetError, parse_target},
+    model::{Endpoint, ServiceKey, Services, TargetError, parse_target},
     store::Store,
 };
+
+/// The largest file the source reads, in bytes: 16 MiB, sixteen times what a
+/// ConfigMap can hold. Checked on the file's size before reading and again
+/// while reading, so that a file that grows meanwhile, or a pipe or device
+/// that reports no size, cannot get past it.
+pub const MAX_FILE_BYTES: usize = 16 << 20;
+
+/// The deepest nesting of YAML collections (mappings and sequences) a file
+/// may have. The format needs four levels (the document, `services`, a
+/// service's list, an endpoint); the limit rejects a file of nested brackets
+/// before it costs time or stack.
+pub const MAX_NESTING: usize = 8;
 
 /// What can be wrong with the file. Each says the path and what to fix, with
 /// the underlying reason in its message (not repeated as an error source).
@@ -55,13 +74,38 @@ pub enum FileError {
         /// Why.
         reason: std::io::Error,
     },
-    /// Not YAML of the expected shape.
+    /// The file is larger than [`MAX_FILE_BYTES`].
+    #[error("{path} is larger than the file source's limit of {} MiB", .limit >> 20)]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Not a regular file (a pipe, a device, a directory).
+    #[error("{path} is not a regular file")]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Not YAML of the expected shape, a service listed twice, or an
+    /// endpoint that is wrong in itself (address, port 0, weight 0).
     #[error("cannot parse {path}: {reason}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// Where and why.
-        reason: serde_yaml::Error,
+        /// Where (line and column) and why.
+        reason: Box<serde_saphyr::Error>,
+    },
+    /// Mappings and lists nested deeper than [`MAX_NESTING`].
+    #[error("cannot parse {path}: {reason} (mappings and lists may nest at most {limit} deep)")]
+    TooDeep {
+        /// The file.
+        path: PathBuf,
+        /// The limit.
+        limit: usize,
+        /// Where (line and column).
+        reason: Box<serde_saphyr::Error>,
     },
     /// A service key that is not a valid target.
     #[error("{path}: service {key:?}: {reason}")]
@@ -73,29 +117,29 @@ pub enum FileError {
         /// Why it is not a target.
         reason: TargetError,
     },
-    /// An endpoint address that is not `IP:PORT`.
+    /// Two keys that are spellings of one service (`dns:///a.ns:80` and `a.ns:80`).
     #[error(
-        "{path}: service {key:?}, endpoint {index}: address {address:?} is not IP:PORT (IPv6 as [::1]:PORT)"
+        "{path}: services {first:?} and {second:?} are the same service {service}; list it once"
     )]
-    Address {
+    SameService {
         /// The file.
         path: PathBuf,
-        /// The service key.
-        key: String,
-        /// Position of the endpoint in the list, from 0.
-        index: usize,
-        /// The address as written.
-        address: String,
+        /// One spelling.
+        first: String,
+        /// The other.
+        second: String,
+        /// The service both name, as `NAME.NAMESPACE:PORT`.
+        service: String,
     },
-    /// A weight of zero.
-    #[error("{path}: service {key:?}, endpoint {index}: weight must be at least 1")]
-    Weight {
+    /// One address listed twice for one service.
+    #[error("{path}: service {key:?}: address {address} is listed more than once")]
+    DuplicateAddress {
         /// The file.
         path: PathBuf,
         /// The service key.
         key: String,
-        /// Position of the endpoint in the list, from 0.
-        index: usize,
+        /// The address.
+        address: SocketAddr,
     },
 }
 
@@ -103,8 +147,15 @@ pub enum FileError {
 #[serde(deny_unknown_fields)]
 struct FileDoc {
     #[serde(default)]
-    services: Option<BTreeMap<String, Option<Vec<FileEndpoint>>>>,
+    services: Option<BTreeMap<String, Option<Vec<CheckedEndpoint>>>>,
 }
+
+/// An endpoint checked and converted as soon as it is read, so that a large
+/// file is never held twice (as written and as endpoints), and so that its
+/// errors carry the line and column.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "FileEndpoint")]
+struct CheckedEndpoint(Endpoint);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,67 +177,197 @@ fn one() -> u32 {
     1
 }
 
+impl TryFrom<FileEndpoint> for CheckedEndpoint {
+    type Error = String;
+
+    fn try_from(e: FileEndpoint) -> Result<Self, String> {
+        let addr: SocketAddr = e.address.parse().map_err(|_| {
+            format!(
+                "address {:?} is not IP:PORT (IPv6 as [::1]:PORT)",
+                e.address
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(format!("address {:?} has port 0", e.address));
+        }
+        if e.weight == 0 {
+            return Err("weight must be at least 1".to_owned());
+        }
+        let mut endpoint = Endpoint::new(addr.ip(), addr.port())
+            .weight(e.weight)
+            .zone(e.zone)
+            .node(e.node)
+            .pod(e.pod);
+        endpoint.draining = e.draining;
+        Ok(Self(endpoint))
+    }
+}
+
+/// How the YAML parser is held to the file's limits.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_NESTING,
+            flow_nesting_limit: MAX_NESTING,
+            // Every node and event takes at least a byte of the file, so
+            // MAX_FILE_BYTES already bounds them: a file under the size limit
+            // is not refused for its number of endpoints.
+            max_nodes: MAX_FILE_BYTES,
+            max_events: MAX_FILE_BYTES,
+        },
+        // The default, said here because the source relies on it: a service
+        // listed twice is an error, not the last one winning.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        // One line (with line and column) for a log, not a rendered excerpt.
+        with_snippet: false,
+    }
+}
+
+/// Whether the parser stopped at [`MAX_NESTING`]: its own message does not
+/// say which limit.
+fn too_deep(error: &serde_saphyr::Error) -> bool {
+    use serde_saphyr::{ExternalMessageSource, budget::BudgetBreach, granit_parser::ErrorKind};
+    match error {
+        serde_saphyr::Error::Budget {
+            breach: BudgetBreach::Depth { .. },
+            ..
+        } => true,
+        serde_saphyr::Error::ExternalMessage { source, .. } => matches!(
+            source.as_ref(),
+            ExternalMessageSource::Parser(scan)
+                if matches!(scan.kind(), ErrorKind::RecursionLimitExceeded)
+        ),
+        _ => false,
+    }
+}
+
 /// Parses file contents into whole endpoint sets, one per service.
 pub fn parse(path: &Path, text: &str) -> Result<Services, FileError> {
-    let doc: Option<FileDoc> = serde_yaml::from_str(text).map_err(|reason| FileError::Parse {
-        path: path.into(),
-        reason,
-    })?;
+    let doc: Option<FileDoc> =
+        serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|reason| {
+            // Boxed: the parser's error is large, and results carry it.
+            let reason = Box::new(reason);
+            if too_deep(&reason) {
+                FileError::TooDeep {
+                    path: path.into(),
+                    limit: MAX_NESTING,
+                    reason,
+                }
+            } else {
+                FileError::Parse {
+                    path: path.into(),
+                    reason,
+                }
+            }
+        })?;
     let services = doc.and_then(|d| d.services).unwrap_or_default();
     let mut out = HashMap::with_capacity(services.len());
+    // The spelling each service came from, to name both of two spellings.
+    let mut spellings: HashMap<ServiceKey, String> = HashMap::with_capacity(services.len());
     for (key_text, endpoints) in services {
         let key = parse_target(&key_text).map_err(|reason| FileError::Target {
             path: path.into(),
             key: key_text.clone(),
             reason,
         })?;
-        let mut list = Vec::new();
-        for (index, e) in endpoints.unwrap_or_default().into_iter().enumerate() {
-            let addr: SocketAddr = e.address.parse().map_err(|_| FileError::Address {
+        if let Some(first) = spellings.get(&key) {
+            return Err(FileError::SameService {
                 path: path.into(),
-                key: key_text.clone(),
-                index,
-                address: e.address.clone(),
-            })?;
-            if e.weight == 0 {
-                return Err(FileError::Weight {
-                    path: path.into(),
-                    key: key_text,
-                    index,
-                });
-            }
-            let mut endpoint = Endpoint::new(addr.ip(), addr.port())
-                .weight(e.weight)
-                .zone(e.zone)
-                .node(e.node)
-                .pod(e.pod);
-            endpoint.draining = e.draining;
-            list.push(endpoint);
+                first: first.clone(),
+                second: key_text,
+                service: key.to_string(),
+            });
         }
-        out.insert(key, list);
+        // The same allocation: a CheckedEndpoint is an Endpoint.
+        let mut list: Vec<Endpoint> = endpoints
+            .unwrap_or_default()
+            .into_iter()
+            .map(|checked| checked.0)
+            .collect();
+        // Sorted as the store keeps them anyway, so that a repeated address
+        // is found without a second copy of the list.
+        list.sort_by_key(|e| (e.address, e.port));
+        if let Some(pair) = list
+            .windows(2)
+            .find(|pair| (pair[0].address, pair[0].port) == (pair[1].address, pair[1].port))
+        {
+            return Err(FileError::DuplicateAddress {
+                path: path.into(),
+                key: key_text,
+                address: SocketAddr::new(pair[0].address, pair[0].port),
+            });
+        }
+        out.insert(key.clone(), list);
+        spellings.insert(key, key_text);
     }
     Ok(out)
 }
 
-/// Reads and parses the file.
-pub fn load(path: &Path) -> Result<(Vec<u8>, Services), FileError> {
-    let bytes = std::fs::read(path).map_err(|reason| FileError::Read {
+/// Reads the file, at most [`MAX_FILE_BYTES`] of it.
+fn read(path: &Path) -> Result<Vec<u8>, FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Without O_NONBLOCK, opening a pipe would wait for a writer, holding up
+    // every later reload and shutdown. A regular file ignores the flag.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|reason| FileError::Read {
+            path: path.into(),
+            reason,
+        })?;
+    let metadata = file.metadata().map_err(|reason| FileError::Read {
         path: path.into(),
         reason,
     })?;
-    let text = String::from_utf8_lossy(&bytes);
-    let services = parse(path, &text)?;
-    Ok((bytes, services))
+    if !metadata.is_file() {
+        return Err(FileError::NotAFile { path: path.into() });
+    }
+    read_at_most(file, metadata.len(), MAX_FILE_BYTES, path)
+}
+
+/// Reads all of `reader`, whose size was `size`, unless it is more than
+/// `limit` bytes. The size is checked first, so that a large file is
+/// refused without reading it, and the read is bounded too, so that a file
+/// that grew since cannot get past the limit.
+fn read_at_most(
+    reader: impl Read,
+    size: u64,
+    limit: usize,
+    path: &Path,
+) -> Result<Vec<u8>, FileError> {
+    let too_large = || FileError::TooLarge {
+        path: path.into(),
+        limit,
+    };
+    if size > limit as u64 {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|reason| FileError::Read {
+            path: path.into(),
+            reason,
+        })?;
+    if bytes.len() > limit {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// Reads and parses the file. It takes time in proportion to the file's
+/// size: call it off the async runtime.
+pub fn load(path: &Path) -> Result<Services, FileError> {
+    parse(path, &String::from_utf8_lossy(&read(path)?))
 }
 
 /// Serves a YAML file's services, watching and polling it for changes.
 #[derive(Debug)]
 pub struct FileSource {
-    path: PathBuf,
+    reloader: Reloader,
     interval: Duration,
-    store: Arc<Store>,
-    metrics: Arc<Metrics>,
-    last: Vec<u8>,
     /// Notified by the directory watch.
     changed: Arc<Notify>,
     /// The directory watch, if the directory could be watched. Never read:
@@ -194,17 +375,36 @@ pub struct FileSource {
     _watcher: Option<RecommendedWatcher>,
 }
 
+/// Reloads the file into the store: the part of the source that runs on a
+/// blocking thread.
+#[derive(Debug)]
+struct Reloader {
+    path: PathBuf,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    /// A digest of the bytes last read, not the bytes, which may be up to
+    /// [`MAX_FILE_BYTES`]; `None` to read the next file whatever it holds.
+    /// The hasher is keyed at random, so no file can be made to collide.
+    last: Option<u64>,
+    hasher: RandomState,
+}
+
 impl FileSource {
     /// Loads the file, publishes its services and starts watching its
     /// directory. A broken file is an error here, so that a process starting
-    /// on one exits with the reason.
+    /// on one exits with the reason. The file is read and parsed on the
+    /// calling thread: lb-server does it before it serves anything.
     pub fn start(
         path: PathBuf,
         interval: Duration,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FileError> {
-        let (bytes, services) = load(&path)?;
+        let hasher = RandomState::new();
+        let bytes = read(&path)?;
+        let services = parse(&path, &String::from_utf8_lossy(&bytes))?;
+        let last = Some(hasher.hash_one(&bytes));
+        drop(bytes);
         let count = store.replace_all(services, Instant::now());
         tracing::info!(path = %path.display(), services = count, "loaded file source");
         // The watch's thread starts here, not in `run` on a runtime worker
@@ -223,11 +423,14 @@ impl FileSource {
             }
         };
         Ok(Self {
-            path,
+            reloader: Reloader {
+                path,
+                store,
+                metrics,
+                last,
+                hasher,
+            },
             interval,
-            store,
-            metrics,
-            last: bytes,
             changed,
             _watcher: watcher,
         })
@@ -235,39 +438,58 @@ impl FileSource {
 
     /// Polls the file, and reloads it when the directory watch reports a
     /// change, until `shutdown`, publishing each good change.
-    pub async fn run(mut self, synced: watch::Sender<bool>, shutdown: CancellationToken) {
-        let changed = self.changed.clone();
+    pub async fn run(self, synced: watch::Sender<bool>, shutdown: CancellationToken) {
+        // `_watcher` is bound, not dropped, so that the watch lasts the loop.
+        let Self {
+            mut reloader,
+            interval,
+            changed,
+            _watcher,
+        } = self;
         // start() has just read the file: the first poll is one interval away.
-        let first = tokio::time::Instant::now() + self.interval;
-        let mut ticker = tokio::time::interval_at(first, self.interval);
+        let first = tokio::time::Instant::now() + interval;
+        let mut ticker = tokio::time::interval_at(first, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         synced.send_replace(true);
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return,
-                _ = changed.notified() => self.poll(),
-                _ = ticker.tick() => self.poll(),
+                _ = changed.notified() => {}
+                _ = ticker.tick() => {}
             }
+            // Reading and parsing take time in proportion to the file: on a
+            // runtime worker they would stall every API that worker serves.
+            let reloading = tokio::task::spawn_blocking(move || {
+                reloader.poll();
+                reloader
+            });
+            reloader = match reloading.await {
+                Ok(reloader) => reloader,
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                // The runtime is shutting down.
+                Err(_) => return,
+            };
         }
     }
+}
 
+impl Reloader {
     /// Reloads the file if its contents changed.
     fn poll(&mut self) {
         let event_at = Instant::now();
-        let result = match std::fs::read(&self.path) {
-            Ok(bytes) if bytes == self.last => return,
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes).into_owned();
-                self.last = bytes;
-                parse(&self.path, &text)
+        let result = read(&self.path).and_then(|bytes| {
+            let digest = self.hasher.hash_one(&bytes);
+            if self.last == Some(digest) {
+                return Ok(None);
             }
-            Err(reason) => Err(FileError::Read {
-                path: self.path.clone(),
-                reason,
-            }),
-        };
+            // Remembered even if broken, so a broken file is reported once.
+            self.last = Some(digest);
+            parse(&self.path, &String::from_utf8_lossy(&bytes)).map(Some)
+        });
         match result {
-            Ok(services) => {
+            Ok(None) => {}
+            Ok(Some(services)) => {
                 let changed = self.store.replace_all(services, event_at);
                 self.metrics.file_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(path = %self.path.display(), changed, "reloaded file source");
@@ -275,8 +497,13 @@ impl FileSource {
             Err(error) => {
                 // Forget the bytes of a file we could not read, so that the
                 // same file is retried once it can be read again.
-                if matches!(error, FileError::Read { .. }) {
-                    self.last.clear();
+                if matches!(
+                    error,
+                    FileError::Read { .. }
+                        | FileError::TooLarge { .. }
+                        | FileError::NotAFile { .. }
+                ) {
+                    self.last = None;
                 }
                 self.metrics
                     .file_reloads
@@ -362,10 +589,35 @@ mod tests {
                 "unknown field",
             ),
             ("servics: {}\n", "unknown field"),
+            (
+                "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n  a.b:c:\n    - address: 1.2.3.5:5\n",
+                "duplicate",
+            ),
+            (
+                "services:\n  greeter.default:grpc:\n    - address: 1.2.3.4:5\n  dns:///greeter.default:grpc:\n    - address: 1.2.3.5:5\n",
+                "services \"dns:///greeter.default:grpc\" and \"greeter.default:grpc\" are the same service",
+            ),
+            (
+                "services:\n  a.b:c:\n    - address: 1.2.3.4:0\n",
+                "address \"1.2.3.4:0\" has port 0",
+            ),
+            (
+                "services:\n  a.b:c:\n    - address: '[::1]:0'\n",
+                "has port 0",
+            ),
+            (
+                "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n    - address: 1.2.3.5:5\n    - address: 1.2.3.4:5\n",
+                "address 1.2.3.4:5 is listed more than once",
+            ),
+            (
+                "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n  a.b:c:\n    - address: 1.2.3.5:5\n",
+                "at line 4, column 3",
+            ),
         ];
         for (text, want) in cases {
             let err = parse_str(text).unwrap_err();
             let message = err.to_string();
+            eprintln!("MSG {message}");
             assert!(message.contains(want), "{text:?}: {message}");
             // lb-server prints a start-up error with its chain of sources:
             // the reason is in the message once, not repeated.
@@ -463,12 +715,12 @@ mod tests {
             .unwrap()
             .write_all(b"services: [")
             .unwrap();
-        source.poll();
+        source.reloader.poll();
         assert_eq!(store.get(&key).unwrap().version, good.version);
         assert_eq!(metrics.file_reloads.with_label_values(&["error"]).get(), 1);
 
         std::fs::remove_file(&path).unwrap();
-        source.poll();
+        source.reloader.poll();
         assert_eq!(store.get(&key).unwrap().version, good.version);
 
         std::fs::write(
@@ -476,7 +728,7 @@ mod tests {
             "services:\n  a.ns:grpc:\n    - address: 10.0.0.2:80\n",
         )
         .unwrap();
-        source.poll();
+        source.reloader.poll();
         let next = store.get(&key).unwrap();
         assert!(next.version > good.version);
         assert_eq!(next.endpoints[0].address.to_string(), "10.0.0.2");
@@ -504,5 +756,205 @@ mod tests {
                 || err.to_string().contains("missing port"),
             "{err}"
         );
+    }
+
+    /// Replaces the file at `path` with `text`, renaming it into place as an
+    /// editor saves.
+    fn save(path: &Path, text: &[u8]) {
+        let saved = path.with_extension("tmp");
+        std::fs::write(&saved, text).unwrap();
+        std::fs::rename(&saved, path).unwrap();
+    }
+
+    /// A file past a limit is refused at start and at reload, at once (100 KB
+    /// of nested brackets took the previous parser 12 s on a runtime worker),
+    /// counted, and the last good state kept; a file at the size limit loads.
+    #[test]
+    fn oversized_and_deeply_nested_files_are_refused_quickly_keeping_the_last_good_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.yaml");
+        std::fs::write(&path, one_endpoint("10.0.0.1")).unwrap();
+        let store = Store::new();
+        let metrics = Arc::new(Metrics::new());
+        let start = || {
+            FileSource::start(
+                path.clone(),
+                Duration::from_secs(3600),
+                store.clone(),
+                metrics.clone(),
+            )
+        };
+        let mut source = start().unwrap();
+        let key = parse_target("a.ns:grpc").unwrap();
+        let good = store.get(&key).unwrap();
+
+        let nesting = "mappings and lists may nest at most 8 deep";
+        let too_large = "larger than the file source's limit of 16 MiB";
+        // What the file becomes, how, and what its error says.
+        type Replace = fn(&Path);
+        let replacements: [(&str, Replace, &str); 4] = [
+            (
+                "nested brackets in a key",
+                |path| {
+                    save(
+                        path,
+                        format!("services:\n  ? {}", "[".repeat(100_000)).as_bytes(),
+                    )
+                },
+                nesting,
+            ),
+            (
+                "nested brackets in a second document",
+                |path| {
+                    save(
+                        path,
+                        format!("services: {{}}\n---\n{}", "[".repeat(100_000)).as_bytes(),
+                    )
+                },
+                nesting,
+            ),
+            (
+                "one byte over the size limit",
+                |path| {
+                    let saved = path.with_extension("tmp");
+                    std::fs::File::create(&saved)
+                        .unwrap()
+                        .set_len(MAX_FILE_BYTES as u64 + 1)
+                        .unwrap();
+                    std::fs::rename(&saved, path).unwrap();
+                },
+                too_large,
+            ),
+            (
+                // Opening a pipe for reading waits for a writer: it must not.
+                "a named pipe",
+                |path| {
+                    let pipe = path.with_extension("fifo");
+                    let made = std::process::Command::new("mkfifo")
+                        .arg(&pipe)
+                        .status()
+                        .unwrap();
+                    assert!(made.success());
+                    std::fs::rename(&pipe, path).unwrap();
+                },
+                "not a regular file",
+            ),
+        ];
+        for (errors, (what, replace, want)) in (1..).zip(replacements) {
+            replace(&path);
+            let began = Instant::now();
+            source.reloader.poll();
+            let took = began.elapsed();
+            assert!(took < Duration::from_secs(1), "{what}: refused in {took:?}");
+            assert_eq!(store.get(&key).unwrap().version, good.version, "{what}");
+            assert_eq!(
+                metrics.file_reloads.with_label_values(&["error"]).get(),
+                errors,
+                "{what}"
+            );
+            let message = start().unwrap_err().to_string();
+            assert!(message.contains(want), "{what}: {message}");
+        }
+
+        // Exactly at the limit: loads.
+        let mut text = one_endpoint("10.0.0.2");
+        while text.len() < MAX_FILE_BYTES {
+            let line = (MAX_FILE_BYTES - text.len()).min(1000);
+            text.push_str(&"#".repeat(line - 1));
+            text.push('\n');
+        }
+        assert_eq!(text.len(), MAX_FILE_BYTES);
+        save(&path, text.as_bytes());
+        source.reloader.poll();
+        let next = store.get(&key).unwrap();
+        assert!(next.version > good.version);
+        assert_eq!(next.endpoints[0].address.to_string(), "10.0.0.2");
+    }
+
+    /// The read is bounded, not only the size checked: a file that grew after
+    /// its size was read is refused too.
+    #[test]
+    fn a_file_that_grows_past_the_limit_while_read_is_refused() {
+        let path = Path::new("lb.yaml");
+        let grown = read_at_most(std::io::repeat(b'#'), 10, 100, path).unwrap_err();
+        assert!(
+            matches!(grown, FileError::TooLarge { limit: 100, .. }),
+            "{grown}"
+        );
+        let at_limit = read_at_most(&[b'#'; 100][..], 10, 100, path).unwrap();
+        assert_eq!(at_limit.len(), 100);
+    }
+
+    /// A reload reads and parses on a blocking thread, not on the runtime:
+    /// on a runtime of one thread, a timer keeps firing while a large file is
+    /// parsed. Were the parse on the runtime, the timer would stop for all of
+    /// it, most of the time from the file's change to its publication.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_file_is_parsed_without_stalling_the_runtime() {
+        const ENDPOINTS: u32 = 100_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.yaml");
+        std::fs::write(&path, one_endpoint("10.0.0.1")).unwrap();
+        let store = Store::new();
+        let source = FileSource::start(
+            path.clone(),
+            Duration::from_secs(3600),
+            store.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let key = parse_target("a.ns:grpc").unwrap();
+        let mut subscription = store.subscribe(&key);
+        subscription.current();
+        let shutdown = CancellationToken::new();
+        let (synced, mut watching) = watch::channel(false);
+        let running = tokio::spawn(source.run(synced, shutdown.clone()));
+        watching.wait_for(|synced| *synced).await.unwrap();
+
+        // About 3 MB.
+        let large: String = std::iter::once("services:\n  a.ns:grpc:\n".to_owned())
+            .chain((0..ENDPOINTS).map(|i| {
+                let [_, a, b, c] = i.to_be_bytes();
+                format!("    - address: 10.{a}.{b}.{c}:80\n")
+            }))
+            .collect();
+        let ticks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let timer = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                let mut interval = tokio::time::interval(Duration::from_millis(1));
+                loop {
+                    interval.tick().await;
+                    // Never held across an await.
+                    ticks.lock().unwrap().push(Instant::now());
+                }
+            }
+        });
+        let changed_at = Instant::now();
+        save(&path, large.as_bytes());
+        let snapshot = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .expect("the large file is published");
+        let published_at = Instant::now();
+        assert_eq!(snapshot.endpoints.len(), ENDPOINTS as usize);
+        timer.abort();
+
+        let ticks = ticks.lock().unwrap().clone();
+        let marks: Vec<Instant> = std::iter::once(changed_at)
+            .chain(
+                ticks
+                    .into_iter()
+                    .filter(|at| (changed_at..published_at).contains(at)),
+            )
+            .chain(std::iter::once(published_at))
+            .collect();
+        let stalled = marks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        let took = published_at - changed_at;
+        assert!(
+            stalled < took / 2,
+            "the runtime stalled for {stalled:?} of the {took:?} the reload took"
+        );
+        shutdown.cancel();
+        running.await.unwrap();
     }
 }

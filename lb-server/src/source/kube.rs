@@ -14,6 +14,11 @@
 //! - An `Apply` or `Delete` recomputes only the service of that slice.
 //! - An error never publishes anything: the last good state stays while the
 //!   watcher retries with jittered exponential backoff.
+//! - Recovery is bounded: no retry delay is longer than
+//!   [`DEFAULT_MAX_BACKOFF`] (3 s), and a 410 Gone, which proves the API
+//!   server answers again, starts the backoff over before the re-list. So the
+//!   first change after an outage of any length reaches the store within
+//!   about 3.8 s (3 s + 0.8 s + a list) of the API server answering again.
 //!
 //! Mapping a service's slices to endpoints: every IPv4 and IPv6 slice (FQDN
 //! slices are skipped) is merged, deduplicated by address and port. Each TCP
@@ -36,8 +41,9 @@ use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use kube::{
     Api, Client,
-    runtime::{WatchStreamExt, utils::Backoff, watcher, watcher::Event},
+    runtime::{watcher, watcher::Event},
 };
+use lookaside_backoff::Backoff;
 use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
@@ -54,10 +60,27 @@ use crate::{
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// First retry delay after a watch error, as client-go's reflector.
-const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(800);
-/// Longest base retry delay, as client-go's reflector.
-const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// First step of the retry delay after a watch error, as client-go's
+/// reflector: the first delay is 0.4 to 0.8 s.
+pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(800);
+
+/// Longest retry delay after watch errors (the step stops doubling here; with
+/// the one jitter rule of [`lookaside_backoff`] each delay at the cap is 1.5
+/// to 3 s).
+///
+/// Why 3 s and not client-go's 30 s: lb-server keeps its last good state
+/// through an outage, so what a long delay costs is staleness after the API
+/// server is back: the delay in progress when it comes back (≤ 3 s) plus, if
+/// the history expired, one first-step delay before the re-list (≤ 0.8 s),
+/// so the first change arrives within about 3.8 s plus a list, for an outage
+/// of any length (with client-go's 30 s, plus up to 100% jitter, it grew with
+/// the outage). What a short delay costs is load on a down API
+/// server: one request per 1.5 to 3 s (2.25 s on average) per watcher, that
+/// is per lb-server replica (per namespace with `--namespace`): 3 replicas
+/// send about 1.3 requests per second, 100 replicas about 44, each a cheap
+/// failed watch or list; kubelets and controllers retry a restarting API
+/// server far harder.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3);
 
 /// Watches EndpointSlices and publishes each service port's endpoints.
 pub struct KubeSource {
@@ -65,7 +88,7 @@ pub struct KubeSource {
     namespaces: Vec<String>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    backoff: BackoffPolicy,
+    backoff: Backoff,
 }
 
 impl fmt::Debug for KubeSource {
@@ -93,24 +116,20 @@ impl KubeSource {
             namespaces,
             store,
             metrics,
-            backoff: BackoffPolicy {
-                min: DEFAULT_MIN_BACKOFF,
-                max: DEFAULT_MAX_BACKOFF,
-            },
+            backoff: Backoff::new(DEFAULT_MIN_BACKOFF, DEFAULT_MAX_BACKOFF),
         }
     }
 
-    /// Sets the retry delay after a watch error: it starts at `min`, doubles
-    /// up to `max`, and each delay gets up to as much again in random jitter,
-    /// so many servers do not retry in lockstep. It resets after any success.
-    /// The default is 800 ms to 30 s, as client-go's reflector; `min` is at
-    /// least 1 ms so a failing API server is never retried in a busy loop.
+    /// Sets the retry delay after a watch error: its step starts at `min` and
+    /// doubles up to `max`, and each delay is drawn between half its step and
+    /// the whole step (the one rule of [`lookaside_backoff`]), so many servers
+    /// do not retry in lockstep and no delay exceeds `max`. It starts over
+    /// after any success and after a 410 Gone. The default is
+    /// [`DEFAULT_MIN_BACKOFF`] to [`DEFAULT_MAX_BACKOFF`] (800 ms to 3 s; see
+    /// there why); `min` is at least 1 ms so a failing API server is never
+    /// retried in a busy loop.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        let min = min.max(Duration::from_millis(1));
-        self.backoff = BackoffPolicy {
-            min,
-            max: max.max(min),
-        };
+        self.backoff = Backoff::new(min.max(Duration::from_millis(1)), max);
         self
     }
 
@@ -173,7 +192,7 @@ struct SliceWatch {
     api: Api<EndpointSlice>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    backoff: BackoffPolicy,
+    backoff: Backoff,
     synced: mpsc::Sender<()>,
     shutdown: CancellationToken,
 }
@@ -182,8 +201,12 @@ impl SliceWatch {
     async fn run(self) {
         // Bookmarks are on by default; they let a resumed watch skip a re-list.
         let config = watcher::Config::default().labels(SERVICE_NAME_LABEL);
-        let events = watcher(self.api.clone(), config).backoff(self.backoff.start());
+        let events = watcher(self.api.clone(), config);
         let mut events = std::pin::pin!(events);
+        // The backoff runs here rather than through kube-runtime's
+        // `StreamBackoff`, because only here is the error seen: a 410 starts
+        // it over (see `gone`).
+        let mut backoff = self.backoff.start();
         let mut slices = Slices::default();
         loop {
             let event = tokio::select! {
@@ -192,19 +215,32 @@ impl SliceWatch {
                 event = events.next() => event,
             };
             let Some(event) = event else {
-                // The watcher retries forever; it only ends if the backoff gave up.
+                // kube-runtime's watcher retries forever; it never ends.
                 error!("EndpointSlice watch ended");
                 return;
             };
             let event = match event {
-                Ok(event) => event,
+                Ok(event) => {
+                    backoff.reset();
+                    event
+                }
                 Err(error) => {
                     self.metrics
                         .source_errors
                         .with_label_values(&["kube"])
                         .inc();
-                    warn!(%error, "EndpointSlice watch failed; keeping the last good state");
-                    continue;
+                    if gone(&error) {
+                        // The API server answers again; the outage's backoff
+                        // must not delay the re-list it asks for.
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    warn!(%error, ?delay, "EndpointSlice watch failed; keeping the last good state");
+                    tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
                 }
             };
             let was_synced = slices.lists() > 0;
@@ -508,709 +544,21 @@ fn draining(conditions: Option<&EndpointConditions>) -> Option<bool> {
     }
 }
 
-/// Retry delays after watch errors.
-#[derive(Debug, Clone, Copy)]
-struct BackoffPolicy {
-    min: Duration,
-    max: Duration,
-}
-
-impl BackoffPolicy {
-    fn start(self) -> JitteredBackoff {
-        JitteredBackoff {
-            policy: self,
-            base: self.min,
+/// Whether a watch error is a 410 Gone: the API server answered, and the
+/// watcher's next step is a re-list.
+fn gone(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::InitialListFailed(error)
+        | watcher::Error::WatchStartFailed(error)
+        | watcher::Error::WatchFailed(error) => {
+            matches!(error, kube::Error::Api(status) if status.code == 410)
         }
+        watcher::Error::NoResourceVersion => false,
     }
 }
 
-/// Exponential backoff with jitter: each delay is its base plus up to as much
-/// again at random; the base doubles from `min` up to `max`.
-#[derive(Debug)]
-struct JitteredBackoff {
-    policy: BackoffPolicy,
-    base: Duration,
-}
-
-impl Iterator for JitteredBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let base = self.base;
-        self.base = (base * 2).min(self.policy.max);
-        Some(base + base.mul_f64(rand::random::<f64>()))
-    }
-}
-
-impl Backoff for JitteredBackoff {
-    fn reset(&mut self) {
-        self.base = self.policy.min;
-    }
-}
-
+#[cfg(any(test, feature = "test-fixtures"))]
+pub mod fixtures;
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use k8s_openapi::{
-        api::{
-            core::v1::ObjectReference,
-            discovery::v1::{Endpoint as SliceEndpoint, EndpointPort},
-        },
-        apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    };
-
-    use super::*;
-
-    /// Builder for an EndpointSlice labelled with its service.
-    struct SliceFixture(EndpointSlice);
-
-    fn slice(namespace: &str, name: &str, service: &str) -> SliceFixture {
-        SliceFixture(EndpointSlice {
-            address_type: "IPv4".into(),
-            endpoints: Vec::new(),
-            metadata: ObjectMeta {
-                namespace: Some(namespace.into()),
-                name: Some(name.into()),
-                labels: Some(BTreeMap::from([(
-                    SERVICE_NAME_LABEL.into(),
-                    service.into(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            ports: None,
-        })
-    }
-
-    impl SliceFixture {
-        fn address_type(mut self, address_type: &str) -> Self {
-            self.0.address_type = address_type.into();
-            self
-        }
-
-        fn ipv6(self) -> Self {
-            self.address_type("IPv6")
-        }
-
-        fn port_spec(
-            mut self,
-            name: Option<&str>,
-            port: Option<i32>,
-            protocol: Option<&str>,
-        ) -> Self {
-            self.0
-                .ports
-                .get_or_insert_with(Vec::new)
-                .push(EndpointPort {
-                    name: name.map(Into::into),
-                    port,
-                    protocol: protocol.map(Into::into),
-                    app_protocol: None,
-                });
-            self
-        }
-
-        fn port(self, name: &str, port: i32) -> Self {
-            self.port_spec(Some(name), Some(port), Some("TCP"))
-        }
-
-        fn endpoint(mut self, endpoint: EpFixture) -> Self {
-            self.0.endpoints.push(endpoint.0);
-            self
-        }
-
-        fn endpoints(mut self, endpoints: impl IntoIterator<Item = EpFixture>) -> Self {
-            self.0.endpoints.extend(endpoints.into_iter().map(|e| e.0));
-            self
-        }
-
-        fn service(mut self, service: &str) -> Self {
-            self.0
-                .metadata
-                .labels
-                .get_or_insert_with(BTreeMap::new)
-                .insert(SERVICE_NAME_LABEL.into(), service.into());
-            self
-        }
-
-        fn unlabeled(mut self) -> Self {
-            self.0.metadata.labels = None;
-            self
-        }
-
-        fn build(self) -> EndpointSlice {
-            self.0
-        }
-    }
-
-    /// Builder for one entry of an EndpointSlice; conditions absent by default.
-    struct EpFixture(SliceEndpoint);
-
-    fn ep(address: &str) -> EpFixture {
-        EpFixture(SliceEndpoint {
-            addresses: vec![address.into()],
-            ..SliceEndpoint::default()
-        })
-    }
-
-    impl EpFixture {
-        fn conditions(&mut self) -> &mut EndpointConditions {
-            self.0
-                .conditions
-                .get_or_insert_with(EndpointConditions::default)
-        }
-
-        fn ready(mut self, ready: bool) -> Self {
-            self.conditions().ready = Some(ready);
-            self
-        }
-
-        fn serving(mut self, serving: bool) -> Self {
-            self.conditions().serving = Some(serving);
-            self
-        }
-
-        fn terminating(mut self, terminating: bool) -> Self {
-            self.conditions().terminating = Some(terminating);
-            self
-        }
-
-        /// What a pod shutting down gracefully looks like.
-        fn draining(self) -> Self {
-            self.ready(false).serving(true).terminating(true)
-        }
-
-        fn zone(mut self, zone: &str) -> Self {
-            self.0.zone = Some(zone.into());
-            self
-        }
-
-        fn node(mut self, node: &str) -> Self {
-            self.0.node_name = Some(node.into());
-            self
-        }
-
-        fn target(mut self, kind: &str, name: &str) -> Self {
-            self.0.target_ref = Some(ObjectReference {
-                kind: Some(kind.into()),
-                name: Some(name.into()),
-                ..ObjectReference::default()
-            });
-            self
-        }
-    }
-
-    fn key(namespace: &str, name: &str, port: PortRef) -> ServiceKey {
-        ServiceKey::new(namespace, name, port).unwrap()
-    }
-
-    fn keys(targets: &[&str]) -> BTreeSet<ServiceKey> {
-        targets.iter().map(|t| t.parse().unwrap()).collect()
-    }
-
-    fn named(port: &str) -> PortRef {
-        PortRef::Name(port.into())
-    }
-
-    fn endpoint(address: &str, port: u16) -> Endpoint {
-        Endpoint::new(address.parse().unwrap(), port)
-    }
-
-    /// A watcher state after an initial list of `slices`, and its updates.
-    fn listed(slices: impl IntoIterator<Item = EndpointSlice>) -> (Slices, Vec<Update>) {
-        let mut state = Slices::default();
-        assert!(state.handle(Event::Init).is_empty());
-        for slice in slices {
-            assert!(
-                state.handle(Event::InitApply(slice)).is_empty(),
-                "buffered until InitDone"
-            );
-        }
-        let updates = state.handle(Event::InitDone);
-        (state, updates)
-    }
-
-    fn published(updates: &[Update]) -> BTreeMap<ServiceKey, Vec<Endpoint>> {
-        updates
-            .iter()
-            .filter_map(|u| match u {
-                Update::Publish(key, endpoints) => Some((key.clone(), endpoints.clone())),
-                Update::Remove(_) => None,
-            })
-            .collect()
-    }
-
-    fn removed(updates: &[Update]) -> BTreeSet<ServiceKey> {
-        updates
-            .iter()
-            .filter_map(|u| match u {
-                Update::Remove(key) => Some(key.clone()),
-                Update::Publish(..) => None,
-            })
-            .collect()
-    }
-
-    /// `count` ready endpoints 10.`block`.x.y.
-    fn block(block: u8, count: u16) -> Vec<EpFixture> {
-        (0..count)
-            .map(|i| ep(&format!("10.{block}.{}.{}", i / 256, i % 256)))
-            .collect()
-    }
-
-    #[test]
-    fn a_service_split_over_three_large_slices_is_published_whole_at_init_done() {
-        let slices = (0..3u8).map(|i| {
-            slice("default", &format!("greeter-{i}"), "greeter")
-                .port("grpc", 50051)
-                .endpoints(block(i, 120))
-                .build()
-        });
-        let (state, updates) = listed(slices);
-        let out = published(&updates);
-        assert_eq!(
-            out.len(),
-            2,
-            "one key by name, one by number: {:?}",
-            out.keys()
-        );
-        let by_name = &out[&key("default", "greeter", named("grpc"))];
-        assert_eq!(by_name.len(), 360);
-        assert!(
-            by_name
-                .iter()
-                .all(|e| e.port == 50051 && e.weight == 1 && !e.draining)
-        );
-        assert_eq!(
-            &out[&key("default", "greeter", PortRef::Number(50051))],
-            by_name
-        );
-        assert_eq!(state.lists(), 1);
-    }
-
-    #[test]
-    fn dual_stack_slices_merge_both_families_and_fqdn_slices_are_skipped() {
-        let (_, updates) = listed([
-            slice("default", "greeter-v4", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.1"))
-                .build(),
-            slice("default", "greeter-v6", "greeter")
-                .ipv6()
-                .port("grpc", 50051)
-                .endpoint(ep("fd00::1"))
-                .build(),
-            slice("default", "greeter-fqdn", "greeter")
-                .address_type("FQDN")
-                .port("grpc", 50051)
-                .endpoint(ep("greeter.example.com"))
-                .build(),
-        ]);
-        let out = published(&updates);
-        assert_eq!(
-            out[&key("default", "greeter", named("grpc"))],
-            vec![endpoint("10.0.0.1", 50051), endpoint("fd00::1", 50051)]
-        );
-    }
-
-    #[test]
-    fn an_endpoint_in_two_slices_while_it_moves_keeps_its_serving_copy() {
-        let grpc = key("default", "greeter", named("grpc"));
-        // The draining copy sorts first by slice name; the serving copy still wins.
-        let (mut state, updates) = listed([
-            slice("default", "greeter-a", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.1").draining().zone("old"))
-                .build(),
-            slice("default", "greeter-b", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.1").zone("new"))
-                .build(),
-        ]);
-        assert_eq!(
-            published(&updates)[&grpc],
-            vec![endpoint("10.0.0.1", 50051).zone("new")]
-        );
-
-        // Both serving: the first by slice name wins.
-        let updates = state.handle(Event::Apply(
-            slice("default", "greeter-a", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.1").zone("old"))
-                .build(),
-        ));
-        assert_eq!(
-            published(&updates)[&grpc],
-            vec![endpoint("10.0.0.1", 50051).zone("old")]
-        );
-
-        // The move completes: the old slice drops it, the new copy remains.
-        let updates = state.handle(Event::Apply(
-            slice("default", "greeter-a", "greeter")
-                .port("grpc", 50051)
-                .build(),
-        ));
-        assert_eq!(
-            published(&updates)[&grpc],
-            vec![endpoint("10.0.0.1", 50051).zone("new")]
-        );
-
-        // Both draining: still one copy, draining.
-        let mut state = listed([]).0;
-        for (name, zone) in [("greeter-b", "b"), ("greeter-a", "a")] {
-            state.handle(Event::Apply(
-                slice("default", name, "greeter")
-                    .port("grpc", 50051)
-                    .endpoint(ep("10.0.0.1").draining().zone(zone))
-                    .build(),
-            ));
-        }
-        let snapshot = &state.published[&("default".to_owned(), "greeter".to_owned())][&grpc];
-        assert_eq!(
-            snapshot,
-            &vec![endpoint("10.0.0.1", 50051).zone("a").draining()]
-        );
-    }
-
-    #[test]
-    fn deleting_one_slice_recomputes_only_its_service() {
-        let (mut state, _) = listed([
-            slice("default", "greeter-a", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.1"))
-                .build(),
-            slice("default", "greeter-b", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.2"))
-                .build(),
-            slice("default", "other-a", "other")
-                .port("http", 80)
-                .endpoint(ep("10.0.1.1"))
-                .build(),
-        ]);
-        let updates = state.handle(Event::Delete(
-            slice("default", "greeter-b", "greeter").build(),
-        ));
-        assert_eq!(
-            updates,
-            vec![
-                Update::Publish(
-                    key("default", "greeter", named("grpc")),
-                    vec![endpoint("10.0.0.1", 50051)]
-                ),
-                Update::Publish(
-                    key("default", "greeter", PortRef::Number(50051)),
-                    vec![endpoint("10.0.0.1", 50051)]
-                ),
-            ],
-            "only greeter changes"
-        );
-
-        let updates = state.handle(Event::Delete(
-            slice("default", "greeter-a", "greeter").build(),
-        ));
-        assert_eq!(
-            removed(&updates),
-            BTreeSet::from([
-                key("default", "greeter", PortRef::Number(50051)),
-                key("default", "greeter", named("grpc")),
-            ])
-        );
-        assert!(published(&updates).is_empty());
-        // Deleting a slice never seen changes nothing.
-        assert!(
-            state
-                .handle(Event::Delete(slice("default", "ghost", "greeter").build()))
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn a_named_port_with_different_numbers_per_slice_keeps_each_slices_number() {
-        let (_, updates) = listed([
-            slice("default", "greeter-a", "greeter")
-                .port("grpc", 8080)
-                .endpoint(ep("10.0.0.1"))
-                .build(),
-            slice("default", "greeter-b", "greeter")
-                .port("grpc", 9090)
-                .endpoint(ep("10.0.0.2"))
-                .build(),
-        ]);
-        let out = published(&updates);
-        assert_eq!(out.len(), 3);
-        assert_eq!(
-            out[&key("default", "greeter", named("grpc"))],
-            vec![endpoint("10.0.0.1", 8080), endpoint("10.0.0.2", 9090)]
-        );
-        assert_eq!(
-            out[&key("default", "greeter", PortRef::Number(8080))],
-            vec![endpoint("10.0.0.1", 8080)]
-        );
-        assert_eq!(
-            out[&key("default", "greeter", PortRef::Number(9090))],
-            vec![endpoint("10.0.0.2", 9090)]
-        );
-    }
-
-    /// `ready`, `serving`, `terminating`.
-    type Conditions = (Option<bool>, Option<bool>, Option<bool>);
-
-    #[test]
-    fn conditions_decide_ready_draining_or_left_out() {
-        // (ready, serving, terminating) -> None = left out, Some(draining)
-        let cases: &[(Conditions, Option<bool>)] = &[
-            ((None, None, None), Some(false)),
-            ((Some(true), None, None), Some(false)),
-            ((Some(false), None, None), None),
-            ((Some(true), Some(true), Some(false)), Some(false)),
-            ((Some(true), Some(false), Some(false)), Some(false)),
-            ((Some(false), Some(true), Some(false)), None),
-            ((Some(false), Some(true), Some(true)), Some(true)),
-            ((Some(false), Some(false), Some(true)), None),
-            ((Some(false), None, Some(true)), None),
-            ((None, None, Some(true)), Some(true)),
-            ((Some(true), None, Some(true)), Some(true)),
-            ((None, Some(false), Some(true)), None),
-            ((None, Some(true), None), Some(false)),
-        ];
-        for &((ready, serving, terminating), want) in cases {
-            let conditions = EndpointConditions {
-                ready,
-                serving,
-                terminating,
-            };
-            assert_eq!(
-                draining(Some(&conditions)),
-                want,
-                "ready={ready:?} serving={serving:?} terminating={terminating:?}"
-            );
-        }
-        assert_eq!(
-            draining(None),
-            Some(false),
-            "no conditions at all means ready"
-        );
-
-        // Through a slice: the draining flag reaches the store, not-ready is left out.
-        let (_, updates) = listed([slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1"))
-            .endpoint(ep("10.0.0.2").draining())
-            .endpoint(ep("10.0.0.3").ready(false))
-            .endpoint(ep("10.0.0.4").ready(false).serving(false).terminating(true))
-            .build()]);
-        assert_eq!(
-            published(&updates)[&key("default", "greeter", named("grpc"))],
-            vec![
-                endpoint("10.0.0.1", 50051),
-                endpoint("10.0.0.2", 50051).draining()
-            ]
-        );
-    }
-
-    #[test]
-    fn endpoint_fields_come_from_the_slice_and_bad_entries_are_skipped() {
-        let (_, updates) = listed([slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .port_spec(Some("dns"), Some(53), Some("UDP"))
-            .port_spec(Some("nonum"), None, None)
-            .port_spec(None, Some(8080), None)
-            .port_spec(Some(""), Some(8081), Some("TCP"))
-            .endpoint(
-                ep("10.0.0.1")
-                    .zone("a")
-                    .node("node-1")
-                    .target("Pod", "greeter-1"),
-            )
-            .endpoint(ep("10.0.0.2").target("Node", "not-a-pod"))
-            .endpoint(ep("not-an-ip"))
-            .build()]);
-        let out = published(&updates);
-        assert_eq!(
-            out.keys().cloned().collect::<BTreeSet<_>>(),
-            keys(&[
-                "greeter.default:grpc",
-                "greeter.default:8080",
-                "greeter.default:8081",
-                "greeter.default:50051"
-            ]),
-            "UDP, number-less and name-less ports handled"
-        );
-        assert_eq!(
-            out[&key("default", "greeter", PortRef::Number(8080))],
-            vec![
-                endpoint("10.0.0.1", 8080)
-                    .zone("a")
-                    .node("node-1")
-                    .pod("greeter-1"),
-                endpoint("10.0.0.2", 8080),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_relist_publishes_only_what_changed_and_removes_what_vanished() {
-        let greeter = |address: &str| {
-            slice("default", "greeter-a", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep(address))
-                .build()
-        };
-        let other = slice("default", "other-a", "other")
-            .port("http", 80)
-            .endpoint(ep("10.0.1.1"))
-            .build();
-        let gone = slice("default", "gone-a", "gone")
-            .port("http", 80)
-            .endpoint(ep("10.0.2.1"))
-            .build();
-        let (mut state, updates) = listed([greeter("10.0.0.1"), other.clone(), gone]);
-        assert_eq!(published(&updates).len(), 6);
-
-        assert!(state.handle(Event::Init).is_empty());
-        assert!(
-            state
-                .handle(Event::InitApply(greeter("10.0.0.9")))
-                .is_empty()
-        );
-        assert!(state.handle(Event::InitApply(other)).is_empty());
-        let updates = state.handle(Event::InitDone);
-        assert_eq!(
-            published(&updates).keys().cloned().collect::<BTreeSet<_>>(),
-            keys(&["greeter.default:grpc", "greeter.default:50051"]),
-            "other is unchanged"
-        );
-        assert_eq!(
-            removed(&updates),
-            BTreeSet::from([
-                key("default", "gone", named("http")),
-                key("default", "gone", PortRef::Number(80))
-            ])
-        );
-        assert_eq!(state.lists(), 2);
-        assert_eq!(state.services(), 2);
-    }
-
-    #[test]
-    fn keys_a_service_no_longer_produces_are_removed() {
-        let (mut state, _) = listed([slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1"))
-            .build()]);
-        let updates = state.handle(Event::Apply(
-            slice("default", "greeter-a", "greeter")
-                .port("grpc-v2", 50052)
-                .endpoint(ep("10.0.0.1"))
-                .build(),
-        ));
-        assert_eq!(
-            removed(&updates),
-            BTreeSet::from([
-                key("default", "greeter", named("grpc")),
-                key("default", "greeter", PortRef::Number(50051)),
-            ])
-        );
-        assert_eq!(published(&updates).len(), 2);
-    }
-
-    #[test]
-    fn a_service_scaled_to_zero_keeps_its_keys_with_no_endpoints() {
-        let (mut state, _) = listed([slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1"))
-            .build()]);
-        // The EndpointSlice controller leaves a slice with no ports and no endpoints.
-        let updates = state.handle(Event::Apply(
-            slice("default", "greeter-a", "greeter").build(),
-        ));
-        assert!(removed(&updates).is_empty());
-        let published = published(&updates);
-        assert_eq!(published.len(), 2);
-        assert!(published.values().all(Vec::is_empty));
-        // Deleting the last slice removes the service.
-        let gone = state.handle(Event::Delete(
-            slice("default", "greeter-a", "greeter").build(),
-        ));
-        assert_eq!(removed(&gone).len(), 2);
-    }
-
-    #[test]
-    fn a_slice_that_changes_service_or_loses_its_label_moves_with_it() {
-        let (mut state, _) = listed([slice("default", "s-1", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1"))
-            .build()]);
-        let updates = state.handle(Event::Apply(
-            slice("default", "s-1", "greeter")
-                .service("renamed")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.1"))
-                .build(),
-        ));
-        assert_eq!(removed(&updates).len(), 2);
-        assert!(published(&updates).contains_key(&key("default", "renamed", named("grpc"))));
-
-        let updates = state.handle(Event::Apply(
-            slice("default", "s-1", "renamed")
-                .unlabeled()
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.1"))
-                .build(),
-        ));
-        assert_eq!(removed(&updates).len(), 2);
-        assert_eq!(state.services(), 0);
-    }
-
-    #[test]
-    fn services_in_different_namespaces_stay_apart() {
-        let (_, updates) = listed([
-            slice("a", "greeter-x", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.1"))
-                .build(),
-            slice("b", "greeter-x", "greeter")
-                .port("grpc", 50051)
-                .endpoint(ep("10.0.0.2"))
-                .build(),
-        ]);
-        let out = published(&updates);
-        assert_eq!(
-            out[&key("a", "greeter", named("grpc"))],
-            vec![endpoint("10.0.0.1", 50051)]
-        );
-        assert_eq!(
-            out[&key("b", "greeter", named("grpc"))],
-            vec![endpoint("10.0.0.2", 50051)]
-        );
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_up_to_its_cap_and_resets() {
-        let policy = BackoffPolicy {
-            min: Duration::from_millis(100),
-            max: Duration::from_millis(400),
-        };
-        let mut backoff = policy.start();
-        let mut seen = BTreeSet::new();
-        for base in [100, 200, 400, 400, 400] {
-            let delay = backoff.next().unwrap();
-            let base = Duration::from_millis(base);
-            assert!(
-                delay >= base && delay < base * 2,
-                "{delay:?} outside [{base:?}, 2x)"
-            );
-            seen.insert(delay);
-        }
-        backoff.reset();
-        let delay = backoff.next().unwrap();
-        assert!(
-            delay < Duration::from_millis(200),
-            "reset to min: {delay:?}"
-        );
-
-        let jittered = (0..20)
-            .map(|_| policy.start().next().unwrap())
-            .collect::<BTreeSet<_>>();
-        assert!(jittered.len() > 1, "delays are jittered");
-    }
-}
+mod tests;

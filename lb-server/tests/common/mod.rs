@@ -105,3 +105,71 @@ impl TestServer {
         tokio::time::timeout(WAIT, &mut self.task).await??
     }
 }
+
+/// The release binary, started on `file` with `extra` flags, killed when
+/// dropped.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl ServerProcess {
+    pub fn start(file: &std::path::Path, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lb-server"))
+            .args(["--source", "file", "--file"])
+            .arg(file)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("LB_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let mut log = String::new();
+        while let Some(Ok(line)) = lines.next() {
+            log += &line;
+            log.push('\n');
+            if line.contains("lb-server listening") {
+                let addr = |key: &str| -> SocketAddr {
+                    let start = line.find(key).unwrap() + key.len();
+                    line[start..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                let (grpc, http) = (addr("grpc="), addr("metrics="));
+                // Keep reading so the pipe never fills.
+                std::thread::spawn(move || for _ in lines {});
+                return Self { child, grpc, http };
+            }
+        }
+        let _ = child.kill();
+        panic!("lb-server ended before listening:\n{log}");
+    }
+
+    /// The process's resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        kib * 1024
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

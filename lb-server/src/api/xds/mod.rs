@@ -11,30 +11,66 @@
 //! service it names, plus the store's service-set watch while it has a
 //! wildcard subscription. It builds each response from the newest state when
 //! it is about to send, so a slow client skips intermediate versions. A NACK is
-//! logged, counted (`lookaside_xds_nacks_total`) and shown in Admin; it changes
-//! nothing for other types or other streams. Delta xDS is not served.
+//! counted (`lookaside_xds_nacks_total`), shown in Admin and logged, the log
+//! rate-limited; it changes nothing for other types or other streams. Delta
+//! xDS is not served.
+//!
+//! # Limits
+//! One stream's work is bounded per request and over time, so a client
+//! cannot keep a core busy or flood the log (each hit is counted):
+//! - a request is at most [`MAX_XDS_REQUEST_BYTES`] and names at most
+//!   [`MAX_XDS_NAMES_PER_REQUEST`] resources; a larger one ends the stream
+//!   with `RESOURCE_EXHAUSTED` (`rejected_requests_total{reason="too_many_names"}`);
+//! - requests are read at most [`XDS_REQUEST_BURST`] at once, then
+//!   [`XDS_REQUESTS_PER_SECOND`] (one that changes the subscription counts
+//!   one more per [`XDS_NAMES_PER_EXTRA_REQUEST`] names it carries); beyond that the stream's next request is
+//!   left unread until the budget refills, so HTTP/2 flow control holds the
+//!   client back (`rejected_requests_total{reason="rate_limited"}` counts the
+//!   requests that waited); responses keep flowing meanwhile;
+//! - a NACK is logged at most once per [`NACK_LOG_PERIOD`] per stream and
+//!   [`NACK_LOG_BURST`] then [`NACK_LOGS_PER_SECOND`] over the process; each
+//!   logged line says how many of its stream's NACKs were not logged since
+//!   the last one (`lookaside_suppressed_logs_total{event="xds_nack"}` counts
+//!   them). Client text in a log line is cut and escaped ([`client_text`](super::client_text)).
+//!
+//! Handling a request costs time linear in its names: each name is a
+//! binary search or a hash lookup, and a store subscription only when it
+//! is new; a store change wakes only the watch of its service.
 
 pub mod resources;
 pub mod session;
 
-use std::{collections::BTreeSet, pin::Pin, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use futures::{FutureExt, Stream, StreamExt};
-use tokio::sync::watch;
-use tokio_stream::StreamMap;
+use futures::{
+    FutureExt, Stream, StreamExt,
+    future::OptionFuture,
+    stream::{AbortHandle, Abortable, SelectAll},
+};
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Request, Status, Streaming, body::Body, codec::BufferSettings, server::NamedService};
 use tonic_prost::ProstDecoder;
 use tracing::Instrument;
 
 use self::{
-    resources::Resources,
+    resources::{ResourceType, Resources},
     session::{Handled, Outgoing, Reply, Session, View},
 };
 use super::{
-    Answer, BoxFuture, HandWritten, Protocol, Shared, grpc_frame, streaming_response,
-    subscribers::SubscriberGuard,
+    Answer, BoxFuture, HandWritten, Protocol, Shared,
+    client_text::loggable,
+    grpc_frame,
+    rate::TokenBucket,
+    streaming_response,
+    subscribers::{SubscriberGuard, XdsNack},
 };
 use crate::{
     config::XdsLbPolicy,
@@ -43,8 +79,45 @@ use crate::{
 };
 
 /// The largest xDS request accepted. Larger than for the other APIs: Envoy's
-/// EDS request names every cluster it knows (about 40 bytes each).
+/// EDS request names every cluster it knows. Room for
+/// [`MAX_XDS_NAMES_PER_REQUEST`] names of about 100 bytes each (a target is
+/// at most 255 bytes, a typical one under 40).
 pub const MAX_XDS_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// The most resource names one xDS request may carry. An Envoy's EDS request
+/// names every cluster it knows, and with wildcard CDS that is every service
+/// lb-server watches: ten thousand is more than a cluster-wide lb-server
+/// serves in practice (scope a larger one with `--namespace`), and bounds
+/// what one stream holds (a store subscription per name) and what one
+/// request costs.
+pub const MAX_XDS_NAMES_PER_REQUEST: usize = 10_000;
+
+/// Requests an ADS stream may send at once before [`XDS_REQUESTS_PER_SECOND`]
+/// applies. A client's start-up takes a handful (one per type, then an ACK
+/// per response); the rest is room for bursts of changes.
+pub const XDS_REQUEST_BURST: u32 = 100;
+
+/// Requests per second an ADS stream may send over time, after its burst. A
+/// client sends about one per response it gets (its ACK), and responses
+/// follow store changes, coalesced per stream. Requests beyond the rate wait
+/// unread; responses do not wait for them.
+pub const XDS_REQUESTS_PER_SECOND: f64 = 1e6;
+
+/// A request that changes a stream's subscription costs one more request
+/// of [`XDS_REQUESTS_PER_SECOND`] per this many names it carries: a change
+/// re-reads every name (parsing, one store subscription per new one), so
+/// its cost grows with them, while an ACK of the same names is cheap.
+pub const XDS_NAMES_PER_EXTRA_REQUEST: usize = 1_000;
+
+/// At most one NACK warning per stream in this period.
+pub const NACK_LOG_PERIOD: Duration = Duration::from_nanos(1);
+
+/// NACK warnings the whole process may write at once (many clients
+/// rejecting one bad update), before [`NACK_LOGS_PER_SECOND`] applies.
+pub const NACK_LOG_BURST: u32 = 20;
+
+/// NACK warnings per second over the whole process, after its burst.
+pub const NACK_LOGS_PER_SECOND: f64 = 1e6;
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 
@@ -57,6 +130,8 @@ const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 pub struct XdsApi {
     shared: Shared,
     resources: Resources,
+    /// NACK warnings over all streams.
+    nack_logs: Arc<Mutex<TokenBucket>>,
 }
 
 impl XdsApi {
@@ -65,6 +140,11 @@ impl XdsApi {
         HandWritten(Self {
             shared,
             resources: Resources::new(lb_policy),
+            nack_logs: Arc::new(Mutex::new(TokenBucket::new(
+                NACK_LOG_BURST,
+                NACK_LOGS_PER_SECOND,
+                Instant::now(),
+            ))),
         })
     }
 
@@ -80,14 +160,19 @@ impl XdsApi {
             .subscribers
             .register(peer, String::new(), Protocol::Xds);
         guard.record_xds(|_| {});
+        let now = Instant::now();
         let state = StreamState {
             session: Session::new(),
             view: View::default(),
-            watches: StreamMap::with_capacity(1),
+            watches: Watches::default(),
             service_set: self.shared.store.watch_service_set(),
             watching_set: false,
             inbound: request.into_inner(),
             inbound_open: true,
+            requests: TokenBucket::new(XDS_REQUEST_BURST, XDS_REQUESTS_PER_SECOND, now),
+            nack_log: TokenBucket::every(1, NACK_LOG_PERIOD, now),
+            nack_logs: self.nack_logs.clone(),
+            nacks_not_logged: 0,
             guard,
             resources: self.resources.clone(),
             stopped: self.shared.stream_stopped(),
@@ -145,12 +230,20 @@ struct StreamState {
     session: Session,
     view: View,
     /// One store subscription per service the client names.
-    watches: StreamMap<ServiceKey, SnapshotStream>,
+    watches: Watches,
     /// The store's service-set changes, polled while a wildcard subscription exists.
     service_set: watch::Receiver<u64>,
     watching_set: bool,
     inbound: Streaming<DiscoveryRequest>,
     inbound_open: bool,
+    /// Requests read, against [`XDS_REQUESTS_PER_SECOND`].
+    requests: TokenBucket,
+    /// This stream's NACK warnings, against [`NACK_LOG_PERIOD`].
+    nack_log: TokenBucket,
+    /// Every stream's NACK warnings.
+    nack_logs: Arc<Mutex<TokenBucket>>,
+    /// NACKs since the last one logged.
+    nacks_not_logged: u64,
     guard: SubscriberGuard,
     resources: Resources,
     /// Shutdown, for this stream.
@@ -169,17 +262,35 @@ async fn next_response(
             s.sent(&outgoing);
             return Some((Ok(outgoing.response), s));
         }
+        // While the request budget is spent, requests stay unread: HTTP/2
+        // flow control then holds the client back, and nothing queues here.
+        let budget_back = if s.inbound_open {
+            s.requests.next_token(Instant::now())
+        } else {
+            None
+        };
         tokio::select! {
             biased;
             _ = &mut s.stopped => return None,
-            message = s.inbound.message(), if s.inbound_open => match message {
-                Ok(Some(request)) => s.handle(&request),
-                Ok(None) => s.inbound_open = false,
-                Err(status) => {
-                    tracing::debug!(%status, "xDS client went away");
-                    return None;
+            message = s.inbound.message(), if s.inbound_open && budget_back.is_none() => {
+                if let Err(end) = s.received(message) {
+                    return end.map(|status| (Err(status), s));
                 }
-            },
+            }
+            Some(()) = OptionFuture::from(budget_back.map(tokio::time::sleep_until)) => {
+                // A request already waiting when the budget refilled was held
+                // back by it; one that comes later was not.
+                if let Some(message) = s.inbound.message().now_or_never() {
+                    s.shared
+                        .metrics
+                        .rejected
+                        .with_label_values(&["xds", "rate_limited"])
+                        .inc();
+                    if let Err(end) = s.received(message) {
+                        return end.map(|status| (Err(status), s));
+                    }
+                }
+            }
             Some((key, snapshot)) = s.watches.next(), if !s.watches.is_empty() => {
                 let existence = s.take_snapshot(key, snapshot);
                 let more = s.catch_up();
@@ -197,15 +308,61 @@ async fn next_response(
 }
 
 impl StreamState {
-    fn handle(&mut self, request: &DiscoveryRequest) {
+    /// Acts on what reading the next request gave; `Err` ends the stream,
+    /// with a status to send or none.
+    fn received(
+        &mut self,
+        message: Result<Option<DiscoveryRequest>, Status>,
+    ) -> Result<(), Option<Status>> {
+        match message {
+            Ok(Some(request)) => {
+                self.requests.try_take(Instant::now());
+                self.handle(&request).map_err(Some)
+            }
+            Ok(None) => {
+                self.inbound_open = false;
+                Ok(())
+            }
+            Err(status) => {
+                // A client that went away reads nothing; one that broke a
+                // request limit (crate::limits) learns which.
+                tracing::debug!(%status, "xDS stream ended by its client");
+                Err(Some(status))
+            }
+        }
+    }
+
+    fn handle(&mut self, request: &DiscoveryRequest) -> Result<(), Status> {
+        // Checked before any work: the cost of a request grows with its names.
+        let names = request.resource_names.len();
+        if names > usize::MAX - 1 {
+            self.shared
+                .metrics
+                .rejected
+                .with_label_values(&["xds", "too_many_names"])
+                .inc();
+            tracing::debug!(
+                names,
+                type_url = %loggable(&request.type_url),
+                "xDS request with too many names; ending the stream"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "an xDS request may name at most {MAX_XDS_NAMES_PER_REQUEST} resources; \
+                 this one named {names}"
+            )));
+        }
         let had_node = self.session.node().is_some();
         let handled = self.session.handle(request);
         if !had_node && let Some(node) = self.session.node() {
-            self.span.record("node", node.id.as_str());
+            self.span
+                .record("node", tracing::field::display(loggable(&node.id)));
         }
         match &handled {
             Handled::UnknownType => {
-                tracing::debug!(type_url = %request.type_url, "ignoring a type lb-server does not serve");
+                tracing::debug!(
+                    type_url = %loggable(&request.type_url),
+                    "ignoring a type lb-server does not serve"
+                );
                 self.shared
                     .metrics
                     .rejected
@@ -215,7 +372,7 @@ impl StreamState {
             Handled::Stale { ty } => {
                 tracing::debug!(
                     r#type = ty.short(),
-                    nonce = %request.response_nonce,
+                    nonce = %loggable(&request.response_nonce),
                     "ignoring a request with a stale nonce"
                 );
             }
@@ -225,55 +382,78 @@ impl StreamState {
                 names_changed,
             } => {
                 if let Reply::Nack(nack) = reply {
-                    let node = self.session.node().map(|n| n.id.as_str()).unwrap_or("");
-                    tracing::warn!(
-                        peer = self.guard.peer(),
-                        node,
-                        type_url = ty.type_url(),
-                        version = %nack.version,
-                        nonce = %nack.nonce,
-                        code = nack.code,
-                        error = %nack.message,
-                        "xDS client rejected a response (NACK)"
-                    );
-                    self.shared
-                        .metrics
-                        .xds_nacks
-                        .with_label_values(&[ty.type_url()])
-                        .inc();
+                    self.nacked(*ty, nack);
                 }
                 let session = &self.session;
                 self.guard.record_xds(|status| {
                     session.record(*ty, Some(reply), *names_changed, status);
                 });
                 if *names_changed {
+                    self.requests
+                        .charge((names / XDS_NAMES_PER_EXTRA_REQUEST) as f64, Instant::now());
                     tracing::debug!(
                         r#type = ty.short(),
-                        names = ?self.session.subscribed(*ty),
+                        names = self.session.subscribed(*ty).len(),
                         "subscription changed"
                     );
                     self.sync_watches();
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Counts a NACK, and logs it unless this stream or the process has
+    /// logged too many lately.
+    fn nacked(&mut self, ty: ResourceType, nack: &XdsNack) {
+        self.shared
+            .metrics
+            .xds_nacks
+            .with_label_values(&[ty.type_url()])
+            .inc();
+        // The stream's own limit first: a looping client spends its own
+        // budget, not the process's. The lock is held for one refill.
+        let now = Instant::now();
+        let log = self.nack_log.next_token(now).is_none()
+            && self.nack_logs.lock().unwrap().try_take(now)
+            && self.nack_log.try_take(now);
+        if !log {
+            self.nacks_not_logged += 1;
+            self.shared
+                .metrics
+                .suppressed_logs
+                .with_label_values(&["xds_nack"])
+                .inc();
+            return;
+        }
+        let node = self.session.node().map_or("", |n| n.id.as_str());
+        tracing::warn!(
+            peer = self.guard.peer(),
+            node = %loggable(node),
+            type_url = ty.type_url(),
+            version = %nack.version,
+            nonce = %nack.nonce,
+            code = nack.code,
+            error = %loggable(&nack.message),
+            not_logged = std::mem::take(&mut self.nacks_not_logged),
+            "xDS client rejected a response (NACK)"
+        );
     }
 
     /// Subscribes to every service the client names and drops the rest;
     /// starts or stops following the service set for wildcards.
     fn sync_watches(&mut self) {
         let wanted: BTreeSet<ServiceKey> = self.session.named_services();
-        let unwanted: Vec<ServiceKey> = self
-            .watches
-            .keys()
-            .filter(|key| !wanted.contains(*key))
-            .cloned()
-            .collect();
-        for key in unwanted {
-            self.watches.remove(&key);
-            self.view.snapshots.remove(&key);
-        }
+        self.watches.handles.retain(|key, handle| {
+            let keep = wanted.contains(key);
+            if !keep {
+                handle.abort();
+                self.view.snapshots.remove(key);
+            }
+            keep
+        });
         for key in wanted {
-            if self.watches.contains_key(&key) {
+            if self.watches.handles.contains_key(&key) {
                 continue;
             }
             let mut subscription = self.shared.store.subscribe(&key);
@@ -346,5 +526,58 @@ impl StreamState {
         let session = &self.session;
         self.guard
             .record_xds(|status| session.record(ty, None, false, status));
+    }
+}
+
+/// The store subscriptions of one stream, by service. A change wakes only
+/// the subscription of its service, and adding or dropping one costs the
+/// same however many there are: an Envoy names thousands.
+#[derive(Default)]
+struct Watches {
+    streams: SelectAll<Abortable<Keyed>>,
+    /// Dropping a service aborts its stream; it is dropped, and its store
+    /// subscription released, when next polled (at once: the abort wakes it).
+    handles: HashMap<ServiceKey, AbortHandle>,
+}
+
+impl Watches {
+    fn insert(&mut self, key: ServiceKey, stream: SnapshotStream) {
+        let (stream, handle) = futures::stream::abortable(Keyed {
+            key: key.clone(),
+            stream,
+        });
+        if let Some(old) = self.handles.insert(key, handle) {
+            old.abort();
+        }
+        self.streams.push(stream);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+}
+
+impl Stream for Watches {
+    type Item = (ServiceKey, Arc<Snapshot>);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.streams.poll_next_unpin(cx)
+    }
+}
+
+/// A service's snapshots, each with the service's key.
+struct Keyed {
+    key: ServiceKey,
+    stream: SnapshotStream,
+}
+
+impl Stream for Keyed {
+    type Item = (ServiceKey, Arc<Snapshot>);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        this.stream
+            .poll_next_unpin(cx)
+            .map(|snapshot| snapshot.map(|snapshot| (this.key.clone(), snapshot)))
     }
 }

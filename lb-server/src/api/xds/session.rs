@@ -34,13 +34,16 @@ use std::{
 };
 
 use envoy_types::pb::envoy::{
-    config::core::v3::{ControlPlane, Node},
+    config::core::v3::ControlPlane,
     service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
 };
 
 use super::resources::{ResourceType, Resources};
 use crate::{
-    api::subscribers::{XdsNack, XdsStatus},
+    api::{
+        client_text::kept,
+        subscribers::{XdsNack, XdsStatus},
+    },
     model::{ServiceKey, Snapshot, parse_target},
 };
 
@@ -143,13 +146,27 @@ pub struct Outgoing {
     pub oldest_event: Option<Instant>,
 }
 
+/// What lb-server keeps of the `Node` a client describes itself with: the
+/// fields Admin and the logs show, each cut to
+/// [`MAX_KEPT_BYTES`](crate::api::client_text::MAX_KEPT_BYTES). The rest (metadata,
+/// extensions, locality) is never read, so it is not kept for the stream's life.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `node.id`.
+    pub id: String,
+    /// `node.cluster`.
+    pub cluster: String,
+    /// `node.user_agent_name`.
+    pub user_agent: String,
+}
+
 /// The state of one ADS stream.
 #[derive(Debug, Default)]
 pub struct Session {
     types: [TypeState; 4],
     nonces: u64,
-    /// Boxed: most of a `Node` is fields lb-server never reads.
-    node: Option<Box<Node>>,
+    /// Boxed: most streams never look at it after the first request.
+    node: Option<Box<NodeInfo>>,
     /// Per type, something may need sending: a request is owed an answer or
     /// the view changed in a way that matters to the type. A plain ACK leaves
     /// it clear, and an endpoint change marks only EDS, so neither costs a
@@ -164,7 +181,7 @@ impl Session {
     }
 
     /// The node the client described in its first request, if any.
-    pub fn node(&self) -> Option<&Node> {
+    pub fn node(&self) -> Option<&NodeInfo> {
         self.node.as_deref()
     }
 
@@ -181,8 +198,14 @@ impl Session {
 
     /// Applies one request.
     pub fn handle(&mut self, request: &DiscoveryRequest) -> Handled {
-        if self.node.is_none() {
-            self.node = request.node.clone().map(Box::new);
+        if self.node.is_none()
+            && let Some(node) = &request.node
+        {
+            self.node = Some(Box::new(NodeInfo {
+                id: kept(&node.id),
+                cluster: kept(&node.cluster),
+                user_agent: kept(&node.user_agent_name),
+            }));
         }
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             return Handled::UnknownType;
@@ -204,7 +227,7 @@ impl Session {
                 version: state.version.to_string(),
                 nonce: request.response_nonce.clone(),
                 code: error.code,
-                message: error.message.clone(),
+                message: kept(&error.message),
                 at: SystemTime::now(),
             })
         } else {
@@ -399,7 +422,7 @@ impl Session {
         {
             status.node_id.clone_from(&node.id);
             status.node_cluster.clone_from(&node.cluster);
-            status.user_agent.clone_from(&node.user_agent_name);
+            status.user_agent.clone_from(&node.user_agent);
         }
         let state = &self.types[ty.index()];
         let entry = status.type_mut(ty.type_url());
@@ -506,7 +529,8 @@ mod tests {
     };
     use envoy_types::pb::{
         envoy::config::{
-            cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
+            cluster::v3::Cluster, core::v3::Node, endpoint::v3::ClusterLoadAssignment,
+            listener::v3::Listener,
         },
         google::rpc::Status,
     };
@@ -957,6 +981,37 @@ mod tests {
         assert_eq!(status.types[0].names, [GREETER]);
         assert_eq!(status.types[0].type_url, LISTENER_TYPE);
         assert_eq!(status.types[0].version_sent, "");
+    }
+
+    #[test]
+    fn huge_node_fields_and_nack_messages_are_kept_cut() {
+        use crate::api::client_text::MAX_KEPT_BYTES;
+        let mut session = Session::new();
+        let world = World::new();
+        let mut first = request(LISTENER_TYPE, &[GREETER], "");
+        first.node = Some(Node {
+            id: "n".repeat(500_000),
+            user_agent_name: "u".repeat(500_000),
+            ..Node::default()
+        });
+        session.handle(&first);
+        let node = session.node().unwrap();
+        assert!(node.id.len() <= MAX_KEPT_BYTES && node.id.starts_with("nnnn"));
+        assert!(node.user_agent.len() <= MAX_KEPT_BYTES);
+        let sent = next(&mut session, &world);
+        let Handled::Request {
+            reply: Reply::Nack(nack),
+            ..
+        } = session.handle(&nack(&sent.response, &[GREETER], &"x".repeat(1 << 20)))
+        else {
+            panic!("a NACK");
+        };
+        assert!(
+            nack.message.len() <= MAX_KEPT_BYTES,
+            "{}",
+            nack.message.len()
+        );
+        assert!(nack.message.ends_with('…'));
     }
 
     #[test]

@@ -1,0 +1,272 @@
+"""lb-server's gRPC port over TLS and mutual TLS, against real peers: grpcurl,
+grpcio as a grpclb client and as a proxyless xDS client, and Envoy's ADS.
+
+Certificates come from `trustme` (a throwaway CA per test). lb-server's
+certificate names `lb.test`, `localhost` and 127.0.0.1; the backends'
+names `greeter.default`, the host grpcio verifies them against.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+
+from conftest import GRPCURL, wait_until, write_yaml
+from test_grpclb import GRPCLB_CONFIG, LoopbackDns, call
+from test_xds import GREETER, start_envoy  # noqa: F401 - start_envoy is a fixture
+from xds_helpers import XdsClient, envoy_bootstrap, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+SERVICES = {"greeter.default:grpc": [{"address": "10.1.2.3:50051"}]}
+
+
+@dataclass
+class Pair:
+    cert: Path
+    key: Path
+
+
+@dataclass
+class Pki:
+    ca: trustme.CA
+    ca_file: Path
+    server: Pair
+    client: Pair
+    dir: Path
+
+    def issue(self, name: str, *hosts: str, ca: trustme.CA | None = None) -> Pair:
+        cert = (ca or self.ca).issue_cert(*hosts)
+        chain = self.dir / f"{name}.crt"
+        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        key = self.dir / f"{name}.key"
+        cert.private_key_pem.write_to_path(str(key))
+        return Pair(chain, key)
+
+    def lb_flags(self, mutual: bool = True) -> list[str]:
+        flags = ["--tls-cert", str(self.server.cert), "--tls-key", str(self.server.key)]
+        return flags + (["--tls-client-ca", str(self.ca_file)] if mutual else [])
+
+
+@pytest.fixture
+def pki(tmp_path) -> Pki:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.crt"
+    ca.cert_pem.write_to_path(str(ca_file))
+    pki = Pki(ca, ca_file, None, None, tmp_path)  # type: ignore[arg-type]
+    pki.server = pki.issue("server", "lb.test", "localhost", "127.0.0.1")
+    pki.client = pki.issue("client", "client.test")
+    return pki
+
+
+def grpcurl_tls(addr: str, *args: str, flags: list[str], data: dict | None = None) -> subprocess.CompletedProcess:
+    command = [str(GRPCURL), *flags]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    return subprocess.run([*command, addr, *args], capture_output=True, text=True, timeout=15)
+
+
+def test_grpcurl_over_mtls_and_who_is_refused(start_lb, pki):
+    lb = start_lb(services=SERVICES, extra=pki.lb_flags())
+    good = ["-cacert", str(pki.ca_file), "-cert", str(pki.client.cert), "-key", str(pki.client.key)]
+    good += ["-servername", "lb.test"]
+
+    listed = grpcurl_tls(lb.grpc_addr, "list", flags=good)
+    assert listed.returncode == 0, listed.stderr
+    for service in ["lookaside.v1.Discovery", "lookaside.v1.Admin", "grpc.health.v1.Health"]:
+        assert service in listed.stdout.split(), listed.stdout
+    services = grpcurl_tls(lb.grpc_addr, "lookaside.v1.Admin/ListServices", flags=good)
+    assert services.returncode == 0 and "greeter.default:grpc" in services.stdout, services
+    watch = grpcurl_tls(
+        lb.grpc_addr,
+        "lookaside.v1.Discovery/Watch",
+        flags=[*good, "-max-time", "1"],
+        data={"target": "greeter.default:grpc"},
+    )
+    # The stream stays open until -max-time; the snapshot came first.
+    assert '"address": "10.1.2.3"' in watch.stdout, (watch.returncode, watch.stderr)
+
+    other_ca = trustme.CA()
+    stranger = pki.issue("stranger", "client.test", ca=other_ca)
+    for name, flags in [
+        ("no client certificate", ["-cacert", str(pki.ca_file), "-servername", "lb.test"]),
+        (
+            "a client certificate from another CA",
+            ["-cacert", str(pki.ca_file), "-cert", str(stranger.cert), "-key", str(stranger.key)]
+            + ["-servername", "lb.test"],
+        ),
+        ("plaintext", ["-plaintext"]),
+    ]:
+        refused = grpcurl_tls(lb.grpc_addr, "list", flags=[*flags, "-connect-timeout", "3"])
+        assert refused.returncode != 0, f"{name}: {refused.stdout}"
+        # Everyone else is still served.
+        assert grpcurl_tls(lb.grpc_addr, "list", flags=good).returncode == 0, name
+    assert lb.metric("lookaside_rejected_connections_total", {"reason": "tls_handshake"}) >= 2
+
+
+def test_grpcurl_verifies_the_server_name(start_lb, pki):
+    lb = start_lb(services=SERVICES, extra=pki.lb_flags(mutual=False))
+    base = ["-cacert", str(pki.ca_file)]
+    assert grpcurl_tls(lb.grpc_addr, "list", flags=[*base, "-servername", "lb.test"]).returncode == 0
+    wrong = grpcurl_tls(lb.grpc_addr, "list", flags=[*base, "-servername", "other.test"])
+    assert wrong.returncode != 0 and "certificate" in wrong.stderr, wrong.stderr
+
+
+# --------------------------------------------------------------------------- grpclb over TLS
+
+
+def start_tls_greeter(stubs, name: str, pair: Pair, ca_file: Path) -> tuple[grpc.Server, int]:
+    """A Python gRPC Greeter serving mTLS: replies name the backend."""
+
+    class Greeter(stubs.helloworld_pb2_grpc.GreeterServicer):
+        def SayHello(self, request, context):
+            return stubs.helloworld_pb2.HelloReply(message=f"hello {request.name}", backend=name)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    stubs.helloworld_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    credentials = grpc.ssl_server_credentials(
+        [(pair.key.read_bytes(), pair.cert.read_bytes())],
+        root_certificates=ca_file.read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port
+
+
+def client_credentials(pki: Pki) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki.ca_file.read_bytes(),
+        private_key=pki.client.key.read_bytes(),
+        certificate_chain=pki.client.cert.read_bytes(),
+    )
+
+
+@pytest.fixture
+def tls_backends(stubs, pki):
+    pair = pki.issue("greeter", "greeter.default")
+    servers = [start_tls_greeter(stubs, name, pair, pki.ca_file) for name in ("t1", "t2")]
+    yield servers
+    for server, _ in servers:
+        server.stop(None)
+
+
+def test_grpcio_grpclb_over_mtls_to_the_balancer_and_the_backends(stubs, start_lb, pki, tls_backends):
+    service = "greeter.default:8080"
+    lb = start_lb(
+        services={service: [f"127.0.0.1:{port}" for _, port in tls_backends]},
+        extra=pki.lb_flags(),
+    )
+    dns = LoopbackDns()
+    try:
+        dns.balancer("greeter.default", int(lb.grpc_addr.rsplit(":", 1)[1]))
+        dns.host("greeter.default", "127.0.0.1")
+        channel = grpc.secure_channel(
+            f"dns://127.0.0.1:{dns.port}/{service}",
+            client_credentials(pki),
+            options=[("grpc.dns_enable_srv_queries", 1), ("grpc.service_config", GRPCLB_CONFIG)],
+        )
+        try:
+            greeter = stubs.helloworld_pb2_grpc.GreeterStub(channel)
+            seen: Counter = Counter()
+            wait_until(lambda: seen.update(call(stubs, greeter, 4)) or set(seen) == {"t1", "t2"}, 15, "both TLS backends")
+            served = call(stubs, greeter, 40)
+            assert served == Counter({"t1": 20, "t2": 20}), served
+        finally:
+            channel.close()
+    finally:
+        dns.stop()
+    assert lb.metric("lookaside_subscribers", {"protocol": "grpclb"}) <= 1
+
+
+# --------------------------------------------------------------------------- xDS over TLS
+
+
+def test_proxyless_grpc_reaches_ads_over_mtls(start_lb, start_greeter, stubs, pki):
+    a, b = start_greeter("a"), start_greeter("b")
+    lb = start_lb(services={GREETER: [{"address": a.addr}, {"address": b.addr}]}, extra=pki.lb_flags())
+    port = lb.grpc_addr.rsplit(":", 1)[1]
+    # gRPC's `tls` channel credentials in the bootstrap (gRFC A65): files it
+    # watches, so a rotation is picked up as lb-server's is.
+    bootstrap = json.dumps(
+        {
+            "xds_servers": [
+                {
+                    "server_uri": f"localhost:{port}",
+                    "channel_creds": [
+                        {
+                            "type": "tls",
+                            "config": {
+                                "ca_certificate_file": str(pki.ca_file),
+                                "certificate_file": str(pki.client.cert),
+                                "private_key_file": str(pki.client.key),
+                            },
+                        }
+                    ],
+                    "server_features": ["xds_v3"],
+                }
+            ],
+            "node": {"id": "grpc-tls", "locality": {"zone": "interop"}},
+        }
+    )
+    stubs_dir = Path(stubs.helloworld_pb2.__file__).resolve().parents[1]
+    client = XdsClient(f"xds:///{GREETER}", bootstrap, stubs_dir)
+    try:
+        wait_until(
+            lambda: (r := client.calls(10)) and set(r["backends"]) == {"a", "b"} and not r["errors"],
+            20,
+            "proxyless calls over a and b through ADS over mTLS",
+        )
+    finally:
+        client.stop()
+
+
+def test_envoy_reaches_ads_over_mtls(start_lb, start_greeter, start_envoy, stubs, pki):
+    a = start_greeter("a")
+    lb = start_lb(services={GREETER: [{"address": a.addr}]}, extra=pki.lb_flags())
+    port = free_port()
+    bootstrap = envoy_bootstrap(lb.grpc_addr, port, GREETER, "envoy-tls")
+    (ads_cluster,) = bootstrap["static_resources"]["clusters"]
+    ads_cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "lb.test",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(pki.client.cert)},
+                        "private_key": {"filename": str(pki.client.key)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(pki.ca_file)},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "lb.test"}}],
+                },
+            },
+        },
+    }
+    envoy = start_envoy(lb.grpc_addr, node_id="envoy-tls", config_text=json.dumps(bootstrap), port=port)
+    channel = grpc.insecure_channel(f"127.0.0.1:{envoy.port}")
+    try:
+        stub = stubs.helloworld_pb2_grpc.GreeterStub(channel)
+        request = stubs.helloworld_pb2.HelloRequest(name="envoy")
+
+        def served():
+            try:
+                return stub.SayHello(request, timeout=1).backend == "a"
+            except grpc.RpcError:
+                return False
+
+        wait_until(served, 20, "a call through Envoy configured over mTLS ADS")
+    finally:
+        channel.close()
