@@ -15,6 +15,8 @@
 //! | [`Limits::request_memory`], [`CONNECTION_REQUEST_BYTES`] | many half-sent messages, each reserving its declared size |
 //! | [`Limits::request_timeout`] | streams that never send their first message, messages that never complete |
 //! | [`Limits::metrics_header_timeout`], [`MAX_HTTP_CONNECTIONS`] | idle or slow connections on the metrics port |
+//! | [`MAX_XDS_NAMES_PER_REQUEST`], [`XDS_REQUESTS_PER_SECOND`] (with the rest of the xDS stream limits in [`crate::api::xds`]) | one ADS stream keeping a core busy |
+//! | the NACK log limits in [`crate::api::xds`], [`crate::api::client_text`] | log floods and forged log lines |
 //!
 //! The request limits are enforced by [`RequestLimitsLayer`], which reads the
 //! gRPC framing of every request body as it arrives: it knows each message's
@@ -38,6 +40,7 @@ use prometheus::IntCounterVec;
 use tokio::time::Sleep;
 use tonic::{Status, body::Body};
 
+pub use crate::api::xds::{MAX_XDS_NAMES_PER_REQUEST, XDS_REQUESTS_PER_SECOND};
 use crate::api::{MAX_REQUEST_BYTES, xds::MAX_XDS_REQUEST_BYTES};
 
 /// Bytes of request messages one connection may be receiving at once

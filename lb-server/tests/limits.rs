@@ -249,7 +249,6 @@ async fn streams_that_never_send_their_request_are_closed() {
     let mut watch = lookaside_proto::lookaside::v1::discovery_client::DiscoveryClient::new(channel)
         .watch(lookaside_proto::lookaside::v1::WatchRequest {
             target: "greeter.default:grpc".into(),
-            ..Default::default()
         })
         .await
         .unwrap()

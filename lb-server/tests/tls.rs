@@ -113,7 +113,6 @@ async fn mutual_tls_serves_clients_with_a_certificate_and_refuses_the_rest() {
     let mut watch = DiscoveryClient::new(channel)
         .watch(WatchRequest {
             target: "greeter.default:grpc".into(),
-            ..Default::default()
         })
         .await
         .unwrap()
@@ -193,7 +192,6 @@ async fn a_rotated_certificate_is_served_to_new_connections_and_open_streams_sta
     let mut watch = DiscoveryClient::new(channel)
         .watch(WatchRequest {
             target: "greeter.default:grpc".into(),
-            ..Default::default()
         })
         .await
         .unwrap()
@@ -326,7 +324,6 @@ async fn admin_on_a_port_of_its_own_is_not_on_the_grpc_port() {
     let mut watch = DiscoveryClient::new(connect(grpc).await)
         .watch(WatchRequest {
             target: "greeter.default:grpc".into(),
-            ..Default::default()
         })
         .await
         .unwrap()

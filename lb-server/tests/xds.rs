@@ -502,7 +502,7 @@ async fn a_nack_flood_is_counted_whole_but_logged_bounded_and_escaped() {
     let allowed = NACK_LOG_BURST as usize
         + (lb_server::api::xds::NACK_LOGS_PER_SECOND * elapsed).ceil() as usize;
     assert!(
-        !warnings.is_empty() && warnings.len() <= allowed,
+        !warnings.is_empty() && warnings.len() <= allowed && warnings.len() * 10 < total as usize,
         "{} NACK warnings for {total} NACKs in {elapsed:.1} s (at most {allowed}):\n{text}",
         warnings.len()
     );

@@ -149,6 +149,7 @@ impl ServerProcess {
             }
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("lb-server ended before listening:\n{log}");
     }
 

@@ -101,7 +101,7 @@ pub const XDS_REQUEST_BURST: u32 = 100;
 /// client sends about one per response it gets (its ACK), and responses
 /// follow store changes, coalesced per stream. Requests beyond the rate wait
 /// unread; responses do not wait for them.
-pub const XDS_REQUESTS_PER_SECOND: f64 = 1e6;
+pub const XDS_REQUESTS_PER_SECOND: f64 = 20.0;
 
 /// A request that changes a stream's subscription costs one more request
 /// of [`XDS_REQUESTS_PER_SECOND`] per this many names it carries: a change
@@ -110,14 +110,14 @@ pub const XDS_REQUESTS_PER_SECOND: f64 = 1e6;
 pub const XDS_NAMES_PER_EXTRA_REQUEST: usize = 1_000;
 
 /// At most one NACK warning per stream in this period.
-pub const NACK_LOG_PERIOD: Duration = Duration::from_nanos(1);
+pub const NACK_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// NACK warnings the whole process may write at once (many clients
 /// rejecting one bad update), before [`NACK_LOGS_PER_SECOND`] applies.
 pub const NACK_LOG_BURST: u32 = 20;
 
 /// NACK warnings per second over the whole process, after its burst.
-pub const NACK_LOGS_PER_SECOND: f64 = 1e6;
+pub const NACK_LOGS_PER_SECOND: f64 = 2.0;
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 
@@ -335,7 +335,7 @@ impl StreamState {
     fn handle(&mut self, request: &DiscoveryRequest) -> Result<(), Status> {
         // Checked before any work: the cost of a request grows with its names.
         let names = request.resource_names.len();
-        if names > usize::MAX - 1 {
+        if names > MAX_XDS_NAMES_PER_REQUEST {
             self.shared
                 .metrics
                 .rejected
