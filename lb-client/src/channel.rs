@@ -23,11 +23,11 @@ use crate::{
     body::{CallGuard, ResponseBody, outcome_of},
     endpoint::{Outcome, now_nanos},
     picker::{NoPick, Policy},
-    pool::{ListState, Pool, PoolSettings},
     pool::{AuthorityRule, BackendTls},
+    pool::{ListState, Pool, PoolSettings},
     resolver::{Fallback, LbServer, Subscription},
-    tls::ClientTls,
     stats::{ChannelStats, EndpointStats},
+    tls::ClientTls,
 };
 
 /// Errors building a channel.
@@ -254,7 +254,11 @@ impl Builder {
             return Err(Error::NoLbServer);
         }
         // One load and one watch per distinct set of files.
-        let backend_tls = self.backend_tls.as_ref().map(ClientTls::start).transpose()?;
+        let backend_tls = self
+            .backend_tls
+            .as_ref()
+            .map(ClientTls::start)
+            .transpose()?;
         let lb_tls = match (&self.lb_tls, &backend_tls) {
             (Some(lb), Some(loaded)) if Some(lb) == self.backend_tls.as_ref() => {
                 Some(loaded.clone())
@@ -284,7 +288,9 @@ impl Builder {
                     Some(loaded) => loaded.clone(),
                     None => match &system_tls {
                         Some(loaded) => Clone::clone(loaded),
-                        None => system_tls.insert(ClientTls::system_roots().start()?).clone(),
+                        None => system_tls
+                            .insert(ClientTls::system_roots().start()?)
+                            .clone(),
                     },
                 };
                 Some((loaded, name))
@@ -302,12 +308,14 @@ impl Builder {
         }
         let service_host = service_host(&self.target);
         let authority = match &self.authority {
-            Some(value) => AuthorityRule::Fixed(Authority::try_from(value.as_str()).map_err(
-                |_| Error::BadName {
-                    what: "authority",
-                    value: value.clone(),
-                },
-            )?),
+            Some(value) => {
+                AuthorityRule::Fixed(Authority::try_from(value.as_str()).map_err(|_| {
+                    Error::BadName {
+                        what: "authority",
+                        value: value.clone(),
+                    }
+                })?)
+            }
             None => match &service_host {
                 Some(host) => AuthorityRule::Host(host.clone()),
                 None => AuthorityRule::Address,
@@ -315,15 +323,16 @@ impl Builder {
         };
         let tls = match backend_tls {
             Some(loaded) => {
-                let name = match self.tls_server_name.as_ref().or(service_host.as_ref()) {
-                    Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
-                        Error::BadName {
-                            what: "TLS server name",
-                            value: name.clone(),
-                        }
-                    })?),
-                    None => None,
-                };
+                let name =
+                    match self.tls_server_name.as_ref().or(service_host.as_ref()) {
+                        Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
+                            Error::BadName {
+                                what: "TLS server name",
+                                value: name.clone(),
+                            }
+                        })?),
+                        None => None,
+                    };
                 Some(BackendTls {
                     loaded,
                     server_name: name,
@@ -726,8 +735,7 @@ fn service_host(target: &str) -> Option<String> {
     let (name, namespace) = host.split_once('.')?;
     let label = |s: &str| {
         !s.is_empty()
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
     (label(name) && label(namespace)).then(|| format!("{name}.{namespace}.svc"))

@@ -17,6 +17,31 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Over TLS: `https://` LB URLs are TLS, and [`Builder::tls`] sets the CAs and
+//! the client certificate (mTLS) for the LB connection and the backends at
+//! once ([`Builder::lb_tls`] and [`Builder::backend_tls`] set them apart).
+//! The files are reloaded when they change. A backend's certificate must
+//! carry `NAME.NAMESPACE.svc` ([`Builder::tls_server_name`] overrides it),
+//! and calls carry `:authority` `NAME.NAMESPACE.svc:PORT`
+//! ([`Builder::authority`] overrides it). A call's `grpc-timeout` is
+//! enforced: it ends with `DEADLINE_EXCEEDED` and the stream is reset.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use lookaside_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+//! let tls = lb_client::ClientTls::ca_file("/etc/lookaside/tls/ca.crt")
+//!     .identity("/etc/lookaside/tls/tls.crt", "/etc/lookaside/tls/tls.key");
+//! let channel = lb_client::Channel::builder("greeter.default:grpc")
+//!     .lb("https://lb-server.lookaside:7000")
+//!     .tls(tls)
+//!     .connect()
+//!     .await?;
+//! let mut request = tonic::Request::new(HelloRequest { name: "you".into() });
+//! request.set_timeout(std::time::Duration::from_secs(1));
+//! GreeterClient::new(channel).say_hello(request).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! Draining endpoints get no new calls while calls in flight finish; failing
 //! endpoints are ejected with backoff (never all of them); when the LB server
 //! is unreachable the channel keeps its last list and resubscribes with
@@ -31,6 +56,7 @@
 //! - `endpoint`: per-backend atomics (load, latency, health).
 //! - `body`: the response body that ends a call and reads its status.
 //! - [`stats`]: counters a user can export.
+//! - `tls`: [`ClientTls`], the files a channel's TLS is loaded from.
 
 mod body;
 pub mod channel;
@@ -43,7 +69,7 @@ mod tls;
 
 pub use body::ResponseBody;
 pub use channel::{Builder, Channel, Error, ResponseFuture};
+pub use lookaside_tls::TlsError;
 pub use picker::Policy;
 pub use stats::{ChannelStats, EndpointStats};
 pub use tls::ClientTls;
-pub use lookaside_tls::TlsError;

@@ -15,10 +15,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use lookaside_backoff::Backoff;
 use tokio::sync::watch;
+use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug_span};
 

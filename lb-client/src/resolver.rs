@@ -89,7 +89,11 @@ impl LbServer {
                 source = next;
             }
             match source.downcast_ref::<std::io::Error>() {
-                Some(io) if io.get_ref().is_some_and(|e| e.is::<tokio_rustls::rustls::Error>()) => {
+                Some(io)
+                    if io
+                        .get_ref()
+                        .is_some_and(|e| e.is::<tokio_rustls::rustls::Error>()) =>
+                {
                     crate::tls::handshake_error(io)
                 }
                 _ => format!("{error}: {source}"),

@@ -235,6 +235,34 @@ def test_envoy_reaches_ads_over_mtls(start_lb, start_greeter, start_envoy, stubs
     port = free_port()
     bootstrap = envoy_bootstrap(lb.grpc_addr, port, GREETER, "envoy-tls")
     (ads_cluster,) = bootstrap["static_resources"]["clusters"]
+    # Certificates by SDS from files, as Envoy takes rotating files: it
+    # re-reads a path_config_source when its directory changes.
+    secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    sds_dir = pki.dir / "sds"
+    sds_dir.mkdir()
+    (sds_dir / "client.json").write_text(json.dumps({"resources": [{
+        "@type": secret_type,
+        "name": "client",
+        "tls_certificate": {
+            "certificate_chain": {"filename": str(pki.client.cert)},
+            "private_key": {"filename": str(pki.client.key)},
+        },
+    }]}))
+    (sds_dir / "ca.json").write_text(json.dumps({"resources": [{
+        "@type": secret_type,
+        "name": "ca",
+        "validation_context": {"trusted_ca": {"filename": str(pki.ca_file)}},
+    }]}))
+
+    def sds(name: str) -> dict:
+        return {
+            "name": name,
+            "sds_config": {
+                "path_config_source": {"path": str(sds_dir / f"{name}.json"), "watched_directory": {"path": str(sds_dir)}},
+                "resource_api_version": "V3",
+            },
+        }
+
     ads_cluster["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -242,15 +270,12 @@ def test_envoy_reaches_ads_over_mtls(start_lb, start_greeter, start_envoy, stubs
             "sni": "lb.test",
             "common_tls_context": {
                 "alpn_protocols": ["h2"],
-                "tls_certificates": [
-                    {
-                        "certificate_chain": {"filename": str(pki.client.cert)},
-                        "private_key": {"filename": str(pki.client.key)},
-                    }
-                ],
-                "validation_context": {
-                    "trusted_ca": {"filename": str(pki.ca_file)},
-                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "lb.test"}}],
+                "tls_certificate_sds_secret_configs": [sds("client")],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "lb.test"}}]
+                    },
+                    "validation_context_sds_secret_config": sds("ca"),
                 },
             },
         },
@@ -270,3 +295,45 @@ def test_envoy_reaches_ads_over_mtls(start_lb, start_greeter, start_envoy, stubs
         wait_until(served, 20, "a call through Envoy configured over mTLS ADS")
     finally:
         channel.close()
+
+
+# --------------------------------------------------------------------------- greeter over mTLS
+
+
+def test_greeter_client_calls_tls_greeters_direct_and_through_lb_server(processes, start_lb, pki):
+    from conftest import Process, binary
+
+    backend = pki.issue("greeter", "greeter.default.svc", "localhost")
+    greeters = []
+    for name in ("g1", "g2"):
+        process = Process(
+            [
+                binary("greeter-server"), "--listen", "127.0.0.1:0", "--name", name,
+                "--tls-cert", backend.cert, "--tls-key", backend.key, "--tls-client-ca", pki.ca_file,
+            ],
+            name=f"greeter-{name}",
+        )
+        processes.append(process)
+        greeters.append(process.wait_for_line(r"greeter-server listening addr=(\S+)").group(1))
+    lb = start_lb(services={"greeter.default:grpc": greeters}, extra=pki.lb_flags())
+    tls = ["--tls-ca", str(pki.ca_file), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
+
+    def client(*args: str) -> dict:
+        result = subprocess.run(
+            [str(binary("greeter-client")), "--calls", "40", "--concurrency", "4", "--json", *args],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    direct = client("--direct", greeters[0], *tls, "--tls-server-name", "greeter.default.svc")
+    assert direct["ok"] == 40, direct
+    through_lb = client("--lb", f"https://localhost:{lb.grpc_addr.rsplit(':', 1)[1]}", *tls)
+    assert through_lb["ok"] == 40, through_lb
+    # Without a client certificate the greeters refuse the handshake.
+    refused = subprocess.run(
+        [str(binary("greeter-client")), "--calls", "1", "--direct", greeters[0], "--tls-ca", str(pki.ca_file),
+         "--tls-server-name", "greeter.default.svc"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert refused.returncode != 0, refused.stdout

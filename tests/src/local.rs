@@ -68,6 +68,16 @@ pub struct Listed {
 }
 
 impl Listed {
+    /// Lists a backend by its address and name (one not started as a [`Backend`]).
+    pub fn of_addr(addr: SocketAddr, name: &str) -> Self {
+        Self {
+            addr,
+            name: name.into(),
+            draining: false,
+            weight: 1,
+        }
+    }
+
     /// Lists a backend.
     pub fn of(backend: &Backend) -> Self {
         Self {

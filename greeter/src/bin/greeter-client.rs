@@ -1,7 +1,7 @@
 //! `greeter-client`: N calls at concurrency C through lookaside, DNS, or one
 //! direct channel; prints calls per backend, throughput, latency and errors.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
@@ -41,6 +41,56 @@ struct Args {
     /// Print the summary as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Call over TLS, trusting the CA certificates in this PEM file (for the LB and the
+    /// backends alike).
+    #[arg(long, env = "GREETER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Present this client certificate (PEM) to servers that require one (mTLS).
+    #[arg(long, env = "GREETER_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "GREETER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name to verify on the server's certificate: for --lb, the backends' (default
+    /// NAME.NAMESPACE.svc of --target); for --direct, the server's (default its host).
+    #[arg(long, env = "GREETER_TLS_SERVER_NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl Args {
+    /// The TLS files, if calls go over TLS.
+    fn tls_files(&self) -> Option<lookaside_tls::ClientFiles> {
+        Some(lookaside_tls::ClientFiles {
+            roots: lookaside_tls::Roots::File(self.tls_ca.clone()?),
+            identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+        })
+    }
+}
+
+/// A channel to one address over TLS, verifying `server_name`.
+async fn tls_channel(
+    addr: &str,
+    files: &lookaside_tls::ClientFiles,
+    server_name: &str,
+) -> anyhow::Result<tonic::transport::Channel> {
+    use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
+    let connector = TlsConnector::from(std::sync::Arc::new(files.load()?));
+    let name = ServerName::try_from(server_name.to_owned())
+        .with_context(|| format!("bad TLS server name {server_name:?}"))?;
+    let target = addr.to_owned();
+    let channel = endpoint(addr)?
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let (connector, name, target) = (connector.clone(), name.clone(), target.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(target.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .with_context(|| format!("connecting to {addr} over TLS as {server_name}"))?;
+    Ok(channel)
 }
 
 /// A plain tonic endpoint for one address.
@@ -64,11 +114,21 @@ async fn main() -> anyhow::Result<()> {
         .then(|| tokio::spawn(load::progress(tally.clone(), args.calls, done.clone())));
     let (calls, concurrency, stop) = (Some(args.calls), args.concurrency, CancellationToken::new());
 
+    let tls = args.tls_files();
     let mode = if let Some(addr) = &args.direct {
-        let channel = endpoint(addr)?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
+        let channel = match &tls {
+            Some(files) => {
+                let host = addr
+                    .rsplit_once(':')
+                    .map_or(addr.as_str(), |(host, _)| host);
+                let name = args.tls_server_name.as_deref().unwrap_or(host);
+                tls_channel(addr, files, name.trim_matches(['[', ']'])).await?
+            }
+            None => endpoint(addr)?
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {addr}"))?,
+        };
         load::run(
             GreeterClient::new(channel),
             calls,
@@ -79,6 +139,10 @@ async fn main() -> anyhow::Result<()> {
         .await;
         format!("direct {addr}")
     } else if let Some(host_port) = &args.dns {
+        anyhow::ensure!(
+            tls.is_none(),
+            "--dns does not call over TLS yet: use --direct or --lb with the --tls-* flags"
+        );
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port.as_str())
             .await
             .with_context(|| format!("resolving {host_port}"))?
@@ -105,6 +169,16 @@ async fn main() -> anyhow::Result<()> {
         }
         for fallback in &args.fallback {
             builder = builder.fallback(fallback);
+        }
+        if let Some(ca) = &args.tls_ca {
+            let mut client_tls = lb_client::ClientTls::ca_file(ca);
+            if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+                client_tls = client_tls.identity(cert, key);
+            }
+            builder = builder.tls(client_tls);
+            if let Some(name) = &args.tls_server_name {
+                builder = builder.tls_server_name(name);
+            }
         }
         let channel = builder.connect().await?;
         load::run(

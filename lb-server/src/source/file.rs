@@ -52,8 +52,7 @@ use crate::{
 
 /// The largest file the source reads, in bytes: 16 MiB, sixteen times what a
 /// ConfigMap can hold. Checked on the file's size before reading and again
-/// while reading, so that a file that grows meanwhile, or a pipe or device
-/// that reports no size, cannot get past it.
+/// while reading, so that a file that grows meanwhile cannot get past it.
 pub const MAX_FILE_BYTES: usize = 16 << 20;
 
 /// The deepest nesting of YAML collections (mappings and sequences) a file
@@ -96,6 +95,19 @@ pub enum FileError {
         path: PathBuf,
         /// Where (line and column) and why.
         reason: Box<serde_saphyr::Error>,
+    },
+    /// A key given twice in one mapping: a service listed twice, or a field
+    /// of an endpoint.
+    #[error("cannot parse {path}: {key} is listed twice (again at line {line}, column {column})")]
+    DuplicateKey {
+        /// The file.
+        path: PathBuf,
+        /// The key, quoted.
+        key: String,
+        /// Where the second one is.
+        line: u64,
+        /// Where the second one is.
+        column: u64,
     },
     /// Mappings and lists nested deeper than [`MAX_NESTING`].
     #[error("cannot parse {path}: {reason} (mappings and lists may nest at most {limit} deep)")]
@@ -209,9 +221,9 @@ fn yaml_options() -> serde_saphyr::Options {
         budget: serde_saphyr::budget! {
             max_depth: MAX_NESTING,
             flow_nesting_limit: MAX_NESTING,
-            // Every node and event takes at least a byte of the file, so
-            // MAX_FILE_BYTES already bounds them: a file under the size limit
-            // is not refused for its number of endpoints.
+            // A file has at most about one node or event per byte, so
+            // MAX_FILE_BYTES bounds them already: a file under the size
+            // limit is not refused for its number of endpoints.
             max_nodes: MAX_FILE_BYTES,
             max_events: MAX_FILE_BYTES,
         },
@@ -220,6 +232,35 @@ fn yaml_options() -> serde_saphyr::Options {
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
         // One line (with line and column) for a log, not a rendered excerpt.
         with_snippet: false,
+    }
+}
+
+/// The parser's error, said for this file: a duplicate key without the
+/// parser's advice to its programmer, and a nesting limit named.
+fn parse_error(path: &Path, reason: serde_saphyr::Error) -> FileError {
+    if let serde_saphyr::Error::DuplicateMappingKey { key, location, .. } = &reason {
+        return FileError::DuplicateKey {
+            path: path.into(),
+            key: key
+                .as_ref()
+                .map_or_else(|| "a key".to_owned(), |key| format!("{key:?}")),
+            line: location.line(),
+            column: location.column(),
+        };
+    }
+    // Boxed: the parser's error is large, and results carry it.
+    let reason = Box::new(reason);
+    if too_deep(&reason) {
+        FileError::TooDeep {
+            path: path.into(),
+            limit: MAX_NESTING,
+            reason,
+        }
+    } else {
+        FileError::Parse {
+            path: path.into(),
+            reason,
+        }
     }
 }
 
@@ -243,23 +284,8 @@ fn too_deep(error: &serde_saphyr::Error) -> bool {
 
 /// Parses file contents into whole endpoint sets, one per service.
 pub fn parse(path: &Path, text: &str) -> Result<Services, FileError> {
-    let doc: Option<FileDoc> =
-        serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|reason| {
-            // Boxed: the parser's error is large, and results carry it.
-            let reason = Box::new(reason);
-            if too_deep(&reason) {
-                FileError::TooDeep {
-                    path: path.into(),
-                    limit: MAX_NESTING,
-                    reason,
-                }
-            } else {
-                FileError::Parse {
-                    path: path.into(),
-                    reason,
-                }
-            }
-        })?;
+    let doc: Option<FileDoc> = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|reason| parse_error(path, reason))?;
     let services = doc.and_then(|d| d.services).unwrap_or_default();
     let mut out = HashMap::with_capacity(services.len());
     // The spelling each service came from, to name both of two spellings.
@@ -460,23 +486,38 @@ impl FileSource {
             }
             // Reading and parsing take time in proportion to the file: on a
             // runtime worker they would stall every API that worker serves.
-            let reloading = tokio::task::spawn_blocking(move || {
-                reloader.poll();
-                reloader
+            let reading = tokio::task::spawn_blocking(move || {
+                let read = reloader.read();
+                (reloader, read)
             });
-            reloader = match reloading.await {
-                Ok(reloader) => reloader,
+            let read;
+            (reloader, read) = match reading.await {
+                Ok(done) => done,
                 Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
                 // The runtime is shutting down.
                 Err(_) => return,
             };
+            // Published from here, as before: the store then changes all at
+            // once for the tasks of a single-threaded runtime.
+            reloader.apply(read);
         }
     }
 }
 
+/// What reading the file gave: when the read began, and the services, or
+/// `None` if the file had not changed.
+type Reading = (Instant, Result<Option<Services>, FileError>);
+
 impl Reloader {
     /// Reloads the file if its contents changed.
+    #[cfg(test)]
     fn poll(&mut self) {
+        let read = self.read();
+        self.apply(read);
+    }
+
+    /// Reads and parses the file if its contents changed: the slow part.
+    fn read(&mut self) -> Reading {
         let event_at = Instant::now();
         let result = read(&self.path).and_then(|bytes| {
             let digest = self.hasher.hash_one(&bytes);
@@ -487,6 +528,11 @@ impl Reloader {
             self.last = Some(digest);
             parse(&self.path, &String::from_utf8_lossy(&bytes)).map(Some)
         });
+        (event_at, result)
+    }
+
+    /// Publishes what [`Reloader::read`] gave, or reports why it could not.
+    fn apply(&mut self, (event_at, result): Reading) {
         match result {
             Ok(None) => {}
             Ok(Some(services)) => {
@@ -591,7 +637,11 @@ mod tests {
             ("servics: {}\n", "unknown field"),
             (
                 "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n  a.b:c:\n    - address: 1.2.3.5:5\n",
-                "duplicate",
+                "\"a.b:c\" is listed twice (again at line 4, column 3)",
+            ),
+            (
+                "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n      address: 1.2.3.5:5\n",
+                "\"address\" is listed twice (again at line 4, column 7)",
             ),
             (
                 "services:\n  greeter.default:grpc:\n    - address: 1.2.3.4:5\n  dns:///greeter.default:grpc:\n    - address: 1.2.3.5:5\n",
@@ -610,14 +660,13 @@ mod tests {
                 "address 1.2.3.4:5 is listed more than once",
             ),
             (
-                "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n  a.b:c:\n    - address: 1.2.3.5:5\n",
-                "at line 4, column 3",
+                "services:\n  a.b:c:\n    - address: 1.2.3.4:0\n",
+                "at line 3, column 7",
             ),
         ];
         for (text, want) in cases {
             let err = parse_str(text).unwrap_err();
             let message = err.to_string();
-            eprintln!("MSG {message}");
             assert!(message.contains(want), "{text:?}: {message}");
             // lb-server prints a start-up error with its chain of sources:
             // the reason is in the message once, not repeated.
