@@ -24,7 +24,8 @@
 //! symlink. The file is also polled (`--file-poll-interval`) for what the
 //! watch cannot see (network filesystems, a directory that cannot be watched,
 //! a file replaced by a new symlink). Either way the file is reloaded only if
-//! its bytes changed.
+//! its bytes changed, and an empty file is taken as one being rewritten in
+//! place, not as one without services.
 
 use std::{
     collections::{BTreeMap, HashMap, hash_map::RandomState},
@@ -520,6 +521,13 @@ impl Reloader {
     fn read(&mut self) -> Reading {
         let event_at = Instant::now();
         let result = read(&self.path).and_then(|bytes| {
+            // A file rewritten in place is empty between its truncation and
+            // its first write, and a reload may look just then: an empty
+            // file is one being written, not one without services (that is
+            // `services: {}`), and is read again at the next change.
+            if bytes.is_empty() {
+                return Ok(None);
+            }
             let digest = self.hasher.hash_one(&bytes);
             if self.last == Some(digest) {
                 return Ok(None);
@@ -781,6 +789,36 @@ mod tests {
         let next = store.get(&key).unwrap();
         assert!(next.version > good.version);
         assert_eq!(next.endpoints[0].address.to_string(), "10.0.0.2");
+        assert_eq!(metrics.file_reloads.with_label_values(&["ok"]).get(), 1);
+    }
+
+    /// A file rewritten in place is empty for a moment: a reload that looks
+    /// then keeps the services; `services: {}` is how to have none.
+    #[test]
+    fn an_empty_file_is_one_being_written_not_one_without_services() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.yaml");
+        std::fs::write(&path, one_endpoint("10.0.0.1")).unwrap();
+        let store = Store::new();
+        let metrics = Arc::new(Metrics::new());
+        let mut source = FileSource::start(
+            path.clone(),
+            Duration::from_secs(3600),
+            store.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
+        let key = parse_target("a.ns:grpc").unwrap();
+        let good = store.get(&key).unwrap();
+
+        std::fs::File::create(&path).unwrap();
+        source.reloader.poll();
+        assert_eq!(store.get(&key).unwrap().version, good.version);
+        assert_eq!(metrics.file_reloads.with_label_values(&["error"]).get(), 0);
+
+        std::fs::write(&path, "services: {}\n").unwrap();
+        source.reloader.poll();
+        assert!(store.get(&key).is_none());
         assert_eq!(metrics.file_reloads.with_label_values(&["ok"]).get(), 1);
     }
 
