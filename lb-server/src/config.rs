@@ -140,6 +140,7 @@ pub struct Config {
 impl Config {
     /// A configuration for the file source on loopback ports the OS picks.
     pub fn for_file(path: impl Into<PathBuf>) -> Self {
+        let limits = Limits::default();
         Self {
             source: SourceKind::File,
             file: Some(path.into()),
@@ -155,12 +156,12 @@ impl Config {
             xds_lb_policy: XdsLbPolicy::RoundRobin,
             shutdown_timeout: Duration::from_secs(5),
             pin_workers: PinWorkers::Off,
-            max_connections: 20_000,
-            handshake_timeout: Duration::from_secs(10),
-            max_streams_per_connection: 100,
-            request_timeout: Duration::from_secs(10),
-            request_memory: 64 * 1024 * 1024,
-            metrics_header_timeout: Duration::from_secs(5),
+            max_connections: u32::try_from(limits.max_connections).unwrap_or(u32::MAX),
+            handshake_timeout: limits.handshake_timeout,
+            max_streams_per_connection: limits.max_streams_per_connection,
+            request_timeout: limits.request_timeout,
+            request_memory: limits.request_memory,
+            metrics_header_timeout: limits.metrics_header_timeout,
         }
     }
 
@@ -290,6 +291,7 @@ mod tests {
 
     #[test]
     fn limits_default_to_the_documented_values() {
+        // The flags' defaults are text for `--help`: this holds them to `Limits::default()`.
         let config = Config::try_parse_from(["lb-server"]).unwrap();
         assert_eq!(config.limits(), Limits::default());
         assert_eq!(config.pin_workers, PinWorkers::Off);

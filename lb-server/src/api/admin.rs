@@ -8,7 +8,7 @@ use lookaside_proto::lookaside::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{MAX_REQUEST_BYTES, Shared, pb};
+use super::{MAX_REQUEST_BYTES, Shared, convert};
 
 /// The Admin service.
 #[derive(Debug, Clone)]
@@ -71,8 +71,8 @@ impl Admin for AdminApi {
             target: key.to_string(),
             version: snapshot.version,
             exists: snapshot.exists,
-            endpoints: snapshot.endpoints.iter().map(pb::endpoint).collect(),
-            updated: Some(pb::timestamp(snapshot.updated)),
+            endpoints: snapshot.endpoints.iter().map(convert::endpoint).collect(),
+            updated: Some(convert::timestamp(snapshot.updated)),
             subscribers: count(self.shared.store.subscribers(&key)),
         }))
     }
@@ -90,10 +90,10 @@ impl Admin for AdminApi {
                 peer: info.peer.clone(),
                 target: info.target.clone(),
                 protocol: info.protocol.as_str().to_owned(),
-                connected_since: Some(pb::timestamp(info.since)),
+                connected_since: Some(convert::timestamp(info.since)),
                 last_version_sent: info.last_version(),
                 grpclb_stats: info.grpclb().map(|t| GrpclbClientStats {
-                    last_report: t.last_report.map(pb::timestamp),
+                    last_report: t.last_report.map(convert::timestamp),
                     reports: t.reports,
                     num_calls_started: t.calls_started,
                     num_calls_finished: t.calls_finished,
@@ -119,7 +119,7 @@ impl Admin for AdminApi {
                                 nonce: n.nonce,
                                 code: n.code,
                                 message: n.message,
-                                at: Some(pb::timestamp(n.at)),
+                                at: Some(convert::timestamp(n.at)),
                             }),
                         })
                         .collect(),

@@ -19,7 +19,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, body::Body, codec::Streaming, server::NamedService};
 
 use super::{
-    Answer, BoxFuture, HandWritten, MAX_REQUEST_BYTES, Protocol, Shared, grpc_frame, pb,
+    RawService, BoxFuture, RawServer, MAX_REQUEST_BYTES, Protocol, Shared, grpc_frame, convert,
     streaming_response, subscribers::SubscriberGuard,
 };
 use crate::{
@@ -35,7 +35,7 @@ const WATCH_PATH: &str = "/lookaside.v1.Discovery/Watch";
 pub fn framed(key: &ServiceKey, snapshot: &Snapshot) -> Bytes {
     snapshot
         .encoded
-        .get_or_init(|| grpc_frame(&pb::watch_response(key, snapshot)))
+        .get_or_init(|| grpc_frame(&convert::watch_response(key, snapshot)))
         .clone()
 }
 
@@ -47,8 +47,8 @@ pub struct DiscoveryApi {
 
 impl DiscoveryApi {
     /// The service, ready for `Server::add_service`.
-    pub fn server(shared: Shared) -> HandWritten<Self> {
-        HandWritten(Self { shared })
+    pub fn server(shared: Shared) -> RawServer<Self> {
+        RawServer(Self { shared })
     }
 
     /// Reads the one `WatchRequest`, then answers with headers and a body
@@ -126,8 +126,8 @@ impl NamedService for DiscoveryApi {
     const NAME: &'static str = "lookaside.v1.Discovery";
 }
 
-impl Answer for DiscoveryApi {
-    fn answer(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>> {
+impl RawService for DiscoveryApi {
+    fn respond(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>> {
         Box::pin(async move {
             if request.uri().path() != WATCH_PATH {
                 return Status::unimplemented("no such method in lookaside.v1.Discovery")

@@ -7,7 +7,7 @@ pub mod admin;
 pub mod client_text;
 pub mod discovery;
 pub mod grpclb;
-pub mod pb;
+pub mod convert;
 pub mod rate;
 pub mod subscribers;
 pub mod xds;
@@ -120,26 +120,28 @@ pub(crate) fn peer<T>(request: &tonic::Request<T>) -> String {
         .map_or_else(|| "unknown".to_owned(), |addr: SocketAddr| addr.to_string())
 }
 
-/// A service written by hand rather than generated (Discovery, ADS): it
-/// answers each HTTP/2 request of its gRPC methods itself.
-pub trait Answer: Clone + Send + 'static {
+/// A gRPC service that reads and writes the HTTP/2 request and response
+/// itself instead of through tonic's generated codec (Discovery, ADS), so
+/// that one encoded message can be shared by every stream it goes to.
+pub trait RawService: Clone + Send + 'static {
     /// The response to one request, errors included (as `Status::into_http`).
-    fn answer(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>>;
+    fn respond(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>>;
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// A hand-written service as the tower service tonic's router takes.
+/// A [`RawService`] as the tower service tonic's router takes (as a
+/// generated `FooServer<T>` wraps a `T: Foo`).
 #[derive(Debug, Clone)]
-pub struct HandWritten<S>(S);
+pub struct RawServer<S>(S);
 
-impl<S: NamedService> NamedService for HandWritten<S> {
+impl<S: NamedService> NamedService for RawServer<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> tower::Service<http::Request<B>> for HandWritten<S>
+impl<S, B> tower::Service<http::Request<B>> for RawServer<S>
 where
-    S: Answer,
+    S: RawService,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
@@ -152,7 +154,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let response = self.0.clone().answer(request.map(Body::new));
+        let response = self.0.clone().respond(request.map(Body::new));
         Box::pin(async move { Ok(response.await) })
     }
 }

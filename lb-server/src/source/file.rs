@@ -690,6 +690,31 @@ mod tests {
         format!("services:\n  a.ns:grpc:\n    - address: {address}:80\n")
     }
 
+    /// A source started on `path` (its poll an hour apart, so only the
+    /// directory watch or a test's own `poll` reloads), with its store and metrics.
+    fn started(path: &Path) -> (FileSource, Arc<Store>, Arc<Metrics>) {
+        let store = Store::new();
+        let metrics = Arc::new(Metrics::new());
+        let source = FileSource::start(
+            path.to_owned(),
+            Duration::from_secs(3600),
+            store.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
+        (source, store, metrics)
+    }
+
+    /// Runs `source` until it has synced; cancel the token and await the
+    /// handle to stop it.
+    async fn running(source: FileSource) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let shutdown = CancellationToken::new();
+        let (synced, mut watching) = watch::channel(false);
+        let running = tokio::spawn(source.run(synced, shutdown.clone()));
+        watching.wait_for(|synced| *synced).await.unwrap();
+        (shutdown, running)
+    }
+
     /// The running source sees each kind of complete change at once, with a
     /// poll interval far longer than the test may take: a file renamed into
     /// place, a file rewritten in place, and a ConfigMap volume's `..data`
@@ -704,21 +729,11 @@ mod tests {
         let path = dir.path().join("lb.yaml");
         std::os::unix::fs::symlink("..data/lb.yaml", &path).unwrap();
 
-        let store = Store::new();
-        let source = FileSource::start(
-            path.clone(),
-            Duration::from_secs(3600),
-            store.clone(),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
+        let (source, store, _metrics) = started(&path);
         let key = parse_target("a.ns:grpc").unwrap();
         let mut subscription = store.subscribe(&key);
         subscription.current();
-        let shutdown = CancellationToken::new();
-        let (synced, mut watching) = watch::channel(false);
-        let running = tokio::spawn(source.run(synced, shutdown.clone()));
-        watching.wait_for(|synced| *synced).await.unwrap();
+        let (shutdown, running) = running(source).await;
         let mut expect = async |address: &str| {
             let snapshot = tokio::time::timeout(Duration::from_secs(5), subscription.next())
                 .await
@@ -756,15 +771,7 @@ mod tests {
             "services:\n  a.ns:grpc:\n    - address: 10.0.0.1:80\n",
         )
         .unwrap();
-        let store = Store::new();
-        let metrics = Arc::new(Metrics::new());
-        let mut source = FileSource::start(
-            path.clone(),
-            Duration::from_secs(1),
-            store.clone(),
-            metrics.clone(),
-        )
-        .unwrap();
+        let (mut source, store, metrics) = started(&path);
         let key = parse_target("a.ns:grpc").unwrap();
         let good = store.get(&key).unwrap();
 
@@ -799,15 +806,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lb.yaml");
         std::fs::write(&path, one_endpoint("10.0.0.1")).unwrap();
-        let store = Store::new();
-        let metrics = Arc::new(Metrics::new());
-        let mut source = FileSource::start(
-            path.clone(),
-            Duration::from_secs(3600),
-            store.clone(),
-            metrics.clone(),
-        )
-        .unwrap();
+        let (mut source, store, metrics) = started(&path);
         let key = parse_target("a.ns:grpc").unwrap();
         let good = store.get(&key).unwrap();
 
@@ -982,21 +981,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lb.yaml");
         std::fs::write(&path, one_endpoint("10.0.0.1")).unwrap();
-        let store = Store::new();
-        let source = FileSource::start(
-            path.clone(),
-            Duration::from_secs(3600),
-            store.clone(),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
+        let (source, store, _metrics) = started(&path);
         let key = parse_target("a.ns:grpc").unwrap();
         let mut subscription = store.subscribe(&key);
         subscription.current();
-        let shutdown = CancellationToken::new();
-        let (synced, mut watching) = watch::channel(false);
-        let running = tokio::spawn(source.run(synced, shutdown.clone()));
-        watching.wait_for(|synced| *synced).await.unwrap();
+        let (shutdown, running) = running(source).await;
 
         // About 3 MB.
         let large: String = std::iter::once("services:\n  a.ns:grpc:\n".to_owned())

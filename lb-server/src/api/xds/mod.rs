@@ -39,6 +39,7 @@
 
 pub mod resources;
 pub mod session;
+mod sorted_map;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -65,7 +66,7 @@ use self::{
     session::{Handled, Outgoing, Reply, Session, View},
 };
 use super::{
-    Answer, BoxFuture, HandWritten, Protocol, Shared,
+    RawService, BoxFuture, RawServer, Protocol, Shared,
     client_text::loggable,
     grpc_frame,
     rate::TokenBucket,
@@ -136,8 +137,8 @@ pub struct XdsApi {
 
 impl XdsApi {
     /// The service, ready for `Server::add_service`.
-    pub fn server(shared: Shared, lb_policy: XdsLbPolicy) -> HandWritten<Self> {
-        HandWritten(Self {
+    pub fn server(shared: Shared, lb_policy: XdsLbPolicy) -> RawServer<Self> {
+        RawServer(Self {
             shared,
             resources: Resources::new(lb_policy),
             nack_logs: Arc::new(Mutex::new(TokenBucket::new(
@@ -192,8 +193,8 @@ impl NamedService for XdsApi {
     const NAME: &'static str = SERVICE;
 }
 
-impl Answer for XdsApi {
-    fn answer(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>> {
+impl RawService for XdsApi {
+    fn respond(self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>> {
         Box::pin(async move {
             let path = request.uri().path();
             match path.strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE)) {

@@ -38,7 +38,10 @@ use envoy_types::pb::envoy::{
     service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
 };
 
-use super::resources::{ResourceType, Resources};
+use super::{
+    resources::{ResourceType, Resources},
+    sorted_map::SortedMap,
+};
 use crate::{
     api::{
         client_text::kept,
@@ -440,82 +443,6 @@ impl Session {
             }
             Some(Reply::Subscribe) | None => {}
         }
-    }
-}
-
-/// A map from resource name, as a vector sorted by name: a stream names one
-/// or a few resources per type, and a B-tree's first node alone is about a
-/// kilobyte, on every stream, for every type. Envoy's thousands of names
-/// stay cheap: lookups are binary searches, and names arrive sorted.
-#[derive(Debug)]
-struct SortedMap<V>(Vec<(String, V)>);
-
-impl<V> Default for SortedMap<V> {
-    fn default() -> Self {
-        Self(Vec::new())
-    }
-}
-
-impl<V> SortedMap<V> {
-    fn find(&self, name: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn get(&self, name: &str) -> Option<&V> {
-        self.find(name).ok().map(|i| &self.0[i].1)
-    }
-
-    fn contains_key(&self, name: &str) -> bool {
-        self.find(name).is_ok()
-    }
-
-    fn insert(&mut self, name: String, value: V) {
-        match self.find(&name) {
-            Ok(i) => self.0[i].1 = value,
-            Err(i) => self.0.insert(i, (name, value)),
-        }
-    }
-
-    fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.0.retain(|(name, _)| keep(name));
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(name, _)| name)
-    }
-
-    fn values(&self) -> impl Iterator<Item = &V> {
-        self.0.iter().map(|(_, value)| value)
-    }
-}
-
-impl<V> FromIterator<(String, V)> for SortedMap<V> {
-    fn from_iter<I: IntoIterator<Item = (String, V)>>(iter: I) -> Self {
-        let mut entries: Vec<(String, V)> = iter.into_iter().collect();
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        entries.dedup_by(|a, b| a.0 == b.0);
-        entries.shrink_to_fit();
-        Self(entries)
-    }
-}
-
-impl<'a, V> IntoIterator for &'a SortedMap<V> {
-    type Item = (&'a String, &'a V);
-    type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, V)>,
-        fn(&'a (String, V)) -> (&'a String, &'a V),
-    >;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(name, value)| (name, value))
     }
 }
 
@@ -1012,25 +939,5 @@ mod tests {
             nack.message.len()
         );
         assert!(nack.message.ends_with('…'));
-    }
-
-    #[test]
-    fn sorted_map_keeps_names_sorted_and_unique() {
-        let mut map: SortedMap<u32> = [("b", 2), ("a", 1), ("b", 3), ("c", 4)]
-            .into_iter()
-            .map(|(name, value)| (name.to_owned(), value))
-            .collect();
-        assert_eq!(map.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
-        assert_eq!(map.len(), 3);
-        map.insert("ab".to_owned(), 5);
-        map.insert("a".to_owned(), 6);
-        assert_eq!(map.keys().collect::<Vec<_>>(), ["a", "ab", "b", "c"]);
-        assert_eq!(map.get("a"), Some(&6));
-        assert_eq!(map.get("zz"), None);
-        map.retain(|name| name != "b");
-        assert!(!map.contains_key("b"));
-        assert_eq!(map.values().copied().collect::<Vec<_>>(), [6, 5, 4]);
-        map.clear();
-        assert_eq!(map.len(), 0);
     }
 }

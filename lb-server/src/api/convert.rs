@@ -1,4 +1,5 @@
-//! Mapping between domain types and `lookaside.v1` messages.
+//! Conversions from domain types (`model`) to `lookaside.v1` messages; the
+//! generated messages themselves live in `lookaside_proto`.
 
 use std::time::SystemTime;
 
