@@ -19,6 +19,8 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
+echo "== third_party/: each patched crate is its crates.io release plus its patch"
+scripts/check-third-party.sh
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
