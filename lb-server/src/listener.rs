@@ -113,9 +113,10 @@ impl Accepted {
         };
         let remote = self.remote;
         let reason = match done {
-            Ok(Ok(io)) => {
+            Ok(Ok(transport)) => {
                 let conn = Conn {
-                    io,
+                    transport,
+                    preface_replayed: 0,
                     info: ConnInfo::new(Some(remote)),
                     _slot: self.slot,
                 };
@@ -217,11 +218,11 @@ enum HandshakeError {
 }
 
 /// The TLS handshake, if `tls`, then the HTTP/2 preface, read to check it
-/// and replayed to the server.
+/// ([`Conn`] replays it to the server).
 async fn handshake(
     tcp: TcpStream,
     tls: Option<TlsAcceptor>,
-) -> Result<Rewind<Transport>, HandshakeError> {
+) -> Result<Transport, HandshakeError> {
     let mut transport = match tls {
         Some(acceptor) => Transport::Tls(Box::new(
             acceptor.accept(tcp).await.map_err(HandshakeError::Tls)?,
@@ -236,10 +237,7 @@ async fn handshake(
     if &preface != PREFACE {
         return Err(HandshakeError::NotHttp2);
     }
-    Ok(Rewind {
-        preface_sent: 0,
-        inner: transport,
-    })
+    Ok(transport)
 }
 
 /// A connection in plaintext or in TLS.
@@ -310,67 +308,14 @@ impl AsyncWrite for Transport {
     }
 }
 
-/// A connection whose first bytes, the HTTP/2 preface, were read to check
-/// them: reads give them back first.
-#[derive(Debug)]
-pub struct Rewind<IO> {
-    /// How much of [`PREFACE`] was given back.
-    preface_sent: usize,
-    inner: IO,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.preface_sent < PREFACE.len() {
-            let rest = &PREFACE[self.preface_sent..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            self.preface_sent += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// One accepted connection, past its handshake: holds its connection slot
-/// until the gRPC server drops it.
+/// until the gRPC server drops it. Its first reads give back the HTTP/2
+/// preface the handshake read to check.
 #[derive(Debug)]
 pub struct Conn {
-    io: Rewind<Transport>,
+    transport: Transport,
+    /// How much of [`PREFACE`] was given back.
+    preface_replayed: usize,
     info: ConnInfo,
     _slot: OwnedSemaphorePermit,
 }
@@ -389,7 +334,14 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        if self.preface_replayed < PREFACE.len() {
+            let rest = &PREFACE[self.preface_replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.preface_replayed += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.transport).poll_read(cx, buf)
     }
 }
 
@@ -399,7 +351,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        Pin::new(&mut self.transport).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -407,19 +359,19 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.transport).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.transport.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        Pin::new(&mut self.transport).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        Pin::new(&mut self.transport).poll_shutdown(cx)
     }
 }
 

@@ -245,22 +245,10 @@ async fn streams_that_never_send_their_request_are_closed() {
     }
     // A Watch that sent its request is not cut by the timeout: it outlives
     // it and still gets the next change.
-    let channel = server.channel().await;
-    let mut watch = lookaside_proto::lookaside::v1::discovery_client::DiscoveryClient::new(channel)
-        .watch(lookaside_proto::lookaside::v1::WatchRequest {
-            target: "greeter.default:grpc".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(watch.message().await.unwrap().unwrap().exists);
+    let mut watch = common::watch_greeter(server.channel().await).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     server.write_file("services:\n  greeter.default:grpc:\n    - address: 10.0.0.2:50051\n");
-    let update = tokio::time::timeout(WAIT, watch.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let update = common::next_update(&mut watch).await;
     assert_eq!(update.endpoints[0].address, "10.0.0.2");
     server.shutdown().await.unwrap();
 }

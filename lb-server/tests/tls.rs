@@ -5,11 +5,11 @@ mod common;
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use common::{TestServer, WAIT};
+use common::{TestServer, WAIT, next_update, watch_greeter};
 use hyper_util::rt::TokioIo;
 use lb_server::{Config, LbServer};
 use lookaside_proto::lookaside::v1::{
-    ListServicesRequest, WatchRequest, admin_client::AdminClient, discovery_client::DiscoveryClient,
+    ListServicesRequest, admin_client::AdminClient,
 };
 use lookaside_tls::{
     ClientFiles, Roots,
@@ -110,14 +110,7 @@ async fn mutual_tls_serves_clients_with_a_certificate_and_refuses_the_rest() {
 
     let channel = tls_channel(server.grpc, &pki.client(true)).await.unwrap();
     assert_eq!(list_services(channel.clone()).await.unwrap(), 1);
-    let mut watch = DiscoveryClient::new(channel)
-        .watch(WatchRequest {
-            target: "greeter.default:grpc".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(watch.message().await.unwrap().unwrap().exists);
+    let mut watch = watch_greeter(channel).await;
 
     // No client certificate: the server ends the handshake (TLS 1.3 tells
     // the client with its first read, so the call fails rather than the connect).
@@ -153,11 +146,7 @@ async fn mutual_tls_serves_clients_with_a_certificate_and_refuses_the_rest() {
     // The server kept serving the client it had, and counted the others.
     let update = "services:\n  greeter.default:grpc:\n    - address: 10.0.0.2:50051\n";
     server.write_file(update);
-    let next = tokio::time::timeout(WAIT, watch.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let next = next_update(&mut watch).await;
     assert_eq!(next.endpoints[0].address, "10.0.0.2");
     let metrics = server.metrics().await;
     let key = "lookaside_rejected_connections_total{listener=\"grpc\",reason=\"tls_handshake\"}";
@@ -189,14 +178,7 @@ async fn a_rotated_certificate_is_served_to_new_connections_and_open_streams_sta
     let pki = Pki::new();
     let server = TestServer::start_with(ONE, |config| pki.configure(config, true)).await;
     let channel = tls_channel(server.grpc, &pki.client(true)).await.unwrap();
-    let mut watch = DiscoveryClient::new(channel)
-        .watch(WatchRequest {
-            target: "greeter.default:grpc".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(watch.message().await.unwrap().unwrap().exists);
+    let mut watch = watch_greeter(channel).await;
 
     // A new CA issues the server a new certificate: a client that trusts
     // only the new CA is refused until the rotation, and served after it.
@@ -231,11 +213,7 @@ async fn a_rotated_certificate_is_served_to_new_connections_and_open_streams_sta
 
     // The Watch opened before the rotation still gets changes.
     server.write_file("services:\n  greeter.default:grpc:\n    - address: 10.0.0.3:50051\n");
-    let next = tokio::time::timeout(WAIT, watch.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let next = next_update(&mut watch).await;
     assert_eq!(next.endpoints[0].address, "10.0.0.3");
 
     // A broken rotation (a key of another certificate) is counted, and the
@@ -321,14 +299,7 @@ async fn admin_on_a_port_of_its_own_is_not_on_the_grpc_port() {
     let status = list_services(connect(grpc).await).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
     // Discovery stays on the gRPC port.
-    let mut watch = DiscoveryClient::new(connect(grpc).await)
-        .watch(WatchRequest {
-            target: "greeter.default:grpc".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(watch.message().await.unwrap().unwrap().exists);
+    let watch = watch_greeter(connect(grpc).await).await;
     drop(watch);
     let _ = stop.send(());
     tokio::time::timeout(WAIT, task)

@@ -7,17 +7,41 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use lb_server::{Config, LbServer, store::Store};
 use lookaside_proto::lookaside::v1::{
-    ListSubscribersRequest, Subscriber, admin_client::AdminClient,
+    ListSubscribersRequest, Subscriber, WatchRequest, WatchResponse, admin_client::AdminClient,
+    discovery_client::DiscoveryClient,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::oneshot,
     task::JoinHandle,
 };
-use tonic::transport::Channel;
+use tonic::{Streaming, transport::Channel};
 
 /// How long any wait in these tests may take.
 pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A Watch of `greeter.default:grpc` on `channel`, past its first message
+/// (which must say the service exists).
+pub async fn watch_greeter(channel: Channel) -> Streaming<WatchResponse> {
+    let mut watch = DiscoveryClient::new(channel)
+        .watch(WatchRequest {
+            target: "greeter.default:grpc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().unwrap().exists);
+    watch
+}
+
+/// The next message of `watch`, within [`WAIT`].
+pub async fn next_update(watch: &mut Streaming<WatchResponse>) -> WatchResponse {
+    tokio::time::timeout(WAIT, watch.message())
+        .await
+        .expect("an update within WAIT")
+        .unwrap()
+        .expect("the stream is open")
+}
 
 /// A running lb-server on loopback with a file source, stopped by its handle.
 pub struct TestServer {
