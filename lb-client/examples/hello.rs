@@ -18,7 +18,9 @@ use lookaside_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let lb = args.next().unwrap_or_else(|| "http://127.0.0.1:7000".to_owned());
+    let lb = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:7000".to_owned());
     let target = args
         .next()
         .unwrap_or_else(|| "greeter.default:grpc".to_owned());

@@ -52,7 +52,10 @@ impl CallGuard {
         }
         self.done = true;
         self.endpoint.end_call();
-        if matches!(outcome, Outcome::ServerError | Outcome::Unavailable) {
+        if matches!(
+            outcome,
+            Outcome::ServerError | Outcome::Unavailable | Outcome::Timeout
+        ) {
             self.endpoint.observe(FAILURE_PENALTY, now_nanos());
         }
         self.pool.report(&self.endpoint, outcome);

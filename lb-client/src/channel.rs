@@ -197,6 +197,18 @@ impl Builder {
         self
     }
 
+    /// How many server errors (`UNKNOWN`, `INTERNAL`, `DATA_LOSS`) or calls
+    /// whose deadline passed before the endpoint answered eject it when they
+    /// come in a row, with no success between (default 5, as Envoy's
+    /// `consecutive_5xx` and `consecutive_gateway_failure`; at least 1). So
+    /// one slow call with a tight deadline does not eject a healthy backend,
+    /// and a backend that stopped answering is ejected after this many
+    /// calls. `UNAVAILABLE` and broken connections eject at once.
+    pub fn consecutive_failures(mut self, n: u32) -> Self {
+        self.consecutive_errors = n.max(1);
+        self
+    }
+
     /// Subscribes and waits (up to the ready timeout) until the first list has
     /// arrived and every backend's first connection attempt has ended, or
     /// every LB server has been tried once without an answer. Returns an
@@ -570,15 +582,17 @@ async fn send(
                 Ok(sent) => sent,
                 Err(_) => {
                     // Dropping the request future resets the HTTP/2 stream.
-                    // An endpoint that did not answer within a deadline is
-                    // treated as unavailable (ejected), so that the calls
-                    // after it go elsewhere while it is partitioned.
+                    // A deadline passed counts toward the endpoint's streak
+                    // of failures: one slow call does not eject a healthy
+                    // backend, a backend that stopped answering fails every
+                    // call and is ejected once the streak is complete.
+                    guard.endpoint().observe(timeout, now_nanos());
                     let message = format!(
                         "lb-client: deadline of {timeout:?} exceeded waiting for backend {} of {}",
                         guard.endpoint().addr,
                         guard.pool().target,
                     );
-                    guard.finish(Outcome::Unavailable);
+                    guard.finish(Outcome::Timeout);
                     return Err(Box::new(Status::deadline_exceeded(message)));
                 }
             },

@@ -55,6 +55,10 @@ pub(crate) enum Outcome {
     ServerError,
     /// `UNAVAILABLE`, a reset or a broken connection.
     Unavailable,
+    /// The call's deadline passed before the endpoint answered: one slow
+    /// call, or a backend that stopped answering. Only a streak of them
+    /// tells the two apart.
+    Timeout,
     /// The caller gave up; says nothing about the endpoint.
     Cancelled,
 }
@@ -235,7 +239,7 @@ impl EndpointState {
     pub(crate) fn record(&self, outcome: Outcome) -> u32 {
         let failed = match outcome {
             Outcome::Success => false,
-            Outcome::ServerError | Outcome::Unavailable => true,
+            Outcome::ServerError | Outcome::Unavailable | Outcome::Timeout => true,
             Outcome::Cancelled => return self.consecutive_failures.load(Relaxed),
         };
         let score = self.failure_score.load(Relaxed);
@@ -263,6 +267,12 @@ impl EndpointState {
         self.ejected_until.store(until, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         backoff
+    }
+
+    /// Ends an ejection now (tests that reuse endpoints across rounds).
+    #[cfg(test)]
+    pub(crate) fn readmit(&self) {
+        self.ejected_until.store(0, Relaxed);
     }
 
     pub(crate) fn calls(&self) -> u64 {

@@ -43,7 +43,11 @@
 //! ```
 //!
 //! Draining endpoints get no new calls while calls in flight finish; failing
-//! endpoints are ejected with backoff (never all of them); when the LB server
+//! endpoints are ejected with backoff (never all of them, even when they fail
+//! at the same moment): at once on `UNAVAILABLE` or a broken connection, after
+//! a streak of server errors or passed deadlines
+//! ([`Builder::consecutive_failures`]), so that one slow call does not eject a
+//! healthy backend; when the LB server
 //! is unreachable the channel keeps its last list and resubscribes with
 //! jittered backoff. With no usable endpoint a call fails fast with
 //! `UNAVAILABLE` and a message that says why.

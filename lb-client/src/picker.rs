@@ -15,9 +15,6 @@ use std::{
 
 use crate::endpoint::{Conn, EndpointState};
 
-/// The most times one endpoint appears in the round-robin schedule.
-const MAX_REPEAT: u32 = 100;
-
 /// How a channel picks a backend for each call. Every policy honours weights
 /// and skips draining, ejected and unconnected endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -85,7 +82,8 @@ pub(crate) enum NoPick {
 pub(crate) struct Picker {
     endpoints: Vec<Arc<EndpointState>>,
     draining: usize,
-    /// Round-robin order: indices into `endpoints`, repeated by weight, interleaved.
+    /// Round-robin order: indices into `endpoints`, repeated by weight,
+    /// interleaved (`lookaside_weights::schedule`).
     schedule: Vec<u32>,
     /// Prefix sums of weights, for weighted random choice.
     cumulative: Vec<u64>,
@@ -98,20 +96,8 @@ impl Picker {
         let draining = all.iter().filter(|e| e.draining()).count();
         let endpoints: Vec<_> = all.iter().filter(|e| !e.draining()).cloned().collect();
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight()).collect();
-        let divisor = weights.iter().fold(0, |g, w| gcd(g, *w)).max(1);
-        let reduced: Vec<u32> = weights
-            .iter()
-            .map(|w| (w / divisor).min(MAX_REPEAT))
-            .collect();
-        let rounds = reduced.iter().copied().max().unwrap_or(0);
-        let mut schedule = Vec::new();
-        for round in 0..rounds {
-            for (index, weight) in reduced.iter().enumerate() {
-                if *weight > round {
-                    schedule.push(index as u32);
-                }
-            }
-        }
+        // The workspace's one weighted scheduler, as lb-server's grpclb lists use.
+        let schedule = lookaside_weights::schedule(&weights);
         let mut total = 0;
         let cumulative = weights
             .iter()
@@ -224,10 +210,6 @@ impl Picker {
         }
         why
     }
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 #[cfg(test)]

@@ -63,6 +63,7 @@ pub(crate) struct PoolSettings {
     pub(crate) connect_timeout: Duration,
     pub(crate) ejection_base: Duration,
     pub(crate) ejection_max: Duration,
+    /// Server errors or timeouts in a row that eject an endpoint.
     pub(crate) consecutive_errors: u32,
 }
 
@@ -111,6 +112,10 @@ pub(crate) struct Pool {
     settings: PoolSettings,
     // std Mutex: only list updates take it, never across `.await`, never on the hot path.
     endpoints: Mutex<HashMap<SocketAddr, Managed>>,
+    /// Held to decide and record one ejection, so that two endpoints failing
+    /// at once cannot each see the other usable and both be ejected. std
+    /// Mutex: only calls that failed take it, briefly, never across `.await`.
+    ejecting: Mutex<()>,
     /// Bumped on every change a waiting call or `connect()` may care about.
     changed: watch::Sender<u64>,
     shutdown: CancellationToken,
@@ -137,6 +142,7 @@ impl Pool {
             counters: Counters::default(),
             settings,
             endpoints: Mutex::new(HashMap::new()),
+            ejecting: Mutex::new(()),
             changed: watch::Sender::new(0),
             shutdown,
         })
@@ -284,28 +290,45 @@ impl Pool {
     }
 
     /// Records a call's outcome and ejects the endpoint if it keeps failing:
-    /// at once for `UNAVAILABLE`, after several consecutive server errors.
-    /// Never ejects the last usable endpoint.
+    /// at once for `UNAVAILABLE` or a broken connection (the endpoint said so,
+    /// or its transport did), after a streak of server errors or deadlines
+    /// passed with no success between (Envoy's `consecutive_5xx` and
+    /// `consecutive_gateway_failure`): one slow call must not eject a healthy
+    /// backend, while one that stopped answering fails every call and soon
+    /// completes the streak. Never ejects the last usable endpoint.
     pub(crate) fn report(&self, state: &EndpointState, outcome: Outcome) {
         let consecutive = state.record(outcome);
         let eject = match outcome {
             Outcome::Unavailable => consecutive >= 1,
-            Outcome::ServerError => consecutive >= self.settings.consecutive_errors,
+            Outcome::ServerError | Outcome::Timeout => {
+                consecutive >= self.settings.consecutive_errors
+            }
             Outcome::Success | Outcome::Cancelled => false,
         };
-        let now = now_nanos();
-        if !eject || state.ejected(now) {
+        if !eject || state.ejected(now_nanos()) {
             return;
         }
-        let picker = self.picker.load();
-        let others_usable = picker
-            .endpoints()
-            .iter()
-            .any(|e| !std::ptr::eq(e.as_ref(), state) && e.available(now));
-        if !others_usable {
-            return;
-        }
-        let backoff = state.eject(self.settings.ejection_base, self.settings.ejection_max, now);
+        let backoff = {
+            // One ejection decided at a time: the check that another endpoint
+            // stays usable and the ejection it allows are one step.
+            let _one_at_a_time = self
+                .ejecting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = now_nanos();
+            if state.ejected(now) {
+                return;
+            }
+            let picker = self.picker.load();
+            let others_usable = picker
+                .endpoints()
+                .iter()
+                .any(|e| !std::ptr::eq(e.as_ref(), state) && e.available(now));
+            if !others_usable {
+                return;
+            }
+            state.eject(self.settings.ejection_base, self.settings.ejection_max, now)
+        };
         self.counters.ejections.inc();
         tracing::debug!(addr = %state.addr, ?backoff, ?outcome, "endpoint ejected");
         self.notify();
@@ -431,5 +454,87 @@ mod tests {
         pool.report(&fresh[0], Outcome::Success);
         pool.report(&fresh[0], Outcome::ServerError);
         assert!(!fresh[0].ejected(now()));
+    }
+
+    #[test]
+    fn a_passed_deadline_ejects_only_as_part_of_a_streak() {
+        let pool = pool();
+        let endpoints = vec![ready(1), ready(2)];
+        pool.picker.store(Arc::new(Picker::new(&endpoints)));
+        let slow = &endpoints[0];
+        // One slow call, even a few with answers between: not ejected.
+        pool.report(slow, Outcome::Timeout);
+        assert!(!slow.ejected(now_nanos()));
+        pool.report(slow, Outcome::Success);
+        for _ in 0..10 {
+            pool.report(slow, Outcome::Timeout);
+            pool.report(slow, Outcome::Timeout);
+            pool.report(slow, Outcome::Success);
+        }
+        assert!(!slow.ejected(now_nanos()));
+        // Stopped answering: the third deadline in a row ejects it.
+        pool.report(slow, Outcome::Timeout);
+        pool.report(slow, Outcome::Timeout);
+        assert!(!slow.ejected(now_nanos()));
+        pool.report(slow, Outcome::Timeout);
+        assert!(slow.ejected(now_nanos()));
+        assert_eq!(pool.counters.ejections.get(), 1);
+    }
+
+    /// Endpoints failing at the same moment, on as many threads, never all
+    /// get ejected: deciding that another endpoint stays usable and ejecting
+    /// this one are one step. The threads spin on a shared round counter
+    /// rather than sleep on a barrier, so that their failures land within
+    /// nanoseconds of each other, inside the window a check-then-act leaves.
+    #[test]
+    fn concurrent_failures_never_eject_the_last_usable_endpoint() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        const THREADS: usize = 2;
+        const ROUNDS: usize = 10_000;
+        let pool = pool();
+        let endpoints: Vec<_> = (0..THREADS as u16).map(|i| ready(i + 1)).collect();
+        pool.picker.store(Arc::new(Picker::new(&endpoints)));
+        let (round, reported) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let mut all_ejected = 0;
+        std::thread::scope(|scope| {
+            for endpoint in &endpoints {
+                let (pool, round, reported) = (&pool, &round, &reported);
+                scope.spawn(move || {
+                    for r in 1..=ROUNDS {
+                        let mut spins = 0u32;
+                        while round.load(SeqCst) < r {
+                            // Spin (to start together), but give the
+                            // core up if the round is slow to start.
+                            spins += 1;
+                            if spins < 1_000 {
+                                std::hint::spin_loop();
+                            } else {
+                                std::thread::yield_now();
+                            }
+                        }
+                        pool.report(endpoint, Outcome::Unavailable);
+                        reported.fetch_add(1, SeqCst);
+                    }
+                });
+            }
+            for r in 1..=ROUNDS {
+                // Back in service, then every thread fails its endpoint at once.
+                for e in &endpoints {
+                    e.readmit();
+                }
+                round.store(r, SeqCst);
+                while reported.load(SeqCst) < r * THREADS {
+                    std::thread::yield_now();
+                }
+                let now = now_nanos();
+                if endpoints.iter().all(|e| !e.available(now)) {
+                    all_ejected += 1;
+                }
+            }
+        });
+        assert_eq!(
+            all_ejected, 0,
+            "every endpoint was ejected at once in {all_ejected} of {ROUNDS} rounds"
+        );
     }
 }

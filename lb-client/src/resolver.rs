@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use lookaside_backoff::{Backoff, JitteredBackoff};
 use lookaside_proto::lookaside::v1::{
-    WatchRequest, WatchResponse, discovery_client::DiscoveryClient,
+    MAX_WATCH_RESPONSE_BYTES, WatchRequest, WatchResponse, discovery_client::DiscoveryClient,
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
@@ -209,7 +209,10 @@ impl Subscription {
         let request = WatchRequest {
             target: self.pool.target.clone(),
         };
-        let mut stream = match DiscoveryClient::new(channel).watch(request).await {
+        // Accept every response lb-server may send (tonic's default is 4 MiB).
+        let mut client =
+            DiscoveryClient::new(channel).max_decoding_message_size(MAX_WATCH_RESPONSE_BYTES);
+        let mut stream = match client.watch(request).await {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == tonic::Code::InvalidArgument => {
                 return Ended::Rejected(status.message().to_owned());

@@ -452,7 +452,8 @@ impl Drop for GreeterProcess {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_that_stops_answering_fails_the_call_at_its_deadline_and_is_ejected() {
+async fn a_backend_that_stops_answering_fails_calls_at_their_deadline_and_is_ejected_after_a_streak()
+ {
     let stopped = GreeterProcess::start("stopped");
     let alive = LocalGreeter::start("alive", ([127, 0, 0, 1], 0).into())
         .await
@@ -481,25 +482,45 @@ async fn a_backend_that_stops_answering_fails_the_call_at_its_deadline_and_is_ej
         let mut client = client.clone();
         async move { client.say_hello(request).await }
     };
-    // Round-robin soon sends a call to the stopped backend.
-    let mut failed = None;
-    for _ in 0..10 {
-        let started = Instant::now();
-        if let Err(status) = call(&mut client).await {
-            failed = Some((status, started.elapsed()));
+    // Round-robin sends every other call to the stopped backend. Each of
+    // them fails at its deadline; one passed deadline is not enough to eject
+    // an endpoint (a healthy backend may have one slow call), a streak of
+    // them with no answer between is: the stopped backend is ejected after
+    // the default streak of 5 and the calls after it go to the live one.
+    const STREAK: usize = 5;
+    let ejected = |channel: &Channel| {
+        channel
+            .endpoints()
+            .iter()
+            .any(|e| e.addr == stopped.addr && e.ejected)
+    };
+    let mut failures = 0;
+    for _ in 0..4 * STREAK {
+        if ejected(&channel) {
             break;
         }
+        let started = Instant::now();
+        let Err(status) = call(&mut client).await else {
+            continue;
+        };
+        let took = started.elapsed();
+        failures += 1;
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            took >= DEADLINE && took < DEADLINE + Duration::from_millis(100),
+            "ended at its deadline: {took:?}"
+        );
+        assert!(
+            status.message().contains(&stopped.addr.to_string()),
+            "{status:?}"
+        );
+        assert_eq!(
+            ejected(&channel),
+            failures == STREAK,
+            "ejected at the end of the streak, not before: {failures} failures"
+        );
     }
-    let (status, took) = failed.expect("a call went to the stopped backend");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(
-        took >= DEADLINE && took < DEADLINE + Duration::from_millis(100),
-        "ended at its deadline: {took:?}"
-    );
-    assert!(
-        status.message().contains(&stopped.addr.to_string()),
-        "{status:?}"
-    );
+    assert_eq!(failures, STREAK, "the stopped backend was ejected");
     // Ejected: the next calls all go to the backend that answers.
     for _ in 0..20 {
         let reply = call(&mut client).await.expect("the live backend answers");
