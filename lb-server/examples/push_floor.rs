@@ -164,7 +164,8 @@ async fn serve(mut tcp: TcpStream, store: Arc<Store>) -> std::io::Result<()> {
     headers.extend_from_slice(b"application/grpc");
     frame(&mut out, HEADERS, END_HEADERS, stream, &headers);
     let send = |out: &mut BytesMut, snapshot: &Snapshot| {
-        frame(out, DATA, 0, stream, &framed(&key, snapshot));
+        let message = framed(&key, snapshot).expect("the snapshot fits a Watch response");
+        frame(out, DATA, 0, stream, &message);
     };
     send(&mut out, &subscription.current());
     tcp.write_all(&out).await?;

@@ -140,10 +140,42 @@ mod tests {
         assert_eq!(plan(PinWorkers::Off, 2, &[0, 1]), None);
     }
 
+    /// The CPUs the calling thread may run on.
+    fn cpus_of_this_thread() -> Vec<usize> {
+        let set = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        (0..CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .collect()
+    }
+
     #[test]
-    fn this_process_may_run_somewhere() {
+    fn a_pinned_worker_runs_on_its_cpu_and_the_threads_it_starts_on_every_cpu() {
         let allowed = allowed_cpus();
         assert!(!allowed.is_empty());
-        assert!(allowed.windows(2).all(|w| w[0] < w[1]), "{allowed:?}");
+        assert_eq!(cpus_of_this_thread(), allowed);
+        let cpu = *allowed.last().unwrap();
+        let runtime = build(1, Some(vec![cpu])).unwrap();
+        let (worker, blocking) = runtime.block_on(async move {
+            tokio::spawn(async move {
+                // The one worker takes its CPU when it first parks, which it
+                // does while its only task waits on a timer.
+                for _ in 0..1_000 {
+                    if cpus_of_this_thread() == [cpu] {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                let worker = cpus_of_this_thread();
+                // A blocking-pool thread is started by the pinned worker.
+                let blocking = tokio::task::spawn_blocking(cpus_of_this_thread)
+                    .await
+                    .unwrap();
+                (worker, blocking)
+            })
+            .await
+            .unwrap()
+        });
+        assert_eq!(worker, [cpu], "the worker is pinned");
+        assert_eq!(blocking, allowed, "a thread it starts runs anywhere");
     }
 }

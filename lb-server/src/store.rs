@@ -10,6 +10,22 @@
 //! Besides the per-service channels, one more channel counts changes to the
 //! *set* of existing services (one appears or disappears), for subscribers
 //! that want every service, such as xDS wildcard subscriptions.
+//!
+//! Publishing takes the store's lock only to compare, number and record the
+//! new snapshot; subscribers are woken after it is released, so a service
+//! with ten thousand subscribers holds up no other service, subscribe or
+//! read. Ordering still holds without the lock:
+//! - a subscriber never sees a service's version go backwards: of two
+//!   publishes of one service that race, the newer snapshot is delivered and
+//!   the older one dropped (the version check is under the channel's own lock);
+//! - a subscribe racing a publish first reads the old or the new snapshot,
+//!   and then the new one;
+//! - the service set moves before the snapshot that makes a service appear
+//!   or disappear is delivered: whoever sees that snapshot and then looks at
+//!   the set ([`Store::watch_service_set`], [`Store::services`]) finds the
+//!   service there too. xDS relies on it: a stream that names a service in
+//!   LDS and takes clusters by wildcard must not send the Listener before the
+//!   Cluster it routes to.
 
 use std::{
     collections::HashMap,
@@ -27,11 +43,43 @@ use crate::model::{Endpoint, ServiceKey, Services, Snapshot, normalize};
 /// The shared state of every service.
 #[derive(Debug, Default)]
 pub struct Store {
-    // std Mutex: held only for map lookups and `send_replace`, never across `.await`.
-    services: Mutex<HashMap<ServiceKey, watch::Sender<Arc<Snapshot>>>>,
+    // std Mutex: held only for map lookups and updates, never across `.await`
+    // nor while subscribers are woken.
+    services: Mutex<HashMap<ServiceKey, Entry>>,
     version: AtomicU64,
-    // Bumped, under the `services` lock, whenever a service starts or stops existing.
+    // Bumped whenever a service starts or stops existing, after the entry is
+    // updated and before its subscribers are woken.
     service_set: watch::Sender<u64>,
+}
+
+/// One service: the snapshot last published, and the channel its subscribers
+/// watch. The channel may lag behind `latest` while a publish is waking
+/// subscribers outside the lock; it never runs ahead.
+#[derive(Debug)]
+struct Entry {
+    latest: Arc<Snapshot>,
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Entry {
+    fn new(snapshot: Arc<Snapshot>) -> Self {
+        Self {
+            latest: Arc::clone(&snapshot),
+            tx: watch::Sender::new(snapshot),
+        }
+    }
+}
+
+/// Hands `snapshot` to the subscribers of its service unless a newer one got
+/// there first (two publishes of one service racing after the lock).
+fn deliver(tx: &watch::Sender<Arc<Snapshot>>, snapshot: Arc<Snapshot>) {
+    tx.send_if_modified(|current| {
+        let newer = snapshot.version > current.version;
+        if newer {
+            *current = snapshot;
+        }
+        newer
+    });
 }
 
 /// Counts of what the store holds, for metrics.
@@ -70,70 +118,91 @@ impl Store {
     /// changed (an identical set publishes nothing).
     pub fn publish(&self, key: &ServiceKey, endpoints: Vec<Endpoint>, event_at: Instant) -> bool {
         let endpoints = normalize(endpoints);
-        let mut services = self.services.lock().unwrap();
-        let existed = services.get(key).is_some_and(|tx| tx.borrow().exists);
-        if let Some(tx) = services.get(key) {
-            let current = tx.borrow();
-            if current.exists && current.endpoints == endpoints {
+        let (appeared, wake) = {
+            let mut services = self.services.lock().unwrap();
+            let entry = services.get_mut(key);
+            let existed = entry.as_ref().is_some_and(|entry| entry.latest.exists);
+            if existed
+                && entry
+                    .as_ref()
+                    .is_some_and(|e| e.latest.endpoints == endpoints)
+            {
                 return false;
             }
-        }
-        let snapshot = Arc::new(Snapshot {
-            version: self.next_version(),
-            exists: true,
-            endpoints,
-            updated: SystemTime::now(),
-            event_at,
-            encoded: OnceLock::new(),
-        });
-        match services.get(key) {
-            Some(tx) => {
-                tx.send_replace(snapshot);
-            }
-            None => {
-                services.insert(key.clone(), watch::Sender::new(snapshot));
-            }
-        }
-        if !existed {
+            let snapshot = Arc::new(Snapshot {
+                version: self.next_version(),
+                exists: true,
+                endpoints,
+                updated: SystemTime::now(),
+                event_at,
+                encoded: OnceLock::new(),
+            });
+            let wake = match entry {
+                Some(entry) => {
+                    entry.latest = Arc::clone(&snapshot);
+                    Some((entry.tx.clone(), snapshot))
+                }
+                // Nobody watches a new entry yet: nothing to wake.
+                None => {
+                    services.insert(key.clone(), Entry::new(snapshot));
+                    None
+                }
+            };
+            (!existed, wake)
+        };
+        if appeared {
             self.bump_service_set();
+        }
+        if let Some((tx, snapshot)) = wake {
+            deliver(&tx, snapshot);
         }
         true
     }
 
     /// Marks a service as gone. Subscribers see `exists = false`; returns whether it existed.
     pub fn remove(&self, key: &ServiceKey, event_at: Instant) -> bool {
-        let mut services = self.services.lock().unwrap();
-        let Some(tx) = services.get(key) else {
-            return false;
+        let wake = {
+            let mut services = self.services.lock().unwrap();
+            let Some(entry) = services.get_mut(key) else {
+                return false;
+            };
+            if !entry.latest.exists {
+                return false;
+            }
+            if entry.tx.receiver_count() == 0 {
+                services.remove(key);
+                None
+            } else {
+                let snapshot = Arc::new(Snapshot {
+                    version: self.next_version(),
+                    exists: false,
+                    endpoints: Vec::new(),
+                    updated: SystemTime::now(),
+                    event_at,
+                    encoded: OnceLock::new(),
+                });
+                entry.latest = Arc::clone(&snapshot);
+                Some((entry.tx.clone(), snapshot))
+            }
         };
-        if !tx.borrow().exists {
-            return false;
-        }
-        if tx.receiver_count() == 0 {
-            services.remove(key);
-        } else {
-            tx.send_replace(Arc::new(Snapshot {
-                version: self.next_version(),
-                exists: false,
-                endpoints: Vec::new(),
-                updated: SystemTime::now(),
-                event_at,
-                encoded: OnceLock::new(),
-            }));
-        }
         self.bump_service_set();
+        if let Some((tx, snapshot)) = wake {
+            deliver(&tx, snapshot);
+        }
         true
     }
 
     /// Watches the set of existing services. The value counts the changes to
     /// that set so far: it moves when a service appears or disappears, never
     /// for an endpoint change of an existing service. Read the set itself with
-    /// [`Store::services`] after a change is seen.
+    /// [`Store::services`] after a change is seen: it holds the change, and a
+    /// service's own subscribers are woken only after the set moved.
     pub fn watch_service_set(&self) -> watch::Receiver<u64> {
         self.service_set.subscribe()
     }
 
-    // Callers hold the `services` lock, so a woken watcher reads the new set.
+    // Called after the entry changed (so a woken watcher reads the new set)
+    // and before the service's subscribers are woken.
     fn bump_service_set(&self) {
         self.service_set.send_modify(|changes| *changes += 1);
     }
@@ -160,7 +229,7 @@ impl Store {
     /// The current snapshot of a service, if it exists.
     pub fn get(&self, key: &ServiceKey) -> Option<Arc<Snapshot>> {
         let services = self.services.lock().unwrap();
-        let snapshot = services.get(key)?.borrow().clone();
+        let snapshot = Arc::clone(&services.get(key)?.latest);
         snapshot.exists.then_some(snapshot)
     }
 
@@ -170,7 +239,8 @@ impl Store {
         let mut services = self.services.lock().unwrap();
         let rx = services
             .entry(key.clone())
-            .or_insert_with(|| watch::Sender::new(Arc::new(Snapshot::unknown())))
+            .or_insert_with(|| Entry::new(Arc::new(Snapshot::unknown())))
+            .tx
             .subscribe();
         Subscription {
             rx: Some(rx),
@@ -184,12 +254,12 @@ impl Store {
         let services = self.services.lock().unwrap();
         let mut views: Vec<ServiceView> = services
             .iter()
-            .map(|(key, tx)| ServiceView {
+            .filter(|(_, entry)| entry.latest.exists)
+            .map(|(key, entry)| ServiceView {
                 key: key.clone(),
-                snapshot: tx.borrow().clone(),
-                subscribers: tx.receiver_count(),
+                snapshot: Arc::clone(&entry.latest),
+                subscribers: entry.tx.receiver_count(),
             })
-            .filter(|view| view.snapshot.exists)
             .collect();
         views.sort_by(|a, b| a.key.cmp(&b.key));
         views
@@ -198,15 +268,17 @@ impl Store {
     /// How many subscribers watch a service (0 if none or unknown).
     pub fn subscribers(&self, key: &ServiceKey) -> usize {
         let services = self.services.lock().unwrap();
-        services.get(key).map_or(0, |tx| tx.receiver_count())
+        services
+            .get(key)
+            .map_or(0, |entry| entry.tx.receiver_count())
     }
 
     /// Counts for metrics.
     pub fn stats(&self) -> StoreStats {
         let services = self.services.lock().unwrap();
         let mut stats = StoreStats::default();
-        for tx in services.values() {
-            let snapshot = tx.borrow();
+        for entry in services.values() {
+            let snapshot = &entry.latest;
             if snapshot.exists {
                 stats.services += 1;
                 stats.endpoints += snapshot.endpoints.len();
@@ -219,9 +291,9 @@ impl Store {
     /// Drops the entry of an unknown service nobody watches any more.
     fn release(&self, key: &ServiceKey) {
         let mut services = self.services.lock().unwrap();
-        if let Some(tx) = services.get(key)
-            && tx.receiver_count() == 0
-            && !tx.borrow().exists
+        if let Some(entry) = services.get(key)
+            && entry.tx.receiver_count() == 0
+            && !entry.latest.exists
         {
             services.remove(key);
         }
@@ -407,6 +479,171 @@ mod tests {
         let names: Vec<String> = store.services().iter().map(|v| v.key.to_string()).collect();
         assert_eq!(names, ["late.ns:80"]);
         task.await.unwrap();
+    }
+
+    /// What the store looks like at the moment a subscriber is woken: the
+    /// waker runs inside the publish that wakes it, so it sees exactly what
+    /// a woken subscriber could see first, whatever the threads do.
+    struct Probe {
+        store: Arc<Store>,
+        set: watch::Receiver<u64>,
+        /// At each wake: (the store's lock was free, the service set's count).
+        seen: Mutex<Vec<(bool, u64)>>,
+    }
+
+    impl std::task::Wake for Probe {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            let lock_free = self.store.services.try_lock().is_ok();
+            let set = *self.set.borrow();
+            self.seen.lock().unwrap().push((lock_free, set));
+        }
+    }
+
+    /// Polls `sub.next()` once with a [`Probe`], runs `change`, and returns
+    /// what the probe saw when the subscriber was woken.
+    fn probe_wake(
+        store: &Arc<Store>,
+        sub: &mut Subscription,
+        change: impl FnOnce(),
+    ) -> (bool, u64) {
+        use std::{future::Future, task::Context};
+        let probe = Arc::new(Probe {
+            store: Arc::clone(store),
+            set: store.watch_service_set(),
+            seen: Mutex::default(),
+        });
+        let waker = std::task::Waker::from(Arc::clone(&probe));
+        let mut next = Box::pin(sub.next());
+        assert!(
+            next.as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        change();
+        assert!(
+            next.as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready()
+        );
+        let seen = probe.seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "woken once");
+        seen[0]
+    }
+
+    #[test]
+    fn subscribers_are_woken_without_the_store_lock() {
+        let store = Store::new();
+        let k = key("a.ns:grpc");
+        store.publish(&k, vec![ep(1)], Instant::now());
+        let mut sub = store.subscribe(&k);
+        sub.current();
+        let (lock_free, _) = probe_wake(&store, &mut sub, || {
+            store.publish(&k, vec![ep(2)], Instant::now());
+        });
+        assert!(
+            lock_free,
+            "a publish woke a subscriber holding the store's lock"
+        );
+        let (lock_free, _) = probe_wake(&store, &mut sub, || {
+            store.remove(&k, Instant::now());
+        });
+        assert!(
+            lock_free,
+            "a removal woke a subscriber holding the store's lock"
+        );
+    }
+
+    #[test]
+    fn the_service_set_moves_before_a_new_or_gone_service_wakes_its_subscribers() {
+        let store = Store::new();
+        let k = key("late.ns:80");
+        let mut sub = store.subscribe(&k);
+        sub.current();
+        let (_, set) = probe_wake(&store, &mut sub, || {
+            store.publish(&k, vec![ep(1)], Instant::now());
+        });
+        assert_eq!(set, 1, "woken by a new service before the set had it");
+        let listed: Vec<ServiceKey> = store.services().into_iter().map(|v| v.key).collect();
+        assert_eq!(listed, std::slice::from_ref(&k));
+        let (_, set) = probe_wake(&store, &mut sub, || {
+            store.remove(&k, Instant::now());
+        });
+        assert_eq!(set, 2, "woken by a removal before the set lost it");
+    }
+
+    /// Publishers race on one service while subscribers come and go: every
+    /// subscriber sees versions only grow, the newest publish is the one
+    /// delivered, and a subscriber that joins reads it at once.
+    #[test]
+    fn concurrent_publishes_and_subscribes_keep_versions_in_order() {
+        const PUBLISHERS: u8 = 4;
+        const ROUNDS: u16 = 50_000;
+        let store = Store::new();
+        let k = key("hot.ns:grpc");
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut held = store.subscribe(&k);
+        std::thread::scope(|scope| {
+            let watchers: Vec<_> = (0..3)
+                .map(|_| {
+                    let (store, k, done) = (Arc::clone(&store), k.clone(), Arc::clone(&done));
+                    scope.spawn(move || {
+                        let mut seen = 0u64;
+                        let mut subscribes = 0u32;
+                        while !done.load(Ordering::Acquire) {
+                            // A fresh subscription now and then, racing the publishes.
+                            let mut sub = store.subscribe(&k);
+                            subscribes += 1;
+                            let mut last = sub.current().version;
+                            for _ in 0..50 {
+                                let rx = sub.rx_mut();
+                                if rx.has_changed().unwrap() {
+                                    let version = rx.borrow_and_update().version;
+                                    assert!(version > last, "{version} after {last}");
+                                    last = version;
+                                }
+                                std::thread::yield_now();
+                            }
+                            seen = seen.max(last);
+                        }
+                        (seen, subscribes)
+                    })
+                })
+                .collect();
+            let publishers: Vec<_> = (0..PUBLISHERS)
+                .map(|p| {
+                    let (store, k) = (Arc::clone(&store), k.clone());
+                    scope.spawn(move || {
+                        for round in 0..ROUNDS {
+                            let ip = format!("10.{p}.{}.{}", round / 250, round % 250);
+                            let ep = Endpoint::new(ip.parse().unwrap(), 80);
+                            assert!(store.publish(&k, vec![ep], Instant::now()));
+                        }
+                    })
+                })
+                .collect();
+            // Joined before any check, so a failed publisher stops the watchers too.
+            let published: Vec<_> = publishers.into_iter().map(|p| p.join()).collect();
+            done.store(true, Ordering::Release);
+            for watcher in watchers {
+                let (_, subscribes) = watcher.join().unwrap();
+                assert!(subscribes > 0);
+            }
+            assert!(published.into_iter().all(|p| p.is_ok()));
+        });
+        let latest = store.get(&k).unwrap();
+        assert_eq!(latest.version, u64::from(PUBLISHERS) * u64::from(ROUNDS));
+        for delivered in [held.current(), store.subscribe(&k).current()] {
+            assert!(
+                Arc::ptr_eq(&delivered, &latest),
+                "delivered version {} is not the newest, {}",
+                delivered.version,
+                latest.version
+            );
+        }
     }
 
     #[test]

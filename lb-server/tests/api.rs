@@ -384,8 +384,16 @@ async fn a_subscriber_that_never_reads_does_not_hold_up_anyone() {
     };
     server.store.publish(&key, big(0), Instant::now());
     // A client that opens streams and never reads them: HTTP/2 flow control
-    // stops the server's writes, and the store never queues for it.
-    let stalled_channel = server.channel().await;
+    // stops the server's writes, and the store never queues for it. A small
+    // stream window (64 KiB: two messages of this service) keeps what flow
+    // control lets through while it stalls far below the versions published.
+    let stalled_channel = Channel::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .connect()
+        .await
+        .unwrap();
     let mut stalled = Vec::new();
     for _ in 0..5 {
         stalled.push(
@@ -405,15 +413,25 @@ async fn a_subscriber_that_never_reads_does_not_hold_up_anyone() {
         last = got.version;
         assert_eq!(got.endpoints.len(), 500);
     }
-    // A stalled stream, once it reads, skips to the newest version.
+    // A stalled stream, once it reads, skips to the newest version: it gets
+    // what its window held, at most one more, then the newest; not the 200.
     let stream = &mut stalled[0];
+    let mut received = 0;
     let mut newest = 0;
     while newest < last {
         newest = next(stream).await.version;
+        received += 1;
     }
     assert_eq!(newest, last);
+    assert!(
+        received <= 10,
+        "a stalled stream read {received} messages to reach the newest of 200 versions"
+    );
     let mut admin = AdminClient::new(server.channel().await);
     assert!(admin.list_services(ListServicesRequest {}).await.is_ok());
+    // The other stalled streams still hold data their window has no room
+    // for, so their end could not be written: the client cancels them.
+    drop(stalled);
     server.shutdown().await.unwrap();
 }
 
@@ -589,4 +607,146 @@ fn worker_threads_get_a_cpu_each_when_pinned_and_any_cpu_when_not() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
     assert!(threads.iter().all(|t| t.1 == all), "{threads:?} vs {all}");
+}
+
+/// Sends hand-made protobuf bytes as they are.
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+/// Requests as raw bytes, responses decoded as `M`.
+struct RawCodec<M>(std::marker::PhantomData<M>);
+
+impl<M: prost::Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<M> {
+    type Encode = Vec<u8>;
+    type Decode = M;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<M>;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+fn raw<M>() -> RawCodec<M> {
+    RawCodec(std::marker::PhantomData)
+}
+
+/// A length-delimited protobuf field: tag, length, bytes.
+fn field(tag: u8, value: &[u8]) -> Vec<u8> {
+    let mut out = vec![(tag << 3) | 2, u8::try_from(value.len()).unwrap()];
+    out.extend_from_slice(value);
+    out
+}
+
+#[tokio::test]
+async fn a_target_that_is_not_utf8_is_invalid_argument_on_every_api() {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use lookaside_proto::{grpclb::v1::LoadBalanceResponse, lookaside::v1::Service};
+
+    let server = TestServer::start(TWO).await;
+    let channel = server.channel().await;
+    // A target with one byte that is not UTF-8 (0xff), where each API
+    // takes a target.
+    let target: &[u8] = b"greeter.default:gr\xffc";
+    let watch_request = field(1, target);
+    let initial = field(1, &field(1, target));
+    let mut ads = field(3, target);
+    ads.extend(field(
+        4,
+        b"type.googleapis.com/envoy.config.listener.v3.Listener",
+    ));
+    let path = http::uri::PathAndQuery::from_static;
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+
+    let mut statuses = Vec::new();
+    grpc.ready().await.unwrap();
+    statuses.push((
+        "discovery",
+        "WatchRequest.target",
+        grpc.server_streaming(
+            tonic::Request::new(watch_request),
+            path("/lookaside.v1.Discovery/Watch"),
+            raw::<WatchResponse>(),
+        )
+        .await
+        .unwrap_err(),
+    ));
+    grpc.ready().await.unwrap();
+    statuses.push((
+        "admin",
+        "GetServiceRequest.target",
+        grpc.unary(
+            tonic::Request::new(field(1, target)),
+            path("/lookaside.v1.Admin/GetService"),
+            raw::<Service>(),
+        )
+        .await
+        .unwrap_err(),
+    ));
+    grpc.ready().await.unwrap();
+    statuses.push((
+        "grpclb",
+        "InitialLoadBalanceRequest.name",
+        grpc.streaming(
+            tonic::Request::new(tokio_stream::iter(vec![initial])),
+            path("/grpc.lb.v1.LoadBalancer/BalanceLoad"),
+            raw::<LoadBalanceResponse>(),
+        )
+        .await
+        .unwrap_err(),
+    ));
+    grpc.ready().await.unwrap();
+    // ADS answers with headers at once; the status ends the stream.
+    let (requests, rx) = tokio::sync::mpsc::unbounded_channel();
+    requests.send(ads).unwrap();
+    let mut responses = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
+            path(
+                "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+            ),
+            raw::<DiscoveryResponse>(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let end = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .unwrap();
+    statuses.push(("xds", "DiscoveryRequest.resource_names", end.unwrap_err()));
+    drop(requests);
+
+    let metrics = server.metrics().await;
+    for (api, field, status) in statuses {
+        assert_eq!(status.code(), Code::InvalidArgument, "{api}: {status:?}");
+        assert_eq!(
+            status.message(),
+            format!("invalid request: {field} is not valid UTF-8"),
+            "{api}"
+        );
+        let line =
+            format!("lookaside_rejected_requests_total{{api=\"{api}\",reason=\"not_utf8\"}} 1");
+        assert!(metrics.contains(&line), "missing {line}:\n{metrics}");
+    }
+    // Everyone else is still served.
+    let mut stream = watch(channel, "greeter.default:grpc").await.unwrap();
+    assert!(next(&mut stream).await.exists);
+    server.shutdown().await.unwrap();
 }

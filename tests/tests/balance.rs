@@ -180,8 +180,12 @@ async fn weights_are_honoured() {
     }
 }
 
+/// How fast a new backend gets its first call is a figure, not a pass/fail
+/// claim: the client benchmark measures it (publish to first call). This
+/// asserts the events: once published, the new backend joins the rotation
+/// and takes its share of the calls that follow, with none failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_backend_gets_calls_within_100ms_of_being_published() {
+async fn a_new_backend_takes_its_share_of_calls_once_published() {
     let mut backends = backends(&["b1", "b2"]).await;
     let file = SourceFile::new(&listed(&backends));
     let lb = InProcessLb::start(&file).await;
@@ -195,16 +199,22 @@ async fn a_new_backend_gets_calls_within_100ms_of_being_published() {
     let before = published.current().version;
     file.write(&listed(&backends));
     let snapshot = tokio::time::timeout(WAIT, published.next()).await.unwrap();
-    let at = Instant::now();
     assert!(snapshot.version > before && snapshot.endpoints.len() == 3);
     until("b3 to serve a call", || {
         traffic.tally.counts().backends.contains_key("b3")
     })
     .await;
-    let took = at.elapsed();
+    // From then on, round robin gives b3 a third of the calls.
+    const NEXT: u64 = 900;
+    let start = traffic.tally.counts();
+    let done = traffic.tally.done();
+    until("more calls", || traffic.tally.done() >= done + NEXT).await;
+    let share = traffic.tally.counts().since(&start);
+    let b3 = share.backends.get("b3").copied().unwrap_or(0);
     assert!(
-        took <= Duration::from_millis(100),
-        "b3 got its first call {took:?} after the publish"
+        b3 * 3 >= share.ok() * 9 / 10,
+        "b3 served {b3} of the {} calls after its first: {share:?}",
+        share.ok()
     );
     let counts = traffic.finish().await;
     assert_eq!(counts.failed(), 0, "{counts:?}");
@@ -487,6 +497,156 @@ async fn an_unknown_service_uses_the_fallback_or_says_so() {
         malformed.to_string().contains("rejected target"),
         "{malformed}"
     );
+    lb.stop().await;
+    for b in backends {
+        b.stop().await;
+    }
+}
+
+/// A greeter whose calls named "slow" take 500 ms of blocking work, the
+/// others answering at once: a healthy backend with one slow call. The work
+/// blocks (as CPU-bound work does), so tonic's server cannot end the call at
+/// its own copy of the deadline first: the client's deadline ends it.
+#[derive(Clone)]
+struct SlowOnRequest {
+    name: String,
+}
+
+#[tonic::async_trait]
+impl lookaside_proto::helloworld::greeter_server::Greeter for SlowOnRequest {
+    async fn say_hello(
+        &self,
+        request: tonic::Request<HelloRequest>,
+    ) -> Result<tonic::Response<lookaside_proto::helloworld::HelloReply>, tonic::Status> {
+        if request.into_inner().name == "slow" {
+            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(500)));
+        }
+        Ok(tonic::Response::new(
+            lookaside_proto::helloworld::HelloReply {
+                message: String::new(),
+                backend: self.name.clone(),
+            },
+        ))
+    }
+}
+
+/// Serves [`SlowOnRequest`] on `127.0.0.1:0` until `stop`.
+async fn slow_on_request(name: &str, stop: &CancellationToken) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = lookaside_proto::helloworld::greeter_server::GreeterServer::new(SlowOnRequest {
+        name: name.into(),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_call_past_its_deadline_does_not_eject_a_healthy_backend() {
+    let stop = CancellationToken::new();
+    let (a, b) = (
+        slow_on_request("a", &stop).await,
+        slow_on_request("b", &stop).await,
+    );
+    let file = SourceFile::new(&[Listed::of_addr(a, "a"), Listed::of_addr(b, "b")]);
+    let lb = InProcessLb::start(&file).await;
+    let channel = channel(&lb.url(), Policy::RoundRobin).await;
+    until("both backends connected", || {
+        channel.endpoints().iter().all(|e| e.connected)
+    })
+    .await;
+    let call = |name: &str, deadline: Option<Duration>| {
+        let mut request = tonic::Request::new(HelloRequest { name: name.into() });
+        if let Some(deadline) = deadline {
+            request.set_timeout(deadline);
+        }
+        let mut client = GreeterClient::new(channel.clone());
+        async move { client.say_hello(request).await }
+    };
+
+    // Slow calls with a tight deadline, each followed by calls that answer
+    // (on both backends: round-robin alternates): never ejected, and the
+    // calls after them spread over both backends.
+    for _ in 0..10 {
+        let status = call("slow", Some(Duration::from_millis(50)))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(channel.stats().ejections, 0, "{:?}", channel.endpoints());
+        let mut served = BTreeMap::<String, usize>::new();
+        for _ in 0..10 {
+            let reply = call("fast", None).await.expect("healthy backends answer");
+            *served.entry(reply.into_inner().backend).or_default() += 1;
+        }
+        assert_eq!(served.len(), 2, "both backends take calls: {served:?}");
+    }
+    assert!(channel.endpoints().iter().all(|e| !e.ejected));
+    lb.stop().await;
+    stop.cancel();
+}
+
+/// The pod name of the endpoints below: longer than Kubernetes allows (253),
+/// as a file source may list, so that 3,000 endpoints make a Watch response
+/// of about 4.8 MB, over the 4 MiB tonic takes by default.
+const LONG_POD_NAME_BYTES: usize = 1_600;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_of_3000_endpoints_with_long_pod_names_reaches_the_client_whole() {
+    const ENDPOINTS: usize = 3_000;
+    const {
+        assert!(
+            ENDPOINTS * LONG_POD_NAME_BYTES > 4 << 20,
+            "over tonic's default"
+        )
+    };
+    let backends = backends(&["b1", "b2", "b3"]).await;
+    // Three backends that answer, and 2,997 addresses that refuse
+    // connections at once (nothing listens on 127.1.0.0/16 loopback
+    // addresses): what matters is that the list arrives whole.
+    let port = backends[0].addr.port();
+    let pod = |i: usize| format!("{i:04}-{}", "p".repeat(LONG_POD_NAME_BYTES - 5));
+    let mut listed: Vec<Listed> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Listed::of_addr(b.addr, &pod(i)))
+        .collect();
+    for i in backends.len()..ENDPOINTS {
+        let addr =
+            std::net::SocketAddr::from(([127, 1, (i / 250) as u8, (i % 250 + 1) as u8], port));
+        listed.push(Listed::of_addr(addr, &pod(i)));
+    }
+    let file = SourceFile::new(&listed);
+    let lb = InProcessLb::start(&file).await;
+    let key = lb_server::model::parse_target(TARGET).unwrap();
+    let mut published = lb.store().subscribe(&key);
+    tokio::time::timeout(WAIT, async {
+        while published.current().endpoints.len() < ENDPOINTS {
+            published.next().await;
+        }
+    })
+    .await
+    .expect("lb-server publishes the file's 3,000 endpoints");
+
+    let channel = channel(&lb.url(), Policy::RoundRobin).await;
+    until("the whole list", || channel.endpoints().len() == ENDPOINTS).await;
+    assert!(
+        channel
+            .endpoints()
+            .iter()
+            .all(|e| e.pod.len() == LONG_POD_NAME_BYTES),
+        "names arrive whole"
+    );
+    for _ in 0..30 {
+        let backend = say_hello(&channel).await.expect("calls succeed");
+        assert!(backends.iter().any(|b| b.name == backend), "{backend}");
+    }
     lb.stop().await;
     for b in backends {
         b.stop().await;

@@ -6,9 +6,15 @@ use lookaside_proto::lookaside::v1::{
     XdsClient, XdsNack, XdsResourceType,
     admin_server::{Admin, AdminServer},
 };
-use tonic::{Request, Response, Status};
+use std::{
+    convert::Infallible,
+    task::{Context, Poll},
+};
 
-use super::{MAX_REQUEST_BYTES, Shared, convert};
+use bytes::Bytes;
+use tonic::{Code, Request, Response, Status, body::Body, server::NamedService};
+
+use super::{BoxFuture, MAX_REQUEST_BYTES, Shared, convert, not_utf8_field};
 
 /// The Admin service.
 #[derive(Debug, Clone)]
@@ -18,8 +24,61 @@ pub struct AdminApi {
 
 impl AdminApi {
     /// Wraps the service for tonic, with the request size limit.
-    pub fn server(shared: Shared) -> AdminServer<Self> {
-        AdminServer::new(Self { shared }).max_decoding_message_size(MAX_REQUEST_BYTES)
+    pub fn server(shared: Shared) -> AdminService {
+        AdminService {
+            inner: AdminServer::new(Self {
+                shared: shared.clone(),
+            })
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+            shared,
+        }
+    }
+}
+
+/// The generated Admin server, with one answer of its own: a request whose
+/// target is not UTF-8 is `INVALID_ARGUMENT` (see
+/// [`Shared::request_error`]), not the `INTERNAL` the generated code gives
+/// for any request it cannot decode, since it decodes before
+/// [`AdminApi`] sees the request.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    inner: AdminServer<AdminApi>,
+    shared: Shared,
+}
+
+impl NamedService for AdminService {
+    const NAME: &'static str = <AdminServer<AdminApi> as NamedService>::NAME;
+}
+
+impl<B> tower::Service<http::Request<B>> for AdminService
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower::Service::<http::Request<B>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.inner.call(request);
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            // A request that fails to decode gets a trailers-only response:
+            // its status is in the headers.
+            match Status::from_header_map(response.headers()) {
+                Some(status)
+                    if status.code() == Code::Internal && not_utf8_field(&status).is_some() =>
+                {
+                    Ok(shared.request_error("admin", status).into_http())
+                }
+                _ => Ok(response),
+            }
+        })
     }
 }
 

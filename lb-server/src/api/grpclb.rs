@@ -3,8 +3,9 @@
 //! The client sends `initial_request` with a target name; we answer with
 //! `initial_response` (the client stats interval), then a `server_list` of the
 //! non-draining endpoints, and a new one on every change. For an unknown
-//! service we send `fallback_response`. Weights repeat an entry (interleaved),
-//! since grpclb clients round-robin over the list.
+//! service we send `fallback_response`. Weights repeat an entry (interleaved,
+//! by `lookaside_weights::schedule`), since grpclb clients round-robin over
+//! the list.
 
 use std::{net::IpAddr, pin::Pin, time::Duration};
 
@@ -24,9 +25,6 @@ use crate::{model::Snapshot, store::Subscription};
 
 /// Names of this many bytes or more are rejected, as the protocol specifies.
 pub const MAX_NAME_BYTES: usize = 256;
-
-/// The most times one endpoint is repeated for its weight.
-const MAX_REPEAT: u32 = 100;
 
 /// The grpclb service.
 #[derive(Debug, Clone)]
@@ -79,7 +77,10 @@ impl LoadBalancer for GrpclbApi {
         let peer = super::peer(&request);
         let mut inbound = request.into_inner();
         // `--request-timeout` bounds the wait (crate::limits).
-        let first = inbound.message().await?;
+        let first = inbound
+            .message()
+            .await
+            .map_err(|status| self.shared.request_error("grpclb", status))?;
         let name = match first.and_then(|m| m.load_balance_request_type) {
             Some(LoadBalanceRequestType::InitialRequest(initial)) => initial.name,
             _ => {
@@ -237,38 +238,30 @@ fn response_for(snapshot: &Snapshot) -> LoadBalanceResponseType {
     LoadBalanceResponseType::ServerList(server_list(snapshot))
 }
 
-/// The non-draining endpoints, each repeated in proportion to its weight
-/// (weights divided by their greatest common divisor, capped), interleaved
-/// so that consecutive picks spread out.
+/// The non-draining endpoints, each repeated in proportion to its weight and
+/// interleaved so that consecutive picks spread out: the workspace's one
+/// weighted scheduler (`lookaside_weights::schedule`, which lb-client's
+/// round-robin picker uses too), since grpclb clients round-robin over the
+/// list as it comes.
 fn server_list(snapshot: &Snapshot) -> ServerList {
     let serving: Vec<_> = snapshot.serving().collect();
-    let divisor = serving.iter().fold(0, |g, e| gcd(g, e.weight)).max(1);
-    let rounds = serving
-        .iter()
-        .map(|e| (e.weight / divisor).min(MAX_REPEAT))
-        .max()
-        .unwrap_or(0);
-    let mut servers = Vec::new();
-    for round in 0..rounds {
-        for endpoint in &serving {
-            if (endpoint.weight / divisor).min(MAX_REPEAT) > round {
-                servers.push(Server {
-                    ip_address: match endpoint.address {
-                        IpAddr::V4(v4) => v4.octets().to_vec(),
-                        IpAddr::V6(v6) => v6.octets().to_vec(),
-                    },
-                    port: i32::from(endpoint.port),
-                    load_balance_token: String::new(),
-                    drop: false,
-                });
+    let weights: Vec<u32> = serving.iter().map(|e| e.weight).collect();
+    let servers = lookaside_weights::schedule(&weights)
+        .into_iter()
+        .map(|index| {
+            let endpoint = serving[index as usize];
+            Server {
+                ip_address: match endpoint.address {
+                    IpAddr::V4(v4) => v4.octets().to_vec(),
+                    IpAddr::V6(v6) => v6.octets().to_vec(),
+                },
+                port: i32::from(endpoint.port),
+                load_balance_token: String::new(),
+                drop: false,
             }
-        }
-    }
+        })
+        .collect();
     ServerList { servers }
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 #[cfg(test)]

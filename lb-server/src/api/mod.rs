@@ -5,9 +5,9 @@
 
 pub mod admin;
 pub mod client_text;
+pub mod convert;
 pub mod discovery;
 pub mod grpclb;
-pub mod convert;
 pub mod rate;
 pub mod subscribers;
 pub mod xds;
@@ -94,6 +94,22 @@ impl Shared {
         }
     }
 
+    /// The status for a request message that could not be read. A string
+    /// field that is not UTF-8 (a target, an xDS resource name) is the
+    /// client's mistake: prost refuses it and tonic calls that `INTERNAL`;
+    /// it is `INVALID_ARGUMENT` here, counted as
+    /// `rejected_requests_total{reason="not_utf8"}`. Other statuses pass as they are.
+    pub(crate) fn request_error(&self, api: &str, status: Status) -> Status {
+        let Some(field) = not_utf8_field(&status) else {
+            return status;
+        };
+        self.metrics
+            .rejected
+            .with_label_values(&[api, "not_utf8"])
+            .inc();
+        Status::invalid_argument(format!("invalid request: {field} is not valid UTF-8"))
+    }
+
     /// Counts a rejected request and builds its status.
     pub(crate) fn reject(&self, api: &str, error: &TargetError) -> Status {
         let reason = match error {
@@ -106,6 +122,22 @@ impl Shared {
             .inc();
         Status::invalid_argument(format!("invalid target: {error}"))
     }
+}
+
+/// The field named by tonic's status for a prost decode error that is a
+/// string field not in UTF-8 (`WatchRequest.target`), if `status` is one.
+/// prost names the error kind only in its text, so the text is matched;
+/// a test pins it for every API.
+fn not_utf8_field(status: &Status) -> Option<&str> {
+    if status.code() != tonic::Code::Internal {
+        return None;
+    }
+    let path = status
+        .message()
+        .strip_prefix("failed to decode Protobuf message: ")?
+        .strip_suffix(": invalid string value: data is not UTF-8 encoded")?;
+    // A nested field reads `Inner.field: Outer.field`: the innermost names it.
+    path.split(": ").next()
 }
 
 /// The peer address of a request as text, or `unknown`: from the
