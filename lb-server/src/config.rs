@@ -30,6 +30,9 @@ pub enum XdsLbPolicy {
     Random,
 }
 
+/// Where Envoy finds the SDS files of `--xds-upstream-tls` unless told otherwise.
+pub const DEFAULT_XDS_UPSTREAM_SDS_DIR: &str = "/etc/envoy/sds";
+
 /// lb-server's configuration.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -96,6 +99,24 @@ pub struct Config {
     )]
     pub xds_lb_policy: XdsLbPolicy,
 
+    /// Tell xDS clients to call the backends over mutual TLS: every Cluster carries an
+    /// UpstreamTlsContext that verifies a backend as NAME.NAMESPACE.svc (and sends it as SNI).
+    /// Envoy reads its certificate and CA by SDS from --xds-upstream-sds-dir; proxyless gRPC
+    /// from the certificate provider instance `lookaside-upstream` of its bootstrap.
+    #[arg(long, env = "LB_XDS_UPSTREAM_TLS")]
+    pub xds_upstream_tls: bool,
+
+    /// With --xds-upstream-tls: the directory, in each Envoy's filesystem, holding the SDS files
+    /// lookaside-upstream-cert.yaml and lookaside-upstream-ca.yaml; Envoy watches it, so a
+    /// Secret volume's rotation is picked up.
+    #[arg(
+        long,
+        env = "LB_XDS_UPSTREAM_SDS_DIR",
+        default_value = DEFAULT_XDS_UPSTREAM_SDS_DIR,
+        requires = "xds_upstream_tls"
+    )]
+    pub xds_upstream_sds_dir: PathBuf,
+
     /// How long to wait for streams to end on SIGTERM/SIGINT.
     #[arg(long, env = "LB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -154,6 +175,8 @@ impl Config {
             metrics_listen: ([127, 0, 0, 1], 0).into(),
             grpclb_stats_interval: Duration::from_secs(10),
             xds_lb_policy: XdsLbPolicy::RoundRobin,
+            xds_upstream_tls: false,
+            xds_upstream_sds_dir: DEFAULT_XDS_UPSTREAM_SDS_DIR.into(),
             shutdown_timeout: Duration::from_secs(5),
             pin_workers: PinWorkers::Off,
             max_connections: u32::try_from(limits.max_connections).unwrap_or(u32::MAX),
@@ -287,6 +310,27 @@ mod tests {
         let config = Config::try_parse_from(["lb-server", "--xds-lb-policy", "ring-hash"]).unwrap();
         assert_eq!(config.xds_lb_policy, XdsLbPolicy::RingHash);
         assert!(Config::try_parse_from(["lb-server", "--xds-lb-policy", "maglev"]).is_err());
+    }
+
+    #[test]
+    fn xds_upstream_tls_is_off_by_default_and_the_sds_dir_needs_it() {
+        let config = Config::try_parse_from(["lb-server"]).unwrap();
+        assert!(!config.xds_upstream_tls);
+        assert_eq!(config.xds_upstream_sds_dir.to_str(), Some("/etc/envoy/sds"));
+        let config = Config::try_parse_from([
+            "lb-server",
+            "--xds-upstream-tls",
+            "--xds-upstream-sds-dir",
+            "/sds",
+        ])
+        .unwrap();
+        assert!(config.xds_upstream_tls);
+        assert_eq!(config.xds_upstream_sds_dir.to_str(), Some("/sds"));
+        assert!(
+            Config::try_parse_from(["lb-server", "--xds-upstream-sds-dir", "/sds"]).is_err(),
+            "an SDS directory without --xds-upstream-tls is a mistake"
+        );
+        assert!(!Config::for_file("a.yaml").xds_upstream_tls);
     }
 
     #[test]

@@ -498,3 +498,33 @@ async fn a_shutdown_with_calls_still_in_flight_at_its_deadline_exits_1() {
     };
     assert_eq!(status.code(), Some(1));
 }
+
+/// The gRPC port queues a reconnecting fleet's SYNs: its listen backlog is
+/// `GRPC_BACKLOG` (or the kernel's `somaxconn`, if lower), not the standard
+/// library's 128. `ss` reports a listening socket's backlog as its Send-Q.
+#[tokio::test]
+async fn the_grpc_port_listens_with_a_backlog_for_a_fleet() {
+    let server = TestServer::start(ONE).await;
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let output = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", server.grpc.port())])
+        .output()
+        .expect("ss (iproute2) lists listening sockets");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // State, Recv-Q, Send-Q (the backlog), local address, peer address.
+    let backlog: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listening socket in {text:?}"));
+    assert_eq!(
+        backlog,
+        lb_server::server::GRPC_BACKLOG.min(somaxconn),
+        "{text}"
+    );
+    server.shutdown().await.unwrap();
+}

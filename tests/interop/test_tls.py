@@ -9,6 +9,9 @@ names `greeter.default`, the host grpcio verifies them against.
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import signal
 import subprocess
 from collections import Counter
 from concurrent import futures
@@ -190,33 +193,36 @@ def test_grpcio_grpclb_over_mtls_to_the_balancer_and_the_backends(stubs, start_l
 # --------------------------------------------------------------------------- xDS over TLS
 
 
+def grpc_ads_over_mtls(lb, pki: Pki, node_id: str) -> dict:
+    """A gRPC xDS bootstrap for lb-server over mTLS: `tls` channel credentials
+    (gRFC A65), files gRPC watches, so a rotation is picked up as lb-server's is.
+    The server's certificate must name the host of `server_uri`."""
+    port = lb.grpc_addr.rsplit(":", 1)[1]
+    return {
+        "xds_servers": [
+            {
+                "server_uri": f"localhost:{port}",
+                "channel_creds": [
+                    {
+                        "type": "tls",
+                        "config": {
+                            "ca_certificate_file": str(pki.ca_file),
+                            "certificate_file": str(pki.client.cert),
+                            "private_key_file": str(pki.client.key),
+                        },
+                    }
+                ],
+                "server_features": ["xds_v3"],
+            }
+        ],
+        "node": {"id": node_id, "locality": {"zone": "interop"}},
+    }
+
+
 def test_proxyless_grpc_reaches_ads_over_mtls(start_lb, start_greeter, stubs, pki):
     a, b = start_greeter("a"), start_greeter("b")
     lb = start_lb(services={GREETER: [{"address": a.addr}, {"address": b.addr}]}, extra=pki.lb_flags())
-    port = lb.grpc_addr.rsplit(":", 1)[1]
-    # gRPC's `tls` channel credentials in the bootstrap (gRFC A65): files it
-    # watches, so a rotation is picked up as lb-server's is.
-    bootstrap = json.dumps(
-        {
-            "xds_servers": [
-                {
-                    "server_uri": f"localhost:{port}",
-                    "channel_creds": [
-                        {
-                            "type": "tls",
-                            "config": {
-                                "ca_certificate_file": str(pki.ca_file),
-                                "certificate_file": str(pki.client.cert),
-                                "private_key_file": str(pki.client.key),
-                            },
-                        }
-                    ],
-                    "server_features": ["xds_v3"],
-                }
-            ],
-            "node": {"id": "grpc-tls", "locality": {"zone": "interop"}},
-        }
-    )
+    bootstrap = json.dumps(grpc_ads_over_mtls(lb, pki, "grpc-tls"))
     stubs_dir = Path(stubs.helloworld_pb2.__file__).resolve().parents[1]
     client = XdsClient(f"xds:///{GREETER}", bootstrap, stubs_dir)
     try:
@@ -229,40 +235,41 @@ def test_proxyless_grpc_reaches_ads_over_mtls(start_lb, start_greeter, stubs, pk
         client.stop()
 
 
-def test_envoy_reaches_ads_over_mtls(start_lb, start_greeter, start_envoy, stubs, pki):
-    a = start_greeter("a")
-    lb = start_lb(services={GREETER: [{"address": a.addr}]}, extra=pki.lb_flags())
-    port = free_port()
-    bootstrap = envoy_bootstrap(lb.grpc_addr, port, GREETER, "envoy-tls")
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def sds_file(path: Path, secret: dict) -> None:
+    """An SDS file Envoy reads by path: one `Secret` (name plus `tls_certificate`
+    or `validation_context`)."""
+    path.write_text(json.dumps({"resources": [{"@type": SECRET_TYPE, **secret}]}))
+
+
+def sds_ref(sds_dir: Path, name: str) -> dict:
+    """An SdsSecretConfig that reads `name` from `sds_dir/name.json`; Envoy
+    re-reads it when its directory changes, as it takes rotating files."""
+    return {
+        "name": name,
+        "sds_config": {
+            "path_config_source": {"path": str(sds_dir / f"{name}.json"), "watched_directory": {"path": str(sds_dir)}},
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def envoy_ads_over_mtls(bootstrap: dict, pki: Pki) -> dict:
+    """Makes the `lookaside` (ADS) cluster of an Envoy bootstrap call lb-server
+    over mTLS, its certificate and CA by SDS from files; returns the bootstrap."""
     (ads_cluster,) = bootstrap["static_resources"]["clusters"]
-    # Certificates by SDS from files, as Envoy takes rotating files: it
-    # re-reads a path_config_source when its directory changes.
-    secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-    sds_dir = pki.dir / "sds"
+    sds_dir = pki.dir / "ads-sds"
     sds_dir.mkdir()
-    (sds_dir / "client.json").write_text(json.dumps({"resources": [{
-        "@type": secret_type,
+    sds_file(sds_dir / "client.json", {
         "name": "client",
         "tls_certificate": {
             "certificate_chain": {"filename": str(pki.client.cert)},
             "private_key": {"filename": str(pki.client.key)},
         },
-    }]}))
-    (sds_dir / "ca.json").write_text(json.dumps({"resources": [{
-        "@type": secret_type,
-        "name": "ca",
-        "validation_context": {"trusted_ca": {"filename": str(pki.ca_file)}},
-    }]}))
-
-    def sds(name: str) -> dict:
-        return {
-            "name": name,
-            "sds_config": {
-                "path_config_source": {"path": str(sds_dir / f"{name}.json"), "watched_directory": {"path": str(sds_dir)}},
-                "resource_api_version": "V3",
-            },
-        }
-
+    })
+    sds_file(sds_dir / "ca.json", {"name": "ca", "validation_context": {"trusted_ca": {"filename": str(pki.ca_file)}}})
     ads_cluster["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -270,16 +277,24 @@ def test_envoy_reaches_ads_over_mtls(start_lb, start_greeter, start_envoy, stubs
             "sni": "lb.test",
             "common_tls_context": {
                 "alpn_protocols": ["h2"],
-                "tls_certificate_sds_secret_configs": [sds("client")],
+                "tls_certificate_sds_secret_configs": [sds_ref(sds_dir, "client")],
                 "combined_validation_context": {
                     "default_validation_context": {
                         "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "lb.test"}}]
                     },
-                    "validation_context_sds_secret_config": sds("ca"),
+                    "validation_context_sds_secret_config": sds_ref(sds_dir, "ca"),
                 },
             },
         },
     }
+    return bootstrap
+
+
+def test_envoy_reaches_ads_over_mtls(start_lb, start_greeter, start_envoy, stubs, pki):
+    a = start_greeter("a")
+    lb = start_lb(services={GREETER: [{"address": a.addr}]}, extra=pki.lb_flags())
+    port = free_port()
+    bootstrap = envoy_ads_over_mtls(envoy_bootstrap(lb.grpc_addr, port, GREETER, "envoy-tls"), pki)
     envoy = start_envoy(lb.grpc_addr, node_id="envoy-tls", config_text=json.dumps(bootstrap), port=port)
     channel = grpc.insecure_channel(f"127.0.0.1:{envoy.port}")
     try:
@@ -330,6 +345,9 @@ def test_greeter_client_calls_tls_greeters_direct_and_through_lb_server(processe
     assert direct["ok"] == 40, direct
     through_lb = client("--lb", f"https://localhost:{lb.grpc_addr.rsplit(':', 1)[1]}", *tls)
     assert through_lb["ok"] == 40, through_lb
+    # DNS mode verifies the name it resolved (`localhost`, which the certificate carries).
+    by_dns = client("--dns", f"localhost:{greeters[1].rsplit(':', 1)[1]}", *tls)
+    assert by_dns["ok"] == 40 and by_dns["backends"] == {"g2": 40}, by_dns
     # Without a client certificate the greeters refuse the handshake.
     refused = subprocess.run(
         [str(binary("greeter-client")), "--calls", "1", "--direct", greeters[0], "--tls-ca", str(pki.ca_file),
@@ -337,3 +355,31 @@ def test_greeter_client_calls_tls_greeters_direct_and_through_lb_server(processe
         capture_output=True, text=True, timeout=30,
     )
     assert refused.returncode != 0, refused.stdout
+
+
+def test_greeter_demo_tls_prints_a_grpcurl_command_that_works_and_removes_its_files(processes):
+    from conftest import Process, binary
+
+    # The demo prints to stdout; Process reads stderr.
+    demo = Process(["sh", "-c", f"exec {shlex.quote(str(binary('demo')))} --tls --hold 1>&2"], name="demo")
+    processes.append(demo)
+    command = demo.wait_for_line(r"^\s*(grpcurl .*)$").group(1).split()
+    demo.wait_for_line(r"keep running; Ctrl-C stops them", timeout=60)
+    failed = re.findall(r"failed calls: (\d+)", demo.output)
+    assert failed and set(failed) == {"0"}, demo.output
+
+    # The printed command, as printed, with the real grpcurl.
+    listed = subprocess.run([str(GRPCURL), *command[1:]], capture_output=True, text=True, timeout=15)
+    assert listed.returncode == 0 and "greeter.default:grpc" in listed.stdout, listed
+    addr = command[-2]
+    refused = grpcurl_tls(addr, "list", flags=["-plaintext"])
+    assert refused.returncode != 0, refused
+    no_cert = grpcurl_tls(addr, "list", flags=["-cacert", command[command.index("-cacert") + 1]])
+    assert no_cert.returncode != 0, no_cert
+
+    files = Path(command[command.index("-cacert") + 1]).parent
+    assert files.is_dir()
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.wait_exit() == 0, demo.output
+    assert "No call failed" in demo.output, demo.output
+    assert not files.exists(), f"{files} outlived the demo"

@@ -189,15 +189,19 @@ def grpc_bootstrap(lb_grpc_addr: str, node_id: str) -> str:
 
 
 class XdsClient:
-    """A proxyless grpcio client in a subprocess, driven one command at a time."""
+    """A proxyless grpcio client in a subprocess, driven one command at a time.
 
-    def __init__(self, target: str, bootstrap: str, stubs_dir: Path):
+    With `xds_credentials` its channel takes its security from xDS (gRFC A29:
+    `grpc.xds_channel_credentials`, plaintext where a Cluster asks for no TLS);
+    otherwise it is a plaintext channel, which ignores a Cluster's TLS."""
+
+    def __init__(self, target: str, bootstrap: str, stubs_dir: Path, xds_credentials: bool = False):
         env = dict(os.environ)
         env["GRPC_XDS_BOOTSTRAP_CONFIG"] = bootstrap
         env.pop("GRPC_XDS_BOOTSTRAP", None)
         env["PYTHONPATH"] = os.pathsep.join([str(stubs_dir), env.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "client", target],
+            [sys.executable, __file__, "client", target, *(["--xds-credentials"] if xds_credentials else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -215,7 +219,7 @@ class XdsClient:
 
     def calls(self, n: int, timeout: float = 2.0) -> dict:
         """Makes n calls (sequentially, each with `timeout`); returns
-        {"backends": {name: count}, "errors": {code: count}}."""
+        {"backends": {name: count}, "errors": {code: count}, "messages": {code: last message}}."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps({"calls": n, "timeout": timeout}) + "\n")
         self.proc.stdin.flush()
@@ -236,30 +240,41 @@ class XdsClient:
         self._reader.join(5)
 
 
-def _client_main(target: str) -> None:
+def _client_main(target: str, xds_credentials: bool) -> None:
     """The subprocess: one channel to `target`, calls on demand."""
     import grpc
 
     from helloworld import helloworld_pb2, helloworld_pb2_grpc
 
-    channel = grpc.insecure_channel(target)
+    if xds_credentials:
+        import grpc.experimental
+
+        # Plaintext where a Cluster has no TLS context (grpcio has no stable
+        # insecure ChannelCredentials; grpc.experimental's is the documented one).
+        fallback = grpc.experimental.insecure_channel_credentials()
+        credentials = grpc.xds_channel_credentials(fallback_credentials=fallback)
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
     stub = helloworld_pb2_grpc.GreeterStub(channel)
     for line in sys.stdin:
         command = json.loads(line)
         backends: collections.Counter = collections.Counter()
         errors: collections.Counter = collections.Counter()
+        messages: dict[str, str] = {}
         for _ in range(command["calls"]):
             try:
                 reply = stub.SayHello(helloworld_pb2.HelloRequest(name="xds"), timeout=command["timeout"])
                 backends[reply.backend] += 1
             except grpc.RpcError as error:
                 errors[error.code().name] += 1
-        print(json.dumps({"backends": backends, "errors": errors}), flush=True)
+                messages[error.code().name] = error.details() or ""
+        print(json.dumps({"backends": backends, "errors": errors, "messages": messages}), flush=True)
     channel.close()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "client":
-        _client_main(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "client" and sys.argv[3:] in ([], ["--xds-credentials"]):
+        _client_main(sys.argv[2], xds_credentials=len(sys.argv) == 4)
     else:
-        sys.exit(f"usage: {sys.argv[0]} client TARGET")
+        sys.exit(f"usage: {sys.argv[0]} client TARGET [--xds-credentials]")

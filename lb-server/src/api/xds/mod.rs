@@ -66,7 +66,7 @@ use self::{
     session::{Handled, Outgoing, Reply, Session, View},
 };
 use super::{
-    RawService, BoxFuture, RawServer, Protocol, Shared,
+    BoxFuture, Protocol, RawServer, RawService, Shared,
     client_text::loggable,
     grpc_frame,
     rate::TokenBucket,
@@ -74,7 +74,6 @@ use super::{
     subscribers::{SubscriberGuard, XdsNack},
 };
 use crate::{
-    config::XdsLbPolicy,
     model::{ServiceKey, Snapshot},
     store::SnapshotStream,
 };
@@ -136,11 +135,11 @@ pub struct XdsApi {
 }
 
 impl XdsApi {
-    /// The service, ready for `Server::add_service`.
-    pub fn server(shared: Shared, lb_policy: XdsLbPolicy) -> RawServer<Self> {
+    /// The service, ready for `Server::add_service`, serving what `resources` builds.
+    pub fn server(shared: Shared, resources: Resources) -> RawServer<Self> {
         RawServer(Self {
             shared,
-            resources: Resources::new(lb_policy),
+            resources,
             nack_logs: Arc::new(Mutex::new(TokenBucket::new(
                 NACK_LOG_BURST,
                 NACK_LOGS_PER_SECOND,
@@ -328,7 +327,7 @@ impl StreamState {
                 // A client that went away reads nothing; one that broke a
                 // request limit (crate::limits) learns which.
                 tracing::debug!(%status, "xDS stream ended by its client");
-                Err(Some(status))
+                Err(Some(self.shared.request_error("xds", status)))
             }
         }
     }
@@ -474,8 +473,10 @@ impl StreamState {
 
     /// Takes in every store change already there, per service and to the
     /// set, so one response covers them all and the set and the services
-    /// agree (the store moves both under one lock): CDS then goes out before
-    /// the LDS that needs it.
+    /// agree: the store moves the set before it wakes the subscribers of a
+    /// service that appeared or went away, so a snapshot taken here is never
+    /// newer than the set read next. A wildcard CDS then goes out with a
+    /// cluster before a named LDS sends the Listener that routes to it.
     /// Returns whether a service appeared or disappeared.
     fn catch_up(&mut self) -> bool {
         let mut existence = false;

@@ -10,6 +10,12 @@
 //! Only the assignment depends on endpoints; Listener, RouteConfiguration
 //! and Cluster depend only on the service existing (and the configured
 //! balancing policy), so they are re-sent only when a service appears or goes.
+//!
+//! With `--xds-upstream-tls` a Cluster also depends on the kind of client
+//! ([`ClientKind`], from its node's user agent): Envoy and proxyless gRPC
+//! name their certificates in different, mutually rejected, fields of the
+//! `UpstreamTlsContext` (see [`upstream_tls_context`]). Each kind's Cluster
+//! is encoded once and shared by every client of that kind.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -30,8 +36,10 @@ use envoy_types::{
                 },
                 core::v3::{
                     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
-                    Http2ProtocolOptions, Locality, SocketAddress, address,
+                    Http2ProtocolOptions, Locality, PathConfigSource, SocketAddress,
+                    TransportSocket, WatchedDirectory, address,
                     config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
+                    transport_socket,
                 },
                 endpoint::v3::{
                     ClusterLoadAssignment, Endpoint as XdsEndpoint, LbEndpoint,
@@ -52,6 +60,14 @@ use envoy_types::{
                         http_filter,
                     },
                 },
+                transport_sockets::tls::v3::{
+                    CertificateProviderPluginInstance, CertificateValidationContext,
+                    CommonTlsContext, SdsSecretConfig, SubjectAltNameMatcher, UpstreamTlsContext,
+                    common_tls_context::{
+                        CombinedCertificateValidationContext, ValidationContextType,
+                    },
+                    subject_alt_name_matcher::SanType,
+                },
                 upstreams::http::v3::{
                     HttpProtocolOptions,
                     http_protocol_options::{
@@ -60,7 +76,10 @@ use envoy_types::{
                     },
                 },
             },
-            r#type::v3::Percent,
+            r#type::{
+                matcher::v3::{StringMatcher, string_matcher::MatchPattern},
+                v3::Percent,
+            },
         },
         google::protobuf::{Any, Duration, UInt32Value},
     },
@@ -161,11 +180,66 @@ impl ResourceType {
     }
 }
 
+/// What kind of xDS client a stream serves, from the `user_agent_name` of
+/// its node: the two read an `UpstreamTlsContext` differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ClientKind {
+    /// Envoy (`user_agent_name: "envoy"`): certificates by SDS.
+    Envoy,
+    /// Proxyless gRPC (`"gRPC Python"`, `"gRPC Go"`, ...) and any other
+    /// client, or one that sent no node: certificate provider instances
+    /// from its bootstrap (gRFC A29), the shape other xDS libraries follow.
+    #[default]
+    Grpc,
+}
+
+impl ClientKind {
+    /// The kind of a client whose node says `user_agent_name`.
+    pub fn of(user_agent_name: &str) -> Self {
+        if user_agent_name.eq_ignore_ascii_case("envoy") {
+            ClientKind::Envoy
+        } else {
+            ClientKind::Grpc
+        }
+    }
+
+    const COUNT: usize = 2;
+
+    fn index(self) -> usize {
+        match self {
+            ClientKind::Envoy => 0,
+            ClientKind::Grpc => 1,
+        }
+    }
+}
+
+/// The SDS secret an Envoy reads its client certificate and key from, in
+/// `DIR/lookaside-upstream-cert.yaml` (`--xds-upstream-sds-dir`).
+pub const UPSTREAM_CERT_SECRET: &str = "lookaside-upstream-cert";
+/// The SDS secret an Envoy reads the backends' CA from, in
+/// `DIR/lookaside-upstream-ca.yaml`.
+pub const UPSTREAM_CA_SECRET: &str = "lookaside-upstream-ca";
+/// The certificate provider instance (in `certificate_providers` of a gRPC
+/// bootstrap, e.g. the `file_watcher` plugin) proxyless gRPC takes both its
+/// certificate and the backends' CA from.
+pub const UPSTREAM_CERTIFICATE_PROVIDER: &str = "lookaside-upstream";
+/// The transport socket name both Envoy and gRPC require for TLS.
+const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
+
+/// Clusters that tell their clients to call the backends over mutual TLS
+/// (`--xds-upstream-tls`), verifying each backend as `NAME.NAMESPACE.svc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The directory, on the Envoy's side, holding the SDS files of
+    /// [`UPSTREAM_CERT_SECRET`] and [`UPSTREAM_CA_SECRET`]; Envoy watches it.
+    pub sds_dir: String,
+}
+
 /// The most resources [`Resources`] keeps encoded; past it the cache starts over.
 const MAX_CACHED: usize = 50_000;
 
-/// Per type (by [`ResourceType::index`]): name -> (content version, encoded resource).
-type Cache = [HashMap<String, (u64, Any)>; 4];
+/// Per type and client kind (by [`Resources::slot`]): name -> (content version, encoded resource).
+type Cache = [HashMap<String, (u64, Any)>; 4 * ClientKind::COUNT];
 
 /// Builds resources, holding what the configuration decides about them, and
 /// keeps each one encoded for the streams that send it next: ten thousand
@@ -173,45 +247,64 @@ type Cache = [HashMap<String, (u64, Any)>; 4];
 #[derive(Debug, Clone)]
 pub struct Resources {
     lb_policy: XdsLbPolicy,
+    upstream_tls: Option<Arc<UpstreamTls>>,
     // std Mutex: held for one lookup or insert, never across `.await`.
     cache: Arc<Mutex<Cache>>,
 }
 
 impl Resources {
-    /// A builder whose clusters use `lb_policy`.
+    /// A builder whose clusters use `lb_policy`, and no TLS to the backends.
     pub fn new(lb_policy: XdsLbPolicy) -> Self {
         Self {
             lb_policy,
+            upstream_tls: None,
             cache: Arc::default(),
         }
     }
 
-    /// One resource of a type, named `name`, for the service `key` at `snapshot`.
+    /// The same, with clusters that ask for mutual TLS to the backends.
+    pub fn with_upstream_tls(mut self, upstream_tls: Option<UpstreamTls>) -> Self {
+        self.upstream_tls = upstream_tls.map(Arc::new);
+        self
+    }
+
+    /// Where an encoding is cached: a resource that is the same for every
+    /// kind of client is cached once, under [`ClientKind::Envoy`].
+    fn slot(&self, ty: ResourceType, kind: ClientKind) -> usize {
+        let per_kind = ty == ResourceType::Cluster && self.upstream_tls.is_some();
+        let kind = if per_kind { kind } else { ClientKind::Envoy };
+        ty.index() * ClientKind::COUNT + kind.index()
+    }
+
+    /// One resource of a type, named `name`, for the service `key` at
+    /// `snapshot`, as a client of `kind` reads it.
     pub fn build(
         &self,
         ty: ResourceType,
         name: &str,
         key: &ServiceKey,
         snapshot: Option<&Snapshot>,
+        kind: ClientKind,
     ) -> Any {
         // What the content depends on: the snapshot for an assignment, nothing
         // else for the rest. An empty assignment is rare and not cached.
         let version = match (ty, snapshot) {
             (ResourceType::Endpoint, Some(snapshot)) if snapshot.exists => snapshot.version,
-            (ResourceType::Endpoint, _) => return self.encode(ty, name, key, snapshot),
+            (ResourceType::Endpoint, _) => return self.encode(ty, name, key, snapshot, kind),
             _ => 0,
         };
-        if let Some((cached, any)) = self.cache.lock().unwrap()[ty.index()].get(name)
+        let slot = self.slot(ty, kind);
+        if let Some((cached, any)) = self.cache.lock().unwrap()[slot].get(name)
             && *cached == version
         {
             return any.clone();
         }
-        let any = self.encode(ty, name, key, snapshot);
+        let any = self.encode(ty, name, key, snapshot, kind);
         let mut cache = self.cache.lock().unwrap();
         if cache.iter().map(HashMap::len).sum::<usize>() >= MAX_CACHED {
             cache.iter_mut().for_each(HashMap::clear);
         }
-        cache[ty.index()].insert(name.to_owned(), (version, any.clone()));
+        cache[slot].insert(name.to_owned(), (version, any.clone()));
         any
     }
 
@@ -221,11 +314,18 @@ impl Resources {
         name: &str,
         key: &ServiceKey,
         snapshot: Option<&Snapshot>,
+        kind: ClientKind,
     ) -> Any {
         match ty {
             ResourceType::Listener => pack_any(listener(name, key)),
             ResourceType::Route => pack_any(route_configuration(name, key)),
-            ResourceType::Cluster => pack_any(cluster(name, key, self.lb_policy)),
+            ResourceType::Cluster => {
+                let tls = self
+                    .upstream_tls
+                    .as_deref()
+                    .map(|tls| upstream_tls_context(key, tls, kind));
+                pack_any(cluster(name, key, self.lb_policy, tls))
+            }
             ResourceType::Endpoint => pack_any(load_assignment(name, snapshot)),
         }
     }
@@ -319,8 +419,14 @@ pub fn listener(name: &str, key: &ServiceKey) -> Listener {
 /// The Cluster named `name` (CDS): endpoints over ADS (EDS, service name the
 /// canonical target), the configured policy, HTTP/2 upstream (Envoy needs it
 /// for gRPC; proxyless gRPC ignores it), and no panic mode, so that draining
-/// endpoints never get new calls even when most of them drain.
-pub fn cluster(name: &str, key: &ServiceKey, policy: XdsLbPolicy) -> Cluster {
+/// endpoints never get new calls even when most of them drain. With `tls`,
+/// its transport socket is TLS with that context.
+pub fn cluster(
+    name: &str,
+    key: &ServiceKey,
+    policy: XdsLbPolicy,
+    tls: Option<UpstreamTlsContext>,
+) -> Cluster {
     let lb_policy = match policy {
         XdsLbPolicy::RoundRobin => LbPolicy::RoundRobin,
         XdsLbPolicy::LeastRequest => LbPolicy::LeastRequest,
@@ -357,7 +463,115 @@ pub fn cluster(name: &str, key: &ServiceKey, policy: XdsLbPolicy) -> Cluster {
         }),
         typed_extension_protocol_options: [(HTTP_PROTOCOL_OPTIONS.to_owned(), pack_any(http2))]
             .into(),
+        transport_socket: tls.map(|tls| TransportSocket {
+            name: TLS_TRANSPORT_SOCKET.to_owned(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+        }),
         ..Cluster::default()
+    }
+}
+
+/// The DNS name a backend of `key` is verified as, and sent as SNI:
+/// `NAME.NAMESPACE.svc`, the name pods' certificates carry (not their IPs).
+pub fn backend_server_name(key: &ServiceKey) -> String {
+    format!("{}.{}.svc", key.name(), key.namespace())
+}
+
+/// The `UpstreamTlsContext` of the service `key`'s Cluster for a client of
+/// `kind`: mutual TLS, the backend verified as [`backend_server_name`].
+///
+/// - Envoy reads its certificate ([`UPSTREAM_CERT_SECRET`]) and the CA
+///   ([`UPSTREAM_CA_SECRET`]) by SDS from files in `tls.sds_dir`, which it
+///   watches, so a Secret's rotation is picked up; the name is matched with
+///   `match_typed_subject_alt_names` (DNS). ALPN `h2`.
+/// - gRPC rejects SDS (`tls_certificate_sds_secret_configs`,
+///   `validation_context_sds_secret_config`: "feature unsupported") and takes
+///   both from [`UPSTREAM_CERTIFICATE_PROVIDER`] in its bootstrap
+///   (`tls_certificate_provider_instance`,
+///   `validation_context.ca_certificate_provider_instance`, gRFC A29); it
+///   reads only the older `match_subject_alt_names`, which Envoy ignores when
+///   the typed list is set, so each kind gets the one it reads.
+pub fn upstream_tls_context(
+    key: &ServiceKey,
+    tls: &UpstreamTls,
+    kind: ClientKind,
+) -> UpstreamTlsContext {
+    let server_name = backend_server_name(key);
+    let common = match kind {
+        ClientKind::Envoy => envoy_tls(&server_name, &tls.sds_dir),
+        ClientKind::Grpc => grpc_tls(&server_name),
+    };
+    UpstreamTlsContext {
+        common_tls_context: Some(common),
+        sni: server_name,
+        ..UpstreamTlsContext::default()
+    }
+}
+
+fn envoy_tls(server_name: &str, sds_dir: &str) -> CommonTlsContext {
+    let sds = |name: &str| SdsSecretConfig {
+        name: name.to_owned(),
+        sds_config: Some(ConfigSource {
+            resource_api_version: ApiVersion::V3 as i32,
+            config_source_specifier: Some(ConfigSourceSpecifier::PathConfigSource(
+                PathConfigSource {
+                    path: format!("{}/{name}.yaml", sds_dir.trim_end_matches('/')),
+                    watched_directory: Some(WatchedDirectory {
+                        path: sds_dir.to_owned(),
+                        ..WatchedDirectory::default()
+                    }),
+                    ..PathConfigSource::default()
+                },
+            )),
+            ..ConfigSource::default()
+        }),
+    };
+    CommonTlsContext {
+        alpn_protocols: vec!["h2".to_owned()],
+        tls_certificate_sds_secret_configs: vec![sds(UPSTREAM_CERT_SECRET)],
+        validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+            CombinedCertificateValidationContext {
+                default_validation_context: Some(CertificateValidationContext {
+                    match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                        san_type: SanType::Dns as i32,
+                        matcher: Some(exact(server_name)),
+                        ..SubjectAltNameMatcher::default()
+                    }],
+                    ..CertificateValidationContext::default()
+                }),
+                validation_context_sds_secret_config: Some(sds(UPSTREAM_CA_SECRET)),
+                ..CombinedCertificateValidationContext::default()
+            },
+        )),
+        ..CommonTlsContext::default()
+    }
+}
+
+// `match_subject_alt_names` is deprecated in Envoy's API, but it is the only
+// SAN list gRPC reads (grpc/src/core/xds/grpc/xds_common_types_parser.cc).
+#[allow(deprecated)]
+fn grpc_tls(server_name: &str) -> CommonTlsContext {
+    let provider = || CertificateProviderPluginInstance {
+        instance_name: UPSTREAM_CERTIFICATE_PROVIDER.to_owned(),
+        certificate_name: String::new(),
+    };
+    CommonTlsContext {
+        tls_certificate_provider_instance: Some(provider()),
+        validation_context_type: Some(ValidationContextType::ValidationContext(
+            CertificateValidationContext {
+                ca_certificate_provider_instance: Some(provider()),
+                match_subject_alt_names: vec![exact(server_name)],
+                ..CertificateValidationContext::default()
+            },
+        )),
+        ..CommonTlsContext::default()
+    }
+}
+
+fn exact(text: &str) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(MatchPattern::Exact(text.to_owned())),
+        ..StringMatcher::default()
     }
 }
 
@@ -441,8 +655,10 @@ mod tests {
     use crate::model::parse_target;
     use prost::{Message, Name};
 
+    const GREETER_KEY: &str = "greeter.default:grpc";
+
     fn key() -> ServiceKey {
-        parse_target("greeter.default:grpc").unwrap()
+        parse_target(GREETER_KEY).unwrap()
     }
 
     fn ep(last: u8) -> Endpoint {
@@ -626,7 +842,7 @@ mod tests {
 
     #[test]
     fn cluster_is_eds_over_ads_with_the_configured_policy_and_http2() {
-        let cluster = cluster("greeter.default:grpc", &key(), XdsLbPolicy::RingHash);
+        let cluster = cluster("greeter.default:grpc", &key(), XdsLbPolicy::RingHash, None);
         assert_eq!(cluster.name, "greeter.default:grpc");
         assert_eq!(
             cluster.cluster_discovery_type,
@@ -649,18 +865,14 @@ mod tests {
                 }
             ))
         ));
-        let round_robin = super::cluster("a.b:80", &key(), XdsLbPolicy::RoundRobin);
+        let round_robin = super::cluster("a.b:80", &key(), XdsLbPolicy::RoundRobin, None);
         assert_eq!(round_robin.lb_policy, LbPolicy::RoundRobin as i32);
+        assert_eq!(cluster.transport_socket, None, "plaintext to the backends");
     }
 
     #[test]
     fn build_reuses_an_encoding_until_the_snapshot_changes() {
         let resources = Resources::new(XdsLbPolicy::RoundRobin);
-        let first = snapshot(vec![ep(1)]);
-        let second = Snapshot {
-            version: 8,
-            ..snapshot(vec![ep(1), ep(2)])
-        };
         let name = "greeter.default:grpc";
         let count = |any: &Any| {
             let cla = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
@@ -669,31 +881,62 @@ mod tests {
                 .map(|l| l.lb_endpoints.len())
                 .sum::<usize>()
         };
-        let build = |snapshot: Option<&Snapshot>| {
-            resources.build(ResourceType::Endpoint, name, &key(), snapshot)
+        let build = |resources: &Resources, name: &str, snapshot: &Snapshot| {
+            resources.build(
+                ResourceType::Endpoint,
+                name,
+                &key(),
+                Some(snapshot),
+                ClientKind::Grpc,
+            )
         };
-        assert_eq!(count(&build(Some(&first))), 1);
-        assert_eq!(count(&build(Some(&first))), 1);
+        let first = snapshot(vec![ep(1)]);
+        let encoded = build(&resources, name, &first);
+        assert_eq!(count(&encoded), 1);
+        // The store never gives one version two contents; this snapshot does,
+        // so that a reused encoding (one endpoint) shows apart from a new one.
+        let same_version = Snapshot {
+            version: first.version,
+            ..snapshot(vec![ep(1), ep(2)])
+        };
         assert_eq!(
-            count(&build(Some(&second))),
+            build(&resources, name, &same_version),
+            encoded,
+            "the encoding of a version is reused"
+        );
+        assert_eq!(
+            build(&resources.clone(), name, &same_version),
+            encoded,
+            "by every clone (every stream)"
+        );
+        assert_eq!(
+            count(&build(&resources, "x.y:1", &same_version)),
+            2,
+            "per name"
+        );
+        let second = Snapshot {
+            version: first.version + 1,
+            ..snapshot(vec![ep(1), ep(2)])
+        };
+        assert_eq!(
+            count(&build(&resources, name, &second)),
             2,
             "a new version is built anew"
         );
         let gone = Snapshot {
             exists: false,
-            version: 9,
+            version: second.version + 1,
             ..Snapshot::unknown()
         };
-        assert_eq!(count(&build(Some(&gone))), 0);
-        assert_eq!(count(&build(Some(&second))), 2);
-        let clone = resources.clone();
-        let other_name = clone.build(ResourceType::Endpoint, "x.y:1", &key(), Some(&first));
+        assert_eq!(count(&build(&resources, name, &gone)), 0);
+        let second_again = Snapshot {
+            version: second.version,
+            ..snapshot(vec![ep(3)])
+        };
         assert_eq!(
-            ClusterLoadAssignment::decode(other_name.value.as_slice())
-                .unwrap()
-                .cluster_name,
-            "x.y:1",
-            "cached per name"
+            count(&build(&resources, name, &second_again)),
+            2,
+            "an empty assignment in between leaves the cached one"
         );
     }
 
@@ -702,8 +945,243 @@ mod tests {
         let resources = Resources::new(XdsLbPolicy::RoundRobin);
         let snapshot = snapshot(vec![ep(1)]);
         for ty in ResourceType::SEND_ORDER {
-            let any = resources.build(ty, "greeter.default:grpc", &key(), Some(&snapshot));
+            let any = resources.build(
+                ty,
+                "greeter.default:grpc",
+                &key(),
+                Some(&snapshot),
+                ClientKind::Grpc,
+            );
             assert_eq!(any.type_url, ty.type_url());
         }
+    }
+
+    fn tls() -> UpstreamTls {
+        UpstreamTls {
+            sds_dir: "/etc/envoy/sds".into(),
+        }
+    }
+
+    /// The UpstreamTlsContext of a Cluster's TLS transport socket.
+    fn tls_context(cluster: &Cluster) -> UpstreamTlsContext {
+        let socket = cluster
+            .transport_socket
+            .as_ref()
+            .expect("a transport socket");
+        assert_eq!(socket.name, "envoy.transport_sockets.tls");
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+            panic!("typed config expected");
+        };
+        assert_eq!(any.type_url, UpstreamTlsContext::type_url());
+        UpstreamTlsContext::decode(any.value.as_slice()).unwrap()
+    }
+
+    fn built_cluster(resources: &Resources, kind: ClientKind) -> Cluster {
+        let any = resources.build(
+            ResourceType::Cluster,
+            "greeter.default:grpc",
+            &key(),
+            Some(&snapshot(vec![ep(1)])),
+            kind,
+        );
+        Cluster::decode(any.value.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn client_kind_comes_from_the_user_agent() {
+        assert_eq!(ClientKind::of("envoy"), ClientKind::Envoy);
+        assert_eq!(ClientKind::of("Envoy"), ClientKind::Envoy);
+        for grpc in ["gRPC Python", "gRPC Go", "grpc-java", "", "envoy-like"] {
+            assert_eq!(ClientKind::of(grpc), ClientKind::Grpc, "{grpc:?}");
+        }
+    }
+
+    #[test]
+    fn envoy_gets_mtls_with_sds_files_and_the_service_name() {
+        let resources = Resources::new(XdsLbPolicy::RoundRobin).with_upstream_tls(Some(tls()));
+        let cluster = built_cluster(&resources, ClientKind::Envoy);
+        assert_eq!(
+            cluster.eds_cluster_config.as_ref().unwrap().service_name,
+            GREETER_KEY
+        );
+        let context = tls_context(&cluster);
+        assert_eq!(context.sni, "greeter.default.svc");
+        let common = context.common_tls_context.unwrap();
+        assert_eq!(common.alpn_protocols, ["h2"]);
+        assert_eq!(common.tls_certificate_provider_instance, None);
+        let sds_path = |config: &SdsSecretConfig| {
+            let source = config.sds_config.as_ref().unwrap();
+            assert_eq!(source.resource_api_version, ApiVersion::V3 as i32);
+            let Some(ConfigSourceSpecifier::PathConfigSource(path)) =
+                &source.config_source_specifier
+            else {
+                panic!("a path config source expected: {source:?}");
+            };
+            let watched = path.watched_directory.as_ref().unwrap();
+            (config.name.clone(), path.path.clone(), watched.path.clone())
+        };
+        let [cert] = common.tls_certificate_sds_secret_configs.as_slice() else {
+            panic!("one certificate expected");
+        };
+        assert_eq!(
+            sds_path(cert),
+            (
+                "lookaside-upstream-cert".into(),
+                "/etc/envoy/sds/lookaside-upstream-cert.yaml".into(),
+                "/etc/envoy/sds".into()
+            )
+        );
+        let Some(ValidationContextType::CombinedValidationContext(combined)) =
+            common.validation_context_type
+        else {
+            panic!("a combined validation context expected");
+        };
+        assert_eq!(
+            sds_path(
+                combined
+                    .validation_context_sds_secret_config
+                    .as_ref()
+                    .unwrap()
+            ),
+            (
+                "lookaside-upstream-ca".into(),
+                "/etc/envoy/sds/lookaside-upstream-ca.yaml".into(),
+                "/etc/envoy/sds".into()
+            )
+        );
+        let validation = combined.default_validation_context.unwrap();
+        assert_eq!(
+            validation.match_typed_subject_alt_names,
+            [SubjectAltNameMatcher {
+                san_type: SanType::Dns as i32,
+                matcher: Some(exact("greeter.default.svc")),
+                ..SubjectAltNameMatcher::default()
+            }]
+        );
+        assert_eq!(validation.ca_certificate_provider_instance, None);
+    }
+
+    #[test]
+    #[allow(deprecated)] // the SAN list gRPC reads
+    fn grpc_gets_mtls_from_its_certificate_provider_and_the_service_name() {
+        let resources = Resources::new(XdsLbPolicy::RoundRobin).with_upstream_tls(Some(tls()));
+        let context = tls_context(&built_cluster(&resources, ClientKind::Grpc));
+        assert_eq!(context.sni, "greeter.default.svc");
+        let common = context.common_tls_context.unwrap();
+        let provider = CertificateProviderPluginInstance {
+            instance_name: "lookaside-upstream".into(),
+            certificate_name: String::new(),
+        };
+        assert_eq!(
+            common.tls_certificate_provider_instance.as_ref(),
+            Some(&provider)
+        );
+        assert!(
+            common.tls_certificate_sds_secret_configs.is_empty(),
+            "gRPC rejects SDS"
+        );
+        let Some(ValidationContextType::ValidationContext(validation)) =
+            common.validation_context_type
+        else {
+            panic!("a validation context expected");
+        };
+        assert_eq!(validation.ca_certificate_provider_instance, Some(provider));
+        assert_eq!(
+            validation.match_subject_alt_names,
+            [exact("greeter.default.svc")]
+        );
+        assert!(validation.match_typed_subject_alt_names.is_empty());
+    }
+
+    #[test]
+    fn without_upstream_tls_every_kind_shares_one_plaintext_cluster() {
+        let plain = Resources::new(XdsLbPolicy::RoundRobin);
+        let envoy = built_cluster(&plain, ClientKind::Envoy);
+        assert_eq!(envoy.transport_socket, None);
+        assert_eq!(envoy, built_cluster(&plain, ClientKind::Grpc));
+        assert_eq!(
+            envoy,
+            cluster(GREETER_KEY, &key(), XdsLbPolicy::RoundRobin, None),
+            "the flag off changes nothing in the Cluster"
+        );
+        assert_eq!(
+            plain
+                .cache
+                .lock()
+                .unwrap()
+                .iter()
+                .map(HashMap::len)
+                .sum::<usize>(),
+            1,
+            "encoded once for both kinds"
+        );
+    }
+
+    #[test]
+    fn with_upstream_tls_each_kind_is_encoded_once() {
+        let resources = Resources::new(XdsLbPolicy::RoundRobin).with_upstream_tls(Some(tls()));
+        let envoy = resources.build(
+            ResourceType::Cluster,
+            GREETER_KEY,
+            &key(),
+            None,
+            ClientKind::Envoy,
+        );
+        let grpc = resources.build(
+            ResourceType::Cluster,
+            GREETER_KEY,
+            &key(),
+            None,
+            ClientKind::Grpc,
+        );
+        assert_ne!(envoy, grpc);
+        let clone = resources.clone();
+        for _ in 0..3 {
+            assert_eq!(
+                clone.build(
+                    ResourceType::Cluster,
+                    GREETER_KEY,
+                    &key(),
+                    None,
+                    ClientKind::Envoy
+                ),
+                envoy
+            );
+            assert_eq!(
+                clone.build(
+                    ResourceType::Cluster,
+                    GREETER_KEY,
+                    &key(),
+                    None,
+                    ClientKind::Grpc
+                ),
+                grpc
+            );
+        }
+        assert_eq!(
+            resources
+                .cache
+                .lock()
+                .unwrap()
+                .iter()
+                .map(HashMap::len)
+                .sum::<usize>(),
+            2,
+            "one encoding per kind, shared by every stream"
+        );
+        // Listeners do not depend on the kind: one encoding.
+        let listener =
+            |kind| resources.build(ResourceType::Listener, GREETER_KEY, &key(), None, kind);
+        assert_eq!(listener(ClientKind::Envoy), listener(ClientKind::Grpc));
+        assert_eq!(
+            resources
+                .cache
+                .lock()
+                .unwrap()
+                .iter()
+                .map(HashMap::len)
+                .sum::<usize>(),
+            3
+        );
     }
 }

@@ -39,7 +39,7 @@ use envoy_types::pb::envoy::{
 };
 
 use super::{
-    resources::{ResourceType, Resources},
+    resources::{ClientKind, ResourceType, Resources},
     sorted_map::SortedMap,
 };
 use crate::{
@@ -170,6 +170,8 @@ pub struct Session {
     nonces: u64,
     /// Boxed: most streams never look at it after the first request.
     node: Option<Box<NodeInfo>>,
+    /// From the node's user agent: what shape of Cluster the client reads.
+    kind: ClientKind,
     /// Per type, something may need sending: a request is owed an answer or
     /// the view changed in a way that matters to the type. A plain ACK leaves
     /// it clear, and an endpoint change marks only EDS, so neither costs a
@@ -188,6 +190,12 @@ impl Session {
         self.node.as_deref()
     }
 
+    /// The kind of client, from the node of its first request that had one
+    /// ([`ClientKind::Grpc`] until then).
+    pub fn client_kind(&self) -> ClientKind {
+        self.kind
+    }
+
     /// Notes that the view changed: endpoints only, or also which services
     /// exist. The next call to [`Session::next_response`] looks at the types
     /// that depend on it.
@@ -204,6 +212,8 @@ impl Session {
         if self.node.is_none()
             && let Some(node) = &request.node
         {
+            // The whole user agent, not the kept one, decides the kind.
+            self.kind = ClientKind::of(&node.user_agent_name);
             self.node = Some(Box::new(NodeInfo {
                 id: kept(&node.id),
                 cluster: kept(&node.cluster),
@@ -371,7 +381,7 @@ impl Session {
                         None => snapshot.event_at,
                     });
                 }
-                resources_out.push(resources.build(ty, name, key, snapshot));
+                resources_out.push(resources.build(ty, name, key, snapshot, self.kind));
             }
 
             self.nonces += 1;
@@ -908,6 +918,47 @@ mod tests {
         assert_eq!(status.types[0].names, [GREETER]);
         assert_eq!(status.types[0].type_url, LISTENER_TYPE);
         assert_eq!(status.types[0].version_sent, "");
+    }
+
+    #[test]
+    fn the_first_node_decides_the_cluster_shape() {
+        let tls = Resources::new(XdsLbPolicy::RoundRobin).with_upstream_tls(Some(
+            crate::api::xds::resources::UpstreamTls {
+                sds_dir: "/sds".into(),
+            },
+        ));
+        let mut world = World::new();
+        world.set(GREETER, 1, &[1]);
+        let cluster_for = |user_agent: Option<&str>| {
+            let mut session = Session::new();
+            let mut first = request(CLUSTER_TYPE, &[GREETER], "");
+            first.node = user_agent.map(|agent| Node {
+                id: "n".into(),
+                user_agent_name: agent.into(),
+                ..Node::default()
+            });
+            session.handle(&first);
+            // A later node does not change what the stream is.
+            let mut later = request(LISTENER_TYPE, &[GREETER], "");
+            later.node = Some(Node {
+                user_agent_name: "envoy".into(),
+                ..Node::default()
+            });
+            session.handle(&later);
+            let kind = session.client_kind();
+            let out = session.next_response(&world.view, &tls).unwrap();
+            let cluster = Cluster::decode(out.response.resources[0].value.as_slice()).unwrap();
+            (kind, cluster.transport_socket.unwrap())
+        };
+        let (envoy, envoy_socket) = cluster_for(Some("envoy"));
+        let (grpc, grpc_socket) = cluster_for(Some("gRPC Python"));
+        assert_eq!((envoy, grpc), (ClientKind::Envoy, ClientKind::Grpc));
+        assert_ne!(envoy_socket, grpc_socket);
+        assert_eq!(
+            cluster_for(None).0,
+            ClientKind::Envoy,
+            "the later node counts when the first had none"
+        );
     }
 
     #[test]

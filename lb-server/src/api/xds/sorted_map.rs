@@ -97,7 +97,11 @@ mod tests {
             .collect();
         assert_eq!(map.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!(map.len(), 3);
-        assert_eq!(map.get("b"), Some(&3), "the last of duplicates wins, as in std's maps");
+        assert_eq!(
+            map.get("b"),
+            Some(&3),
+            "the last of duplicates wins, as in std's maps"
+        );
         map.insert("ab".to_owned(), 5);
         map.insert("a".to_owned(), 6);
         assert_eq!(map.keys().collect::<Vec<_>>(), ["a", "ab", "b", "c"]);
