@@ -3,9 +3,13 @@
 //! # Layout
 //! - [`server`]: `helloworld.Greeter` that names the backend serving each call,
 //!   with health, reflection, `MaxConnectionAge` and graceful drain on shutdown.
-//! - [`demo`]: the whole system on loopback: lb-server, backends, a client.
+//! - [`demo`]: the whole system on loopback: lb-server, backends, a client;
+//!   with `tls`, all of it over mTLS on certificates it makes for itself.
+//! - [`client`]: the channels that do not use lookaside (one direct channel,
+//!   DNS balancing), in plaintext or over TLS.
 //! - [`load`]: the load generator and its summary (calls per backend, latency, errors).
 
+pub mod client;
 pub mod demo;
 pub mod load;
 pub mod server;

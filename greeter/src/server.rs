@@ -29,12 +29,39 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Clone)]
 pub struct GreeterService {
     name: String,
+    cpu_work: Duration,
 }
 
 impl GreeterService {
     /// A greeter that signs replies with `name`.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
+        Self {
+            name: name.into(),
+            cpu_work: Duration::ZERO,
+        }
+    }
+
+    /// Makes each call spend `work` of CPU before it answers, so that a
+    /// backend can be made slow in a way its load reports show.
+    pub fn with_cpu_work(mut self, work: Duration) -> Self {
+        self.cpu_work = work;
+        self
+    }
+}
+
+/// Spends `work` of this thread's CPU time (not wall time: a preempted
+/// thread keeps spinning until it has really used it).
+fn spend_cpu(work: Duration) {
+    use nix::time::{ClockId, clock_gettime};
+    let now = || clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from);
+    let Ok(start) = now() else {
+        return;
+    };
+    let mut x = 0u64;
+    while now().is_ok_and(|t| t.saturating_sub(start) < work) {
+        for _ in 0..64 {
+            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+        }
     }
 }
 
@@ -45,6 +72,9 @@ impl Greeter for GreeterService {
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
         let who = request.into_inner().name;
+        if !self.cpu_work.is_zero() {
+            spend_cpu(self.cpu_work);
+        }
         Ok(Response::new(HelloReply {
             message: format!("Hello {who} from {}", self.name),
             backend: self.name.clone(),
@@ -70,6 +100,8 @@ pub struct ServerOptions {
     /// Serve TLS with the configuration in use at each handshake (it is
     /// replaced when its files rotate); `None` serves plaintext.
     pub tls: Option<ServerTls>,
+    /// CPU each call spends before answering (zero: none).
+    pub cpu_work: Duration,
 }
 
 /// A TLS server configuration that rotates (see `lookaside_tls::Reloading`).
@@ -183,12 +215,16 @@ pub async fn serve(
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(lookaside_proto::HELLOWORLD_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(lookaside_proto::ORCA_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(lookaside_proto::HELLOWORLD_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(lookaside_proto::ORCA_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // Load reports (ORCA) per call and out of band, for weighted balancers.
+    let load = lookaside_orca::LoadReporter::new();
 
     let mut builder = tonic::transport::Server::builder();
     if let Some(age) = options.max_connection_age {
@@ -197,8 +233,11 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_timeout = options.drain_timeout;
     let shutdown_delay = options.shutdown_delay;
+    let greeter = GreeterService::new(options.name).with_cpu_work(options.cpu_work);
     let router = builder
-        .add_service(GreeterServer::new(GreeterService::new(options.name)))
+        .layer(load.layer())
+        .add_service(GreeterServer::new(greeter))
+        .add_service(load.service())
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1);
@@ -234,6 +273,8 @@ pub async fn serve(
         );
         tokio::time::sleep(shutdown_delay).await;
     }
+    // Out-of-band report streams never end by themselves.
+    load.close();
     let _ = stop_tx.send(());
     match tokio::time::timeout(drain_timeout, serving).await {
         Ok(joined) => joined??,
@@ -281,6 +322,7 @@ impl LocalGreeter {
             shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
             tls,
+            cpu_work: Duration::ZERO,
         };
         let task = tokio::spawn(serve(listener, options, async {
             let _ = stopped.await;

@@ -1,5 +1,6 @@
 //! The greeter binaries as a user runs them: greeter-server's SIGTERM drain,
-//! greeter-client's modes and its `--json` summary, and the demo.
+//! greeter-client's modes and its `--json` summary (in plaintext and over
+//! mTLS), and the demo (in plaintext and over mTLS).
 
 use std::{
     io::{BufRead, BufReader},
@@ -199,6 +200,7 @@ async fn the_demo_shows_pinning_then_balance_scale_up_and_drain_without_failures
         phase: Duration::from_millis(600),
         concurrency: 4,
         baseline_calls: 500,
+        tls: false,
     };
     let mut printed = String::new();
     let report = demo::run(options, |text| printed.push_str(text))
@@ -245,4 +247,262 @@ async fn max_connection_age_closes_connections_so_dns_clients_re_resolve() {
         "{:?}",
         opened.elapsed()
     );
+}
+
+/// A CA and what it issued, in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: lookaside_tls::generate::Ca,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let pki = Self {
+            dir: tempfile::tempdir().unwrap(),
+            ca: lookaside_tls::generate::Ca::new("greeter test CA").unwrap(),
+        };
+        std::fs::write(pki.path("ca.crt"), pki.ca.cert()).unwrap();
+        pki.issue("client", &["client.test"]);
+        pki
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
+
+    fn issue(&self, name: &str, names: &[&str]) {
+        self.ca
+            .issue(names)
+            .unwrap()
+            .write(self.dir.path(), name)
+            .unwrap();
+    }
+
+    /// greeter-server flags serving `name`'s certificate, requiring clients'.
+    fn server_flags(&self, name: &str) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.path(&format!("{name}.crt")),
+            "--tls-key".into(),
+            self.path(&format!("{name}.key")),
+            "--tls-client-ca".into(),
+            self.path("ca.crt"),
+        ]
+    }
+
+    /// greeter-client flags: trust the CA, present the client certificate.
+    fn client_flags(&self) -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            self.path("ca.crt"),
+            "--tls-cert".into(),
+            self.path("client.crt"),
+            "--tls-key".into(),
+            self.path("client.key"),
+        ]
+    }
+}
+
+#[test]
+fn greeter_client_dns_mode_calls_mtls_greeters_verifying_the_resolved_name() {
+    let pki = Pki::new();
+    // A pod's certificate names the DNS name clients resolve, not its IP.
+    pki.issue("named", &["localhost"]);
+    pki.issue("service", &["greeter.default.svc"]);
+    let named = Server::start_with(
+        "named",
+        &pki.server_flags("named")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let service = Server::start_with(
+        "service",
+        &pki.server_flags("service")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let dns = |server: &Server, extra: &[&str]| {
+        let target = format!("localhost:{}", server.addr.port());
+        let mut args = vec![
+            "--dns",
+            &target,
+            "--calls",
+            "40",
+            "--concurrency",
+            "4",
+            "--json",
+        ];
+        let tls = pki.client_flags();
+        args.extend(tls.iter().map(String::as_str));
+        args.extend(extra);
+        let output = client(&args);
+        let summary: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&output.stderr)));
+        (output.status.code(), summary)
+    };
+
+    // The name verified is the one resolved: `localhost`.
+    let (code, summary) = dns(&named, &[]);
+    assert_eq!(code, Some(0), "{summary}");
+    assert_eq!(summary["backends"]["named"], 40, "{summary}");
+
+    // A certificate without that name is refused: every call fails...
+    let (code, summary) = dns(&service, &[]);
+    assert_eq!(code, Some(2), "{summary}");
+    assert_eq!(summary["ok"], 0, "{summary}");
+    assert_eq!(summary["errors"]["Unavailable"], 40, "{summary}");
+    // ... unless --tls-server-name says which name to expect.
+    let (code, summary) = dns(&service, &["--tls-server-name", "greeter.default.svc"]);
+    assert_eq!(code, Some(0), "{summary}");
+    assert_eq!(summary["backends"]["service"], 40, "{summary}");
+
+    // Without a client certificate the server refuses the handshake; in
+    // plaintext it refuses the connection.
+    let target = format!("localhost:{}", named.addr.port());
+    let ca = pki.path("ca.crt");
+    for args in [
+        vec!["--dns", &target, "--calls", "3", "--json", "--tls-ca", &ca],
+        vec!["--dns", &target, "--calls", "3", "--json"],
+    ] {
+        let output = client(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(summary["ok"], 0, "{args:?}: {summary}");
+    }
+}
+
+/// `future`'s output; panics naming `what` if it takes over 10 s.
+async fn within_10s<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over 10 s"))
+}
+
+/// What a user reaches with the command `demo --tls` prints, and who is
+/// refused, checked while the demo holds its servers up.
+async fn probe_tls_demo(printed: &str) {
+    use greeter::client::{self, Tls};
+    use lookaside_proto::{
+        helloworld::{HelloRequest, greeter_client::GreeterClient},
+        lookaside::v1::{ListServicesRequest, admin_client::AdminClient},
+    };
+    use lookaside_tls::{ClientFiles, Roots};
+
+    let command = printed
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("grpcurl "))
+        .unwrap_or_else(|| panic!("no grpcurl command in:\n{printed}"));
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let flag = |name: &str| {
+        let at = words.iter().position(|w| *w == name).unwrap();
+        std::path::PathBuf::from(words[at + 1])
+    };
+    let (ca, cert, key) = (flag("-cacert"), flag("-cert"), flag("-key"));
+    let lb = words[words.len() - 2];
+    assert_eq!(words[words.len() - 1], "lookaside.v1.Admin/ListServices");
+    let backend_1 = printed
+        .split("greeter backends on ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '\n']).next())
+        .unwrap()
+        .trim();
+    let tls = |identity: bool, server_name: Option<&str>| Tls {
+        files: ClientFiles {
+            roots: Roots::File(ca.clone()),
+            identity: identity.then(|| (cert.clone(), key.clone())),
+        },
+        server_name: server_name.map(str::to_owned),
+    };
+    let list = async |tls: Option<Tls>| -> anyhow::Result<String> {
+        let channel = client::direct(lb, tls.as_ref()).await?;
+        let reply = AdminClient::new(channel)
+            .list_services(ListServicesRequest {})
+            .await?;
+        Ok(format!("{:?}", reply.into_inner()))
+    };
+    let hello = async |tls: Option<Tls>| -> anyhow::Result<String> {
+        let channel = client::direct(backend_1, tls.as_ref()).await?;
+        let reply = GreeterClient::new(channel)
+            .say_hello(HelloRequest {
+                name: "probe".into(),
+            })
+            .await?;
+        Ok(reply.into_inner().backend)
+    };
+
+    // What the printed command does: verify lb-server as its address, present the client certificate.
+    let services = within_10s("ListServices", list(Some(tls(true, None))))
+        .await
+        .expect("ListServices over mTLS with the printed files");
+    assert!(services.contains("greeter.default:grpc"), "{services}");
+    for (what, tls) in [
+        ("plaintext", None),
+        ("TLS without a client certificate", Some(tls(false, None))),
+    ] {
+        let refused = within_10s(what, list(tls)).await;
+        assert!(refused.is_err(), "lb-server answered {what}");
+    }
+    // The backends serve only mTLS, as the service's name.
+    let named = within_10s(
+        "SayHello",
+        hello(Some(tls(true, Some("greeter.default.svc")))),
+    )
+    .await
+    .expect("SayHello over mTLS");
+    assert_eq!(named, "backend-1");
+    for (what, tls) in [
+        ("plaintext", None),
+        (
+            "TLS without a client certificate",
+            Some(tls(false, Some("greeter.default.svc"))),
+        ),
+    ] {
+        let refused = within_10s(what, hello(tls)).await;
+        assert!(refused.is_err(), "backend-1 answered {what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_demo_balances_over_mtls_and_removes_its_certificates_at_the_end() {
+    let options = DemoOptions {
+        phase: Duration::from_millis(600),
+        concurrency: 4,
+        baseline_calls: 500,
+        tls: true,
+    };
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let hold = {
+        let printed = printed.clone();
+        async move {
+            let text = printed.lock().unwrap().clone();
+            probe_tls_demo(&text).await;
+        }
+    };
+    let report = demo::run_holding(options, |text| printed.lock().unwrap().push_str(text), hold)
+        .await
+        .unwrap();
+    let printed = printed.lock().unwrap().clone();
+    assert_eq!(report.baseline.backends.len(), 1, "{printed}");
+    assert_eq!(report.failed(), 0, "{printed}");
+    let first = &report.phases[0].1.backends;
+    assert_eq!(first.len(), 3, "{printed}");
+    let total: u64 = first.values().sum();
+    assert!(
+        first.values().all(|n| n * 4 > total),
+        "each of 3 backends gets over a quarter of the calls: {first:?}"
+    );
+    assert!(
+        report.phases[1].1.backends.contains_key("backend-4"),
+        "{printed}"
+    );
+    // The files are gone with the demo.
+    let ca = printed
+        .split("-cacert ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap();
+    let dir = std::path::Path::new(ca).parent().unwrap();
+    assert!(!dir.exists(), "{} is still there", dir.display());
 }

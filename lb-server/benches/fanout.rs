@@ -35,6 +35,21 @@
 //! connection instead, and `FANOUT_CLIENT_THREADS=N` gives them N threads, to
 //! compare. The table shows the subscribers' CPU per push next to the server's.
 //!
+//! Transports: `plain` (the default) and `mtls`: lb-server serves mutual TLS
+//! (`--tls-cert`, `--tls-key`, `--tls-client-ca`; ECDSA P-256 certificates
+//! from one CA, made on the spot) and every subscriber, the lean client over
+//! rustls, presents a client certificate. Name both, e.g.
+//! `-- discovery 10000 plain mtls`, to run each count over each transport
+//! in turn in one run (`FANOUT_REPEAT=N` repeats the turns); the table then
+//! ends with the ratios of mTLS to plaintext.
+//!
+//! Connect storm: the N subscribers connect to a freshly started server as
+//! after its restart, at most `FANOUT_CONNECTING` (default 256) connecting at
+//! once. Each connects, does a full TLS handshake (the subscribers keep no
+//! sessions to resume), opens its stream and waits for its first snapshot.
+//! The table reports the rate at which they got there and the server's CPU
+//! per connection.
+//!
 //! `FANOUT_DIST=1` also prints more percentiles of both latencies, and each
 //! change's percentiles with the server threads' time on a CPU and waiting
 //! for one (their `schedstat`).
@@ -58,11 +73,10 @@ use envoy_types::pb::envoy::{
         DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
     },
 };
-use lookaside_proto::lookaside::v1::{WatchRequest, discovery_client::DiscoveryClient};
+use lookaside_proto::lookaside::v1::WatchRequest;
 use prost::Message;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Endpoint;
 
 const TARGET: &str = "bench.default:grpc";
 
@@ -71,7 +85,7 @@ mod connection;
 use connection::Connection;
 #[path = "support/lean_client.rs"]
 mod lean_client;
-use lean_client::LeanCall;
+use lean_client::{LeanCall, LeanTls};
 #[path = "support/server.rs"]
 mod server;
 use server::{ServerProcess, process_cpu};
@@ -99,9 +113,72 @@ fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// lb-server on `file`, with its defaults. FANOUT_WRAPPER runs it
-/// under a tool, e.g. `valgrind --tool=dhat` to see where its memory goes.
-fn start_server(file: &Path) -> ServerProcess {
+/// How the subscribers reach lb-server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Plain,
+    /// Mutual TLS: lb-server requires a client certificate.
+    Mtls,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plaintext",
+            Self::Mtls => "mTLS",
+        }
+    }
+}
+
+/// A CA, lb-server's certificate and the subscribers' (one for all of them),
+/// in a directory of their own.
+struct Certs {
+    _dir: tempfile::TempDir,
+    ca: std::path::PathBuf,
+    server: (std::path::PathBuf, std::path::PathBuf),
+    /// The subscribers' configuration: trusts the CA, presents the client
+    /// certificate, resumes no session (every connection a full handshake).
+    client: LeanTls,
+}
+
+impl Certs {
+    fn new() -> Self {
+        use lookaside_tls::generate::Ca;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("fanout-bench-ca").unwrap();
+        let ca_path = dir.path().join("ca.crt");
+        std::fs::write(&ca_path, ca.cert()).unwrap();
+        let server = ca
+            .issue(&["127.0.0.1"])
+            .unwrap()
+            .write(dir.path(), "server")
+            .unwrap();
+        let client = ca
+            .issue(&["fanout-subscriber"])
+            .unwrap()
+            .write(dir.path(), "client")
+            .unwrap();
+        let mut config = lookaside_tls::ClientFiles {
+            roots: lookaside_tls::Roots::File(ca_path.clone()),
+            identity: Some(client),
+        }
+        .load()
+        .unwrap();
+        config.resumption = tokio_rustls::rustls::client::Resumption::disabled();
+        let name = std::net::IpAddr::from([127, 0, 0, 1]).into();
+        Self {
+            _dir: dir,
+            ca: ca_path,
+            server,
+            client: LeanTls::new(config, name),
+        }
+    }
+}
+
+/// lb-server on `file`, with its defaults, serving mTLS with `tls`.
+/// FANOUT_WRAPPER runs it under a tool, e.g. `valgrind --tool=dhat` to see
+/// where its memory goes.
+fn start_server(file: &Path, tls: Option<&Certs>) -> ServerProcess {
     let wrapper = std::env::var("FANOUT_WRAPPER").unwrap_or_default();
     let mut words = wrapper.split_whitespace();
     let mut command = match words.next() {
@@ -113,6 +190,15 @@ fn start_server(file: &Path) -> ServerProcess {
         None => Command::new(env!("CARGO_BIN_EXE_lb-server")),
     };
     command.env("LB_LOG", "warn,lb_server=info");
+    if let Some(certs) = tls {
+        command
+            .arg("--tls-cert")
+            .arg(&certs.server.0)
+            .arg("--tls-key")
+            .arg(&certs.server.1)
+            .arg("--tls-client-ca")
+            .arg(&certs.ca);
+    }
     ServerProcess::start(command, file, &[])
 }
 
@@ -260,6 +346,7 @@ enum Client {
 /// A lean Discovery subscriber: reports the endpoint count of every update.
 async fn lean_discovery_subscriber(
     addr: SocketAddr,
+    tls: Option<LeanTls>,
     id: usize,
     ready: impl FnOnce(),
     seen: Arc<Tally>,
@@ -267,7 +354,7 @@ async fn lean_discovery_subscriber(
     let request = WatchRequest {
         target: TARGET.into(),
     };
-    let mut call = LeanCall::start(addr, WATCH_PATH, &request, false)
+    let mut call = LeanCall::start(addr, tls.as_ref(), WATCH_PATH, &request, false)
         .await
         .unwrap();
     call.next().await.unwrap().expect("the first snapshot");
@@ -279,13 +366,21 @@ async fn lean_discovery_subscriber(
 }
 
 /// A lean ADS subscriber, shaped like [`ads_subscriber`].
-async fn lean_ads_subscriber(addr: SocketAddr, id: usize, ready: impl FnOnce(), seen: Arc<Tally>) {
+async fn lean_ads_subscriber(
+    addr: SocketAddr,
+    tls: Option<LeanTls>,
+    id: usize,
+    ready: impl FnOnce(),
+    seen: Arc<Tally>,
+) {
     let node = Node {
         id: format!("bench-{id}"),
         ..Node::default()
     };
     let first = ads_request(LDS, "", "", Some(node));
-    let mut call = LeanCall::start(addr, ADS_PATH, &first, true).await.unwrap();
+    let mut call = LeanCall::start(addr, tls.as_ref(), ADS_PATH, &first, true)
+        .await
+        .unwrap();
     for type_url in [CDS, EDS] {
         call.send(&ads_request(type_url, "", "", None))
             .await
@@ -426,6 +521,7 @@ fn perf_control(command: &str) {
 }
 
 struct Row {
+    transport: Transport,
     subscribers: usize,
     server_cpu_per_push: Duration,
     subscriber_cpu_per_push: Duration,
@@ -439,6 +535,41 @@ struct Row {
     /// had not finished by then, and the subscribers ran beside it).
     after_hold: Option<usize>,
     kib_per_subscriber: f64,
+    storm: Storm,
+}
+
+/// How the N subscribers connected to the fresh server (the connect storm).
+#[derive(Debug, Clone, Copy)]
+struct Storm {
+    /// Subscribers that got their first snapshot per second, from the first
+    /// connect to the last first snapshot.
+    per_second: f64,
+    /// The server's CPU time over the storm, per subscriber.
+    server_cpu: Duration,
+    /// The subscribers' CPU time (this process) over the storm, per subscriber.
+    client_cpu: Duration,
+    /// Connections whose handshake the kernel dropped because the server's
+    /// accept queue was full (machine-wide `ListenOverflows`); each such
+    /// client retries after a second.
+    listen_overflows: u64,
+}
+
+/// The machine's count of connections dropped on a full accept queue
+/// (`TcpExt: ListenOverflows` in /proc/net/netstat).
+fn listen_overflows() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = netstat.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if names.starts_with("TcpExt:") {
+            return names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == "ListenOverflows")
+                .and_then(|(_, value)| value.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    0
 }
 
 /// How the subscribers read during a change.
@@ -462,6 +593,7 @@ fn run(
     runtime: &tokio::runtime::Runtime,
     protocol: Protocol,
     client: Client,
+    (transport, certs): (Transport, Option<&Certs>),
     subscribers: usize,
     rounds: usize,
     reads: Reads,
@@ -470,10 +602,11 @@ fn run(
     let file = dir.path().join("lb.yaml");
     let mut endpoints = 10;
     write_atomic(&file, &file_with(endpoints));
-    let server = start_server(&file);
+    let tls = certs.map(|certs| certs.client.clone());
+    let server = start_server(&file, certs);
     let tally = Arc::new(Tally::new(subscribers));
-    let (warm, kib_per_subscriber) =
-        runtime.block_on(subscribe(&server, protocol, client, tally.clone()));
+    let (warm, kib_per_subscriber, storm) =
+        runtime.block_on(subscribe(&server, protocol, client, tls, tally.clone()));
 
     let mut latencies = Vec::with_capacity(subscribers * rounds);
     let mut read_latencies = Vec::with_capacity(subscribers * rounds);
@@ -550,6 +683,7 @@ fn run(
     }
     runtime.block_on(async move { drop(warm) });
     Row {
+        transport,
         subscribers,
         server_cpu_per_push,
         subscriber_cpu_per_push,
@@ -559,43 +693,47 @@ fn run(
         p99_read: (reads == Reads::Live).then(|| percentile(&read_latencies, 0.99)),
         after_hold: (reads != Reads::Live).then_some(after_hold),
         kib_per_subscriber,
+        storm,
     }
 }
 
 /// Warms the server up with one subscriber, then connects N more, each on
 /// its own connection and reporting to `tally` when it sees the endpoint
-/// count it waits for. Returns the warm-up call (kept open) and the
-/// server's RSS growth per idle subscriber.
+/// count it waits for. Returns the warm-up call (kept open), the server's
+/// RSS growth per idle subscriber, and how the N connected.
 async fn subscribe(
     server: &ServerProcess,
     protocol: Protocol,
     client: Client,
+    tls: Option<LeanTls>,
     tally: Arc<Tally>,
-) -> (
-    tonic::Streaming<lookaside_proto::lookaside::v1::WatchResponse>,
-    f64,
-) {
+) -> (LeanCall, f64, Storm) {
     let subscribers = tally.read_at.len();
-    let url = format!("http://{}", server.grpc);
-    let warm = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
-    let mut warm_stream = DiscoveryClient::new(warm)
-        .watch(WatchRequest {
-            target: TARGET.into(),
-        })
+    let request = WatchRequest {
+        target: TARGET.into(),
+    };
+    let mut warm = LeanCall::start(server.grpc, tls.as_ref(), WATCH_PATH, &request, false)
         .await
-        .unwrap()
-        .into_inner();
-    warm_stream.message().await.unwrap();
+        .unwrap();
+    warm.next().await.unwrap().expect("the first snapshot");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = server.rss_kib();
 
+    let connecting_at_once = std::env::var("FANOUT_CONNECTING")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(256);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
-    let connecting = Arc::new(Semaphore::new(256));
+    let connecting = Arc::new(Semaphore::new(connecting_at_once));
+    let (cpu_before, own_cpu_before) = (server.cpu(), process_cpu(std::process::id()));
+    let overflows_before = listen_overflows();
+    let started = Instant::now();
     for id in 0..subscribers {
         let permit = connecting.clone().acquire_owned().await.unwrap();
         let seen = tally.clone();
         let ready_tx = ready_tx.clone();
         let addr = server.grpc;
+        let tls = tls.clone();
         tokio::spawn(async move {
             let ready = move || {
                 drop(permit);
@@ -603,9 +741,11 @@ async fn subscribe(
             };
             match (client, protocol) {
                 (Client::Lean, Protocol::Discovery) => {
-                    lean_discovery_subscriber(addr, id, ready, seen).await
+                    lean_discovery_subscriber(addr, tls, id, ready, seen).await
                 }
-                (Client::Lean, Protocol::Ads) => lean_ads_subscriber(addr, id, ready, seen).await,
+                (Client::Lean, Protocol::Ads) => {
+                    lean_ads_subscriber(addr, tls, id, ready, seen).await
+                }
                 (Client::Tonic, Protocol::Discovery) => {
                     discovery_subscriber(Connection::open(addr).await, id, ready, seen).await
                 }
@@ -618,10 +758,16 @@ async fn subscribe(
     for _ in 0..subscribers {
         ready_rx.recv().await.unwrap();
     }
+    let storm = Storm {
+        per_second: subscribers as f64 / started.elapsed().as_secs_f64(),
+        server_cpu: (server.cpu() - cpu_before) / subscribers as u32,
+        client_cpu: (process_cpu(std::process::id()) - own_cpu_before) / subscribers as u32,
+        listen_overflows: listen_overflows() - overflows_before,
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_idle = server.rss_kib();
     let kib_per_subscriber = (rss_idle.saturating_sub(rss_before)) as f64 / subscribers as f64;
-    (warm_stream, kib_per_subscriber)
+    (warm, kib_per_subscriber, storm)
 }
 
 fn main() {
@@ -638,6 +784,22 @@ fn main() {
     if protocols.is_empty() {
         protocols.push(Protocol::Discovery);
     }
+    let mut transports: Vec<Transport> = args
+        .iter()
+        .filter_map(|a| match a.as_str() {
+            "plain" | "plaintext" => Some(Transport::Plain),
+            "mtls" => Some(Transport::Mtls),
+            _ => None,
+        })
+        .collect();
+    if transports.is_empty() {
+        transports.push(Transport::Plain);
+    }
+    let repeat: usize = std::env::var("FANOUT_REPEAT")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    let certs = transports.contains(&Transport::Mtls).then(Certs::new);
     let counts = if counts.is_empty() {
         vec![1_000, 10_000]
     } else {
@@ -680,22 +842,38 @@ fn main() {
         Ok("held") | Err(_) => false,
         Ok(other) => panic!("FANOUT_READS is held or live, not {other}"),
     };
+    assert!(
+        client == Client::Lean || certs.is_none(),
+        "FANOUT_CLIENT=tonic subscribers are plaintext only"
+    );
     for protocol in protocols {
         // ADS subscribers answer every push with an ACK the server must read
         // during the fan-out, and a runtime on more threads cannot be held:
         // those read live.
         let held = !live && protocol == Protocol::Discovery && threads <= 1;
-        let rows: Vec<Row> = counts
-            .iter()
-            .map(|&n| {
-                let reads = if held {
-                    Reads::Held(hold_for(n))
-                } else {
-                    Reads::Live
-                };
-                run(&runtime, protocol, client, n, rounds, reads)
-            })
-            .collect();
+        // Each count over each transport in turn, `repeat` times.
+        let mut rows: Vec<Row> = Vec::new();
+        for &n in &counts {
+            let reads = if held {
+                Reads::Held(hold_for(n))
+            } else {
+                Reads::Live
+            };
+            for _ in 0..repeat {
+                for &transport in &transports {
+                    let tls = (transport == Transport::Mtls).then(|| certs.as_ref().unwrap());
+                    rows.push(run(
+                        &runtime,
+                        protocol,
+                        client,
+                        (transport, tls),
+                        n,
+                        rounds,
+                        reads,
+                    ));
+                }
+            }
+        }
         let who = match protocol {
             Protocol::Discovery => "Discovery subscribers",
             Protocol::Ads => "xDS ADS subscribers (LDS+CDS+EDS, timed on EDS)",
@@ -714,23 +892,60 @@ fn main() {
             "\nfan-out: one endpoint change to N {who}, each on its own connection ({clients}, {rounds} changes each)\n"
         );
         println!(
-            "| subscribers | p50 ms | p99 ms | max ms | p99 read ms | arrived after hold | server CPU µs / push | subscribers' CPU µs / push | server RSS KiB / idle subscriber |"
+            "| transport | subscribers | p50 ms | p99 ms | max ms | p99 read ms | arrived after hold | server CPU µs / push | subscribers' CPU µs / push | server RSS KiB / idle subscriber | connect storm: subscribers / s | server CPU µs / connect | subscribers' CPU µs / connect | SYNs dropped (accept queue full) |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let dash = || "–".to_string();
-        for row in rows {
+        let micros = |d: Duration| d.as_secs_f64() * 1e6;
+        for row in &rows {
             println!(
-                "| {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {} |",
+                row.transport.name(),
                 row.subscribers,
                 ms(row.p50),
                 ms(row.p99),
                 ms(row.max),
                 row.p99_read.map_or_else(dash, |d| format!("{:.2}", ms(d))),
                 row.after_hold.map_or_else(dash, |n| n.to_string()),
-                row.server_cpu_per_push.as_secs_f64() * 1e6,
-                row.subscriber_cpu_per_push.as_secs_f64() * 1e6,
-                row.kib_per_subscriber
+                micros(row.server_cpu_per_push),
+                micros(row.subscriber_cpu_per_push),
+                row.kib_per_subscriber,
+                row.storm.per_second,
+                micros(row.storm.server_cpu),
+                micros(row.storm.client_cpu),
+                row.storm.listen_overflows,
             );
         }
+        if transports.len() > 1 {
+            print_tls_ratios(&rows, &counts);
+        }
+    }
+}
+
+/// mTLS against plaintext for each count: the medians of the runs of each.
+fn print_tls_ratios(rows: &[Row], counts: &[usize]) {
+    println!(
+        "\n| subscribers | mTLS / plaintext: p99 | memory / idle subscriber | connect storm rate | server CPU / push |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for &n in counts {
+        let median = |transport: Transport, f: &dyn Fn(&Row) -> f64| {
+            let mut v: Vec<f64> = rows
+                .iter()
+                .filter(|r| r.subscribers == n && r.transport == transport)
+                .map(f)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let ratio =
+            |f: &dyn Fn(&Row) -> f64| median(Transport::Mtls, f) / median(Transport::Plain, f);
+        println!(
+            "| {n} | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+            ratio(&|r| ms(r.p99)),
+            ratio(&|r| r.kib_per_subscriber),
+            ratio(&|r| r.storm.per_second),
+            ratio(&|r| r.server_cpu_per_push.as_secs_f64()),
+        );
     }
 }

@@ -1,11 +1,13 @@
 //! `greeter-client`: N calls at concurrency C through lookaside, DNS, or one
 //! direct channel; prints calls per backend, throughput, latency and errors.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use greeter::load::{self, Tally};
+use greeter::{
+    client,
+    load::{self, Tally},
+};
 use lookaside_proto::helloworld::greeter_client::GreeterClient;
 use tokio_util::sync::CancellationToken;
 
@@ -52,55 +54,23 @@ struct Args {
     #[arg(long, env = "GREETER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// The name to verify on the server's certificate: for --lb, the backends' (default
-    /// NAME.NAMESPACE.svc of --target); for --direct, the server's (default its host).
+    /// NAME.NAMESPACE.svc of --target); for --direct and --dns, the servers' (default the
+    /// host given).
     #[arg(long, env = "GREETER_TLS_SERVER_NAME", requires = "tls_ca")]
     tls_server_name: Option<String>,
 }
 
 impl Args {
-    /// The TLS files, if calls go over TLS.
-    fn tls_files(&self) -> Option<lookaside_tls::ClientFiles> {
-        Some(lookaside_tls::ClientFiles {
-            roots: lookaside_tls::Roots::File(self.tls_ca.clone()?),
-            identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+    /// TLS for --direct and --dns, if calls go over TLS.
+    fn tls(&self) -> Option<client::Tls> {
+        Some(client::Tls {
+            files: lookaside_tls::ClientFiles {
+                roots: lookaside_tls::Roots::File(self.tls_ca.clone()?),
+                identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+            },
+            server_name: self.tls_server_name.clone(),
         })
     }
-}
-
-/// A channel to one address over TLS, verifying `server_name`.
-async fn tls_channel(
-    addr: &str,
-    files: &lookaside_tls::ClientFiles,
-    server_name: &str,
-) -> anyhow::Result<tonic::transport::Channel> {
-    use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
-    let connector = TlsConnector::from(std::sync::Arc::new(files.load()?));
-    let name = ServerName::try_from(server_name.to_owned())
-        .with_context(|| format!("bad TLS server name {server_name:?}"))?;
-    let target = addr.to_owned();
-    let channel = endpoint(addr)?
-        .connect_with_connector(tower::service_fn(move |_uri| {
-            let (connector, name, target) = (connector.clone(), name.clone(), target.clone());
-            async move {
-                let tcp = tokio::net::TcpStream::connect(target.as_str()).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
-        .await
-        .with_context(|| format!("connecting to {addr} over TLS as {server_name}"))?;
-    Ok(channel)
-}
-
-/// A plain tonic endpoint for one address.
-fn endpoint(addr: &str) -> anyhow::Result<tonic::transport::Endpoint> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .with_context(|| format!("bad address {addr:?}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2)),
-    )
 }
 
 #[tokio::main]
@@ -114,21 +84,9 @@ async fn main() -> anyhow::Result<()> {
         .then(|| tokio::spawn(load::progress(tally.clone(), args.calls, done.clone())));
     let (calls, concurrency, stop) = (Some(args.calls), args.concurrency, CancellationToken::new());
 
-    let tls = args.tls_files();
+    let tls = args.tls();
     let mode = if let Some(addr) = &args.direct {
-        let channel = match &tls {
-            Some(files) => {
-                let host = addr
-                    .rsplit_once(':')
-                    .map_or(addr.as_str(), |(host, _)| host);
-                let name = args.tls_server_name.as_deref().unwrap_or(host);
-                tls_channel(addr, files, name.trim_matches(['[', ']'])).await?
-            }
-            None => endpoint(addr)?
-                .connect()
-                .await
-                .with_context(|| format!("connecting to {addr}"))?,
-        };
+        let channel = client::direct(addr, tls.as_ref()).await?;
         load::run(
             GreeterClient::new(channel),
             calls,
@@ -139,29 +97,19 @@ async fn main() -> anyhow::Result<()> {
         .await;
         format!("direct {addr}")
     } else if let Some(host_port) = &args.dns {
-        anyhow::ensure!(
-            tls.is_none(),
-            "--dns does not call over TLS yet: use --direct or --lb with the --tls-* flags"
-        );
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port.as_str())
-            .await
-            .with_context(|| format!("resolving {host_port}"))?
-            .collect();
-        anyhow::ensure!(!addrs.is_empty(), "{host_port} resolves to no address");
-        let endpoints = addrs
-            .iter()
-            .map(|a| endpoint(&a.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
+        let resolved = client::dns(host_port, tls.as_ref()).await?;
         load::run(
-            GreeterClient::new(channel),
+            GreeterClient::new(resolved.channel),
             calls,
             concurrency,
             tally.clone(),
             stop,
         )
         .await;
-        format!("dns {host_port} ({} addresses, resolved once)", addrs.len())
+        format!(
+            "dns {host_port} ({} addresses, resolved once)",
+            resolved.addrs.len()
+        )
     } else {
         let mut builder = lb_client::Channel::builder(&args.target).policy(args.policy);
         for lb in &args.lb {

@@ -36,6 +36,10 @@ struct Args {
     /// Require client certificates signed by this CA (mTLS); needs --tls-cert.
     #[arg(long, env = "GREETER_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Microseconds of CPU each call spends before it answers: makes this
+    /// backend slow in a way its load reports (ORCA) show.
+    #[arg(long, env = "GREETER_CPU_WORK_US", default_value = "0")]
+    cpu_work_us: u64,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -104,6 +108,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         shutdown_delay: args.shutdown_delay,
         drain_timeout: args.drain_timeout,
         tls,
+        cpu_work: Duration::from_micros(args.cpu_work_us),
     };
     server::serve(listener, options, shutdown()).await?;
     Ok(ExitCode::SUCCESS)

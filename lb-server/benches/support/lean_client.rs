@@ -13,11 +13,16 @@
 //! message's arrival time is when lb-server's write put it in this socket,
 //! not when this client's thread, which shares the machine's two cores with
 //! the server it measures, next got a CPU to read it.
+//!
+//! Over TLS ([`LeanTls`]) it does the handshake with tokio-rustls, then
+//! drives the rustls connection itself: it still reads the socket with
+//! `recvmsg` for the kernel's timestamp and decrypts what it read.
 
 use std::{
-    io::IoSliceMut,
+    io::{IoSliceMut, Read, Write},
     net::SocketAddr,
     os::fd::AsRawFd,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -28,6 +33,10 @@ use nix::sys::socket::{
 use tokio::{
     io::{AsyncWriteExt, Interest},
     net::TcpStream,
+};
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{ClientConfig, ClientConnection, pki_types::ServerName},
 };
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -80,9 +89,29 @@ fn grpc_message(message: &impl prost::Message) -> Vec<u8> {
     out
 }
 
+/// TLS for lean calls: the client configuration and the name to verify on
+/// the server's certificate.
+#[derive(Clone)]
+pub(crate) struct LeanTls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl LeanTls {
+    pub(crate) fn new(config: ClientConfig, name: ServerName<'static>) -> Self {
+        Self {
+            connector: TlsConnector::from(Arc::new(config)),
+            name,
+        }
+    }
+}
+
 /// One connection carrying one gRPC call.
 pub(crate) struct LeanCall {
     tcp: TcpStream,
+    /// The TLS session, once its handshake is done; `None` in plaintext.
+    tls: Option<Box<ClientConnection>>,
+    /// HTTP/2 bytes read (decrypted, over TLS) and not yet handled.
     read: BytesMut,
     /// DATA payload of the stream not yet split into gRPC messages.
     messages: BytesMut,
@@ -94,8 +123,10 @@ pub(crate) struct LeanCall {
 impl LeanCall {
     /// Connects and starts a call of `path` with its first request message.
     /// `more` keeps the request stream open for further messages (bidi).
+    /// Over TLS with `tls`, after a full handshake.
     pub(crate) async fn start(
         addr: SocketAddr,
+        tls: Option<&LeanTls>,
         path: &str,
         first: &impl prost::Message,
         more: bool,
@@ -103,6 +134,14 @@ impl LeanCall {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         setsockopt(&tcp, ReceiveTimestampns, &true)?;
+        let (tcp, tls) = match tls {
+            Some(tls) => {
+                let stream = tls.connector.connect(tls.name.clone(), tcp).await?;
+                let (tcp, session) = stream.into_inner();
+                (tcp, Some(Box::new(session)))
+            }
+            None => (tcp, None),
+        };
         let mut out = BytesMut::with_capacity(512);
         out.put_slice(PREFACE);
         // SETTINGS: ENABLE_PUSH = 0, INITIAL_WINDOW_SIZE = max.
@@ -119,7 +158,8 @@ impl LeanCall {
             0,
             &(MAX_WINDOW - DEFAULT_WINDOW).to_be_bytes(),
         );
-        let mut headers = vec![0x83, 0x86]; // :method POST, :scheme http
+        // :method POST, :scheme https or http
+        let mut headers = vec![0x83, if tls.is_some() { 0x87 } else { 0x86 }];
         headers.push(0x04); // :path, literal value
         hpack_string(&mut headers, path);
         headers.push(0x01); // :authority, literal value
@@ -134,6 +174,7 @@ impl LeanCall {
         frame(&mut out, DATA, flags, STREAM, &grpc_message(first));
         let mut call = Self {
             tcp,
+            tls,
             read: BytesMut::with_capacity(4096),
             messages: BytesMut::new(),
             out,
@@ -150,7 +191,17 @@ impl LeanCall {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        self.tcp.write_all(&self.out).await?;
+        match &mut self.tls {
+            Some(session) => {
+                session.writer().write_all(&self.out)?;
+                let mut records = Vec::with_capacity(self.out.len() + 64);
+                while session.wants_write() {
+                    session.write_tls(&mut records)?;
+                }
+                self.tcp.write_all(&records).await?;
+            }
+            None => self.tcp.write_all(&self.out).await?,
+        }
         self.out.clear();
         Ok(())
     }
@@ -196,11 +247,23 @@ impl LeanCall {
             });
             match received {
                 Ok((n, arrived)) => {
-                    self.read.extend_from_slice(&buf[..n]);
                     if arrived.is_some() {
                         self.arrived = arrived;
                     }
-                    return Ok(n);
+                    let Some(session) = &mut self.tls else {
+                        self.read.extend_from_slice(&buf[..n]);
+                        return Ok(n);
+                    };
+                    if n == 0 {
+                        return Ok(0);
+                    }
+                    match decrypt(session, &buf[..n], &mut self.read)? {
+                        // Only TLS records with no application data (such as
+                        // session tickets): read on.
+                        Some(0) => continue,
+                        Some(plain) => return Ok(plain),
+                        None => return Ok(0),
+                    }
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(error) => return Err(error),
@@ -258,6 +321,32 @@ impl LeanCall {
             _ => Ok(true),
         }
     }
+}
+
+/// Feeds `records` to the TLS session and appends what they decrypt to
+/// `plain`: how many bytes, or `None` once the server has closed the session.
+fn decrypt(
+    session: &mut ClientConnection,
+    mut records: &[u8],
+    plain: &mut BytesMut,
+) -> std::io::Result<Option<usize>> {
+    let before = plain.len();
+    let mut chunk = [0u8; 4096];
+    while !records.is_empty() {
+        session.read_tls(&mut records)?;
+        session
+            .process_new_packets()
+            .map_err(std::io::Error::other)?;
+        loop {
+            match session.reader().read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => plain.extend_from_slice(&chunk[..n]),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    Ok(Some(plain.len() - before))
 }
 
 fn frame_len(head: &[u8]) -> usize {
