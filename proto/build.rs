@@ -7,8 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Pass protoc explicitly: setting PROTOC with `env::set_var` is unsafe in edition 2024.
     let out = PathBuf::from(env::var("OUT_DIR")?);
     let include = protoc_bin_vendored::include_path()?;
-    // Two descriptor sets, so each server's reflection lists only what it serves.
-    let sets: [(&str, &[&str]); 2] = [
+    // Descriptor sets apart, so each server's reflection lists only what it serves.
+    let sets: [(&str, &[&str]); 3] = [
         (
             "lookaside_descriptor.bin",
             &[
@@ -19,6 +19,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (
             "helloworld_descriptor.bin",
             &["proto/helloworld/helloworld.proto"],
+        ),
+        (
+            "orca_descriptor.bin",
+            &[
+                "proto/xds/data/orca/v3/orca_load_report.proto",
+                "proto/xds/service/orca/v3/orca.proto",
+            ],
         ),
     ];
     for (descriptor, protos) in sets {

@@ -219,10 +219,7 @@ enum HandshakeError {
 
 /// The TLS handshake, if `tls`, then the HTTP/2 preface, read to check it
 /// ([`Conn`] replays it to the server).
-async fn handshake(
-    tcp: TcpStream,
-    tls: Option<TlsAcceptor>,
-) -> Result<Transport, HandshakeError> {
+async fn handshake(tcp: TcpStream, tls: Option<TlsAcceptor>) -> Result<Transport, HandshakeError> {
     let mut transport = match tls {
         Some(acceptor) => Transport::Tls(Box::new(
             acceptor.accept(tcp).await.map_err(HandshakeError::Tls)?,

@@ -8,9 +8,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 use common::{TestServer, WAIT, next_update, watch_greeter};
 use hyper_util::rt::TokioIo;
 use lb_server::{Config, LbServer};
-use lookaside_proto::lookaside::v1::{
-    ListServicesRequest, admin_client::AdminClient,
-};
+use lookaside_proto::lookaside::v1::{ListServicesRequest, admin_client::AdminClient};
 use lookaside_tls::{
     ClientFiles, Roots,
     generate::{Ca, Validity},

@@ -289,14 +289,17 @@ type ServiceId = (String, String);
 /// last published. Pure: events in, store updates out.
 #[derive(Debug, Default)]
 struct Slices {
-    /// Slices by service, then by slice name (so iteration is in name order).
-    by_service: HashMap<ServiceId, BTreeMap<String, EndpointSlice>>,
+    /// What is kept of each slice, by service, then by slice name (so
+    /// iteration is in name order).
+    by_service: HashMap<ServiceId, BTreeMap<String, SliceView>>,
     /// The service each slice (namespace, slice name) belongs to.
     owner: HashMap<(String, String), ServiceId>,
-    /// What each service last published, by key.
-    published: HashMap<ServiceId, BTreeMap<ServiceKey, Vec<Endpoint>>>,
-    /// The list being received: `Some` between `Init` and `InitDone`.
-    buffer: Option<Vec<EndpointSlice>>,
+    /// What each service last published, by key; a port's name and number
+    /// keys share one list when they have the same endpoints.
+    published: HashMap<ServiceId, BTreeMap<ServiceKey, Arc<[Endpoint]>>>,
+    /// The list being received: `Some` between `Init` and `InitDone`, each
+    /// slice already cut down to what is kept of it.
+    buffer: Option<Vec<Listed>>,
     /// Lists applied so far.
     lists: u64,
 }
@@ -321,7 +324,7 @@ impl Slices {
             }
             Event::InitApply(slice) => match &mut self.buffer {
                 Some(buffer) => {
-                    buffer.push(slice);
+                    buffer.extend(Listed::of(slice));
                     Vec::new()
                 }
                 // kube-runtime always sends Init first; be safe if it did not.
@@ -342,9 +345,7 @@ impl Slices {
         self.by_service.clear();
         self.owner.clear();
         for slice in listed {
-            if let Some(service) = self.insert(slice) {
-                touched.insert(service);
-            }
+            touched.insert(self.insert(slice));
         }
         self.lists += 1;
         touched.iter().flat_map(|s| self.recompute(s)).collect()
@@ -355,8 +356,8 @@ impl Slices {
         if let Some(previous) = self.forget(&slice_id(&slice)) {
             touched.insert(previous);
         }
-        if let Some(service) = self.insert(slice) {
-            touched.insert(service);
+        if let Some(slice) = Listed::of(slice) {
+            touched.insert(self.insert(slice));
         }
         touched.iter().flat_map(|s| self.recompute(s)).collect()
     }
@@ -368,20 +369,15 @@ impl Slices {
         }
     }
 
-    /// Stores a slice under its service; a slice without the label is ignored.
-    fn insert(&mut self, mut slice: EndpointSlice) -> Option<ServiceId> {
-        let service = service_of(&slice)?;
-        // Keep only what endpoints are computed from: managed fields and
-        // annotations can be most of an object's size in a large cluster.
-        slice.metadata.managed_fields = None;
-        slice.metadata.annotations = None;
-        let id = slice_id(&slice);
+    /// Stores a slice under its service; returns the service.
+    fn insert(&mut self, slice: Listed) -> ServiceId {
+        let Listed { service, id, view } = slice;
         self.by_service
             .entry(service.clone())
             .or_default()
-            .insert(id.1.clone(), slice);
+            .insert(id.1.clone(), view);
         self.owner.insert(id, service.clone());
-        Some(service)
+        service
     }
 
     /// Drops a slice; returns the service it belonged to.
@@ -413,7 +409,7 @@ impl Slices {
         if exists && current.is_empty() {
             current = previous
                 .keys()
-                .map(|key| (key.clone(), Vec::new()))
+                .map(|key| (key.clone(), Arc::from([])))
                 .collect();
         }
         let mut updates = Vec::new();
@@ -424,7 +420,7 @@ impl Slices {
         }
         for (key, endpoints) in &current {
             if previous.get(key) != Some(endpoints) {
-                updates.push(Update::Publish(key.clone(), endpoints.clone()));
+                updates.push(Update::Publish(key.clone(), endpoints.to_vec()));
             }
         }
         if !current.is_empty() {
@@ -447,49 +443,95 @@ fn service_of(slice: &EndpointSlice) -> Option<ServiceId> {
     Some((namespace.clone(), name.clone()))
 }
 
-/// Every key a service's slices produce, with its endpoints (normalized).
-/// `slices` must come in slice-name order: among duplicates that are equally
-/// draining, the first slice's copy wins.
+/// What the source keeps of one EndpointSlice: the endpoints and ports its
+/// service's keys are computed from. The rest of the object (metadata,
+/// target references, conditions, hints) is dropped as the slice arrives:
+/// at cluster scale it is most of the memory a plain reflector holds.
+#[derive(Debug, Clone, PartialEq)]
+struct SliceView {
+    /// The endpoints to publish, with port 0 (see [`endpoint_of`]); none for
+    /// an FQDN slice.
+    endpoints: Vec<Endpoint>,
+    /// The TCP ports with a number, each with its name if it has one; none
+    /// for an FQDN slice.
+    ports: Vec<(Option<String>, u16)>,
+}
+
+impl SliceView {
+    fn of(slice: &EndpointSlice) -> Self {
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            return Self {
+                endpoints: Vec::new(),
+                ports: Vec::new(),
+            };
+        }
+        let endpoints = slice.endpoints.iter().filter_map(endpoint_of).collect();
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            // gRPC rides TCP; a UDP or SCTP port of the same service is not ours.
+            .filter(|port| port.protocol.as_deref().is_none_or(|p| p == "TCP"))
+            .filter_map(|port| {
+                let number = port
+                    .port
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|&p| p != 0)?;
+                let name = port.name.clone().filter(|n| !n.is_empty());
+                Some((name, number))
+            })
+            .collect();
+        Self { endpoints, ports }
+    }
+}
+
+/// A slice as it arrives, cut down: its service, its id and what is kept.
+#[derive(Debug)]
+struct Listed {
+    service: ServiceId,
+    id: (String, String),
+    view: SliceView,
+}
+
+impl Listed {
+    /// `None` for a slice without the service label.
+    fn of(slice: EndpointSlice) -> Option<Self> {
+        Some(Self {
+            service: service_of(&slice)?,
+            id: slice_id(&slice),
+            view: SliceView::of(&slice),
+        })
+    }
+}
+
+/// Every key a service's slices produce, with its endpoints (normalized;
+/// keys with equal endpoints, as a port's name and number usually are,
+/// share one list). `slices` must come in slice-name order: among
+/// duplicates that are equally draining, the first slice's copy wins.
 fn service_endpoints<'a>(
     namespace: &str,
     name: &str,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-) -> BTreeMap<ServiceKey, Vec<Endpoint>> {
+    slices: impl IntoIterator<Item = &'a SliceView>,
+) -> BTreeMap<ServiceKey, Arc<[Endpoint]>> {
     let mut by_port: BTreeMap<PortRef, Vec<Endpoint>> = BTreeMap::new();
     for slice in slices {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
-        }
-        let endpoints: Vec<Endpoint> = slice.endpoints.iter().filter_map(endpoint_of).collect();
-        for port in slice.ports.iter().flatten() {
-            // gRPC rides TCP; a UDP or SCTP port of the same service is not ours.
-            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
-                continue;
-            }
-            let Some(number) = port
-                .port
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|&p| p != 0)
-            else {
-                continue;
-            };
-            let named = port
-                .name
-                .as_deref()
-                .filter(|n| !n.is_empty())
-                .map(|n| PortRef::Name(n.to_owned()));
-            for port_ref in [Some(PortRef::Number(number)), named].into_iter().flatten() {
+        for (port_name, number) in &slice.ports {
+            let named = port_name.clone().map(PortRef::Name);
+            for port_ref in [Some(PortRef::Number(*number)), named]
+                .into_iter()
+                .flatten()
+            {
                 by_port
                     .entry(port_ref)
                     .or_default()
-                    .extend(endpoints.iter().map(|e| Endpoint {
-                        port: number,
+                    .extend(slice.endpoints.iter().map(|e| Endpoint {
+                        port: *number,
                         ..e.clone()
                     }));
             }
         }
     }
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<ServiceKey, Arc<[Endpoint]>> = BTreeMap::new();
     for (port, mut endpoints) in by_port {
         let key = match ServiceKey::new(namespace, name, port) {
             Ok(key) => key,
@@ -501,7 +543,12 @@ fn service_endpoints<'a>(
         // `normalize` keeps the first of each address+port: put serving copies
         // first (stable, so slice-name order decides among equals).
         endpoints.sort_by_key(|e| e.draining);
-        out.insert(key, normalize(endpoints));
+        let endpoints = normalize(endpoints);
+        let shared = out
+            .values()
+            .find(|other| ***other == *endpoints)
+            .map_or_else(|| Arc::from(endpoints), Arc::clone);
+        out.insert(key, shared);
     }
     out
 }

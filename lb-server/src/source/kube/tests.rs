@@ -163,8 +163,8 @@ fn an_endpoint_in_two_slices_while_it_moves_keeps_its_serving_copy() {
     }
     let snapshot = &state.published[&("default".to_owned(), "greeter".to_owned())][&grpc];
     assert_eq!(
-        snapshot,
-        &vec![endpoint("10.0.0.1", 50051).zone("a").draining()]
+        **snapshot,
+        [endpoint("10.0.0.1", 50051).zone("a").draining()]
     );
 }
 
@@ -491,4 +491,27 @@ fn only_a_410_counts_as_gone() {
         status(403)
     ))));
     assert!(!gone(&watcher::Error::NoResourceVersion));
+}
+
+/// What is kept per slice is only what keys are computed from, and a port's
+/// name and number keys share one list: at cluster scale these copies were
+/// most of lb-server's memory (`tests/benches/cluster.rs`).
+#[test]
+fn a_port_name_and_number_share_one_list_and_slices_are_kept_cut_down() {
+    let (state, _) = listed([slice("default", "greeter-a", "greeter")
+        .port("grpc", 50051)
+        .endpoints(eps(1, 3))
+        .label("app.kubernetes.io/name", "greeter")
+        .build()]);
+    let service = ("default".to_owned(), "greeter".to_owned());
+    let published = &state.published[&service];
+    let by_name = &published[&key("default", "greeter", named("grpc"))];
+    let by_number = &published[&key("default", "greeter", PortRef::Number(50051))];
+    assert_eq!(by_name.len(), 3);
+    assert!(Arc::ptr_eq(by_name, by_number), "one list for both keys");
+
+    let kept = &state.by_service[&service]["greeter-a"];
+    assert_eq!(kept.ports, [(Some("grpc".to_owned()), 50051)]);
+    assert_eq!(kept.endpoints.len(), 3);
+    assert!(kept.endpoints.iter().all(|e| e.port == 0));
 }
