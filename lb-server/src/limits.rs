@@ -17,6 +17,7 @@
 //! | [`Limits::metrics_header_timeout`], [`MAX_HTTP_CONNECTIONS`] | idle or slow connections on the metrics port |
 //! | [`MAX_XDS_NAMES_PER_REQUEST`], [`XDS_REQUESTS_PER_SECOND`] (with the rest of the xDS stream limits in [`crate::api::xds`]) | one ADS stream keeping a core busy |
 //! | the NACK log limits in [`crate::api::xds`], [`crate::api::client_text`] | log floods and forged log lines |
+//! | `lookaside_proto::lookaside::v1::MAX_WATCH_RESPONSE_BYTES` (responses, agreed with lb-client) | a Watch message larger than clients accept |
 //! | [`MAX_FILE_BYTES`](crate::source::file::MAX_FILE_BYTES), [`MAX_NESTING`](crate::source::file::MAX_NESTING) (the file source, parsed off the runtime) | a huge or deeply nested YAML file stalling the APIs or the memory |
 //!
 //! The request limits are enforced by [`RequestLimitsLayer`], which reads the

@@ -4,9 +4,8 @@
 //! A change is pushed to every subscriber in one burst from an idle runtime.
 //! When a runtime has as many workers as its process has CPUs, Linux often
 //! wakes the second worker on the CPU of the first (the waker's), and the
-//! burst then runs on one CPU while the other idles: on two CPUs, a fan-out
-//! to 1,000 subscribers took 12–13 ms in such rounds instead of 6–7 ms
-//! (BENCHMARKS.md). A worker pinned to its own CPU cannot be stacked. With
+//! burst then runs on one CPU while the other idles (BENCHMARKS.md, "Pinned
+//! workers", has the measurements). A worker pinned to its own CPU cannot be stacked. With
 //! `--pin-workers auto` lb-server pins only when the process may run on
 //! exactly as many CPUs as it has workers, as in a pod given whole CPUs by the
 //! kubelet's static CPU manager, or a machine of its own. The default is
