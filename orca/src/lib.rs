@@ -18,7 +18,7 @@
 //! # #[tonic::async_trait] impl Greeter for MyGreeter {
 //! #     async fn say_hello(&self, _: tonic::Request<lookaside_proto::helloworld::HelloRequest>)
 //! #         -> Result<tonic::Response<lookaside_proto::helloworld::HelloReply>, tonic::Status> {
-//! #         unimplemented!() } }
+//! #         Ok(tonic::Response::new(Default::default())) } }
 //! let reporter = lookaside_orca::LoadReporter::new();
 //! tonic::transport::Server::builder()
 //!     .layer(reporter.layer())

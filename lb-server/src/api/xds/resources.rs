@@ -268,6 +268,11 @@ impl Resources {
         self
     }
 
+    /// How many encodings are cached, over every slot.
+    fn cached(cache: &Cache) -> usize {
+        cache.iter().map(HashMap::len).sum()
+    }
+
     /// Where an encoding is cached: a resource that is the same for every
     /// kind of client is cached once, under [`ClientKind::Envoy`].
     fn slot(&self, ty: ResourceType, kind: ClientKind) -> usize {
@@ -301,7 +306,7 @@ impl Resources {
         }
         let any = self.encode(ty, name, key, snapshot, kind);
         let mut cache = self.cache.lock().unwrap();
-        if cache.iter().map(HashMap::len).sum::<usize>() >= MAX_CACHED {
+        if Self::cached(&cache) >= MAX_CACHED {
             cache.iter_mut().for_each(HashMap::clear);
         }
         cache[slot].insert(name.to_owned(), (version, any.clone()));
@@ -1105,13 +1110,7 @@ mod tests {
             "the flag off changes nothing in the Cluster"
         );
         assert_eq!(
-            plain
-                .cache
-                .lock()
-                .unwrap()
-                .iter()
-                .map(HashMap::len)
-                .sum::<usize>(),
+            Resources::cached(&plain.cache.lock().unwrap()),
             1,
             "encoded once for both kinds"
         );
@@ -1159,13 +1158,7 @@ mod tests {
             );
         }
         assert_eq!(
-            resources
-                .cache
-                .lock()
-                .unwrap()
-                .iter()
-                .map(HashMap::len)
-                .sum::<usize>(),
+            Resources::cached(&resources.cache.lock().unwrap()),
             2,
             "one encoding per kind, shared by every stream"
         );
@@ -1173,15 +1166,6 @@ mod tests {
         let listener =
             |kind| resources.build(ResourceType::Listener, GREETER_KEY, &key(), None, kind);
         assert_eq!(listener(ClientKind::Envoy), listener(ClientKind::Grpc));
-        assert_eq!(
-            resources
-                .cache
-                .lock()
-                .unwrap()
-                .iter()
-                .map(HashMap::len)
-                .sum::<usize>(),
-            3
-        );
+        assert_eq!(Resources::cached(&resources.cache.lock().unwrap()), 3);
     }
 }
