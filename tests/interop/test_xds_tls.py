@@ -82,9 +82,17 @@ def lb_flags(pki: Pki, *more: str) -> list[str]:
 
 
 def evenly(served: dict, calls: int) -> bool:
-    """All `calls` served by g1 and g2, within a call or two of half each (a
-    new picker, as when backends change state, starts its round anew)."""
-    return set(served) == {"g1", "g2"} and sum(served.values()) == calls and abs(served["g1"] - served["g2"]) <= 2
+    """All `calls` served by g1 and g2, each within a tenth of `calls` of half.
+
+    Not exact: gRPC's round robin starts every new picker at a random index,
+    and a picker is rebuilt each time a refused backend's subchannel goes
+    from CONNECTING to TRANSIENT_FAILURE again (its backoff retries), so
+    each rebuild may give one backend an extra call (CI saw 22/18)."""
+    return (
+        set(served) == {"g1", "g2"}
+        and sum(served.values()) == calls
+        and abs(served["g1"] - served["g2"]) <= calls // 5
+    )
 
 
 def refused_handshake(greeter: Greeter) -> str:
