@@ -208,6 +208,7 @@ impl Subscription {
         };
         let request = WatchRequest {
             target: self.pool.target.clone(),
+            ..Default::default()
         };
         // Accept every response lb-server may send (tonic's default is 4 MiB).
         let mut client =

@@ -353,6 +353,7 @@ async fn lean_discovery_subscriber(
 ) {
     let request = WatchRequest {
         target: TARGET.into(),
+        ..Default::default()
     };
     let mut call = LeanCall::start(addr, tls.as_ref(), WATCH_PATH, &request, false)
         .await
@@ -436,6 +437,7 @@ async fn discovery_subscriber(
     let path = http::uri::PathAndQuery::from_static("/lookaside.v1.Discovery/Watch");
     let request = tonic::Request::new(WatchRequest {
         target: TARGET.into(),
+        ..Default::default()
     });
     let mut stream = grpc
         .server_streaming(request, path, codec)
@@ -711,6 +713,7 @@ async fn subscribe(
     let subscribers = tally.read_at.len();
     let request = WatchRequest {
         target: TARGET.into(),
+        ..Default::default()
     };
     let mut warm = LeanCall::start(server.grpc, tls.as_ref(), WATCH_PATH, &request, false)
         .await

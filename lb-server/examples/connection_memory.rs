@@ -47,6 +47,7 @@ async fn measure(mode: &str, n: usize) -> f64 {
                 let mut stream = DiscoveryClient::with_origin(connection.clone(), origin.clone())
                     .watch(WatchRequest {
                         target: "a.b:grpc".into(),
+                        ..Default::default()
                     })
                     .await
                     .unwrap()

@@ -28,6 +28,7 @@ async fn watch(
     let mut client = DiscoveryClient::new(channel);
     let request = WatchRequest {
         target: target.into(),
+        ..Default::default()
     };
     Ok(client.watch(request).await?.into_inner())
 }

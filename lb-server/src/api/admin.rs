@@ -183,6 +183,7 @@ impl Admin for AdminApi {
                         })
                         .collect(),
                 }),
+                ..Default::default()
             })
             .collect();
         Ok(Response::new(ListSubscribersResponse { subscribers }))

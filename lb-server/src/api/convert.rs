@@ -17,6 +17,7 @@ pub fn endpoint(endpoint: &Endpoint) -> pb::Endpoint {
         node: endpoint.node.clone(),
         pod: endpoint.pod.clone(),
         draining: endpoint.draining,
+        ..Default::default()
     }
 }
 
@@ -27,6 +28,7 @@ pub fn watch_response(key: &ServiceKey, snapshot: &Snapshot) -> pb::WatchRespons
         exists: snapshot.exists,
         endpoints: snapshot.endpoints.iter().map(endpoint).collect(),
         target: key.to_string(),
+        ..Default::default()
     }
 }
 

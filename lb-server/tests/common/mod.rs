@@ -26,6 +26,7 @@ pub async fn watch_greeter(channel: Channel) -> Streaming<WatchResponse> {
     let mut watch = DiscoveryClient::new(channel)
         .watch(WatchRequest {
             target: "greeter.default:grpc".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
