@@ -1,6 +1,6 @@
 //! The response body: tracks a call until its last frame, so that in-flight
-//! counts cover whole calls and the gRPC status in the trailers feeds
-//! ejection.
+//! counts cover whole calls, the gRPC status in the trailers feeds
+//! ejection, and the load report there feeds weighted round robin.
 
 use std::{
     pin::Pin,
@@ -40,6 +40,23 @@ impl CallGuard {
 
     pub(crate) fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    /// Feeds the call's load report (the `endpoint-load-metrics-bin`
+    /// trailer) to the endpoint's weight, when weighted round robin reads
+    /// reports per call: no cost under other policies.
+    pub(crate) fn record_load(&self, trailers: &HeaderMap) {
+        let Some(wrr) = self.pool.wrr() else {
+            return;
+        };
+        if wrr.out_of_band.is_some() {
+            return;
+        }
+        if let Some(report) = lookaside_orca::decode_trailer(trailers) {
+            self.endpoint
+                .load_weight()
+                .record(&report, wrr.error_utilization_penalty, now_nanos());
+        }
     }
 
     pub(crate) fn finish(mut self, outcome: Outcome) {
@@ -125,9 +142,12 @@ impl Body for ResponseBody {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         let outcome = match &frame {
-            Some(Ok(frame)) => frame
-                .trailers_ref()
-                .map(|t| outcome_of(t).unwrap_or(Outcome::Success)),
+            Some(Ok(frame)) => frame.trailers_ref().map(|t| {
+                if let Some(guard) = this.guard.as_ref() {
+                    guard.record_load(t);
+                }
+                outcome_of(t).unwrap_or(Outcome::Success)
+            }),
             Some(Err(_)) => Some(Outcome::Unavailable),
             None => Some(this.outcome.unwrap_or(Outcome::Success)),
         };

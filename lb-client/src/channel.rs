@@ -28,7 +28,14 @@ use crate::{
     resolver::{Fallback, LbServer, Subscription},
     stats::{ChannelStats, EndpointStats},
     tls::ClientTls,
+    zones::Locality,
 };
+
+/// The environment variable [`Builder::zone`] defaults to.
+pub const ZONE_ENV: &str = "LB_ZONE";
+
+/// The environment variable [`Builder::node`] defaults to.
+pub const NODE_ENV: &str = "LB_NODE";
 
 /// Errors building a channel.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +92,9 @@ pub struct Builder {
     backend_tls: Option<ClientTls>,
     tls_server_name: Option<String>,
     authority: Option<String>,
+    zone: String,
+    node: String,
+    wrr: crate::wrr::WrrConfig,
 }
 
 impl Builder {
@@ -104,7 +114,56 @@ impl Builder {
             backend_tls: None,
             tls_server_name: None,
             authority: None,
+            zone: std::env::var(ZONE_ENV).unwrap_or_default(),
+            node: std::env::var(NODE_ENV).unwrap_or_default(),
+            wrr: crate::wrr::WrrConfig::default(),
         }
+    }
+
+    /// Weighted round robin's settings (see [`WrrConfig`](crate::WrrConfig)
+    /// for each and its default); they apply when the policy is
+    /// [`Policy::WeightedRoundRobin`].
+    pub fn wrr(mut self, config: crate::wrr::WrrConfig) -> Self {
+        self.wrr = config;
+        self
+    }
+
+    /// Weighted round robin reads load reports out of band, asking each
+    /// backend for one every `interval` on an
+    /// `xds.service.orca.v3.OpenRcaService/StreamCoreMetrics` stream over its
+    /// connection, instead of from every call's trailers
+    /// ([`WrrConfig::out_of_band`](crate::WrrConfig::out_of_band)).
+    pub fn orca_out_of_band(mut self, interval: Duration) -> Self {
+        self.wrr.out_of_band = Some(interval);
+        self
+    }
+
+    /// The zone this client runs in (its node's
+    /// `topology.kubernetes.io/zone`), sent to the LB server on the Watch.
+    /// Default: the `LB_ZONE` environment variable; empty means unknown.
+    ///
+    /// With a zone, the LB server sends the share of this client's calls
+    /// each zone should take, computed from the zones of every client and
+    /// every endpoint, and the channel keeps calls in its own zone while that
+    /// zone has the capacity, spilling the rest over to the other zones in
+    /// proportion. A zone with no usable endpoint (all ejected, draining or
+    /// gone) gets no calls: its share goes to the others at once, with no
+    /// failed call. EndpointSlice hints (topology-aware routing), when every
+    /// endpoint has them and some are for this zone, decide instead of the
+    /// shares. Without a zone, or when the LB server sends no shares, calls
+    /// go to every endpoint as the policy picks.
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.zone = zone.into();
+        self
+    }
+
+    /// The node this client runs on (`spec.nodeName`), sent to the LB server
+    /// on the Watch and matched against EndpointSlice node hints
+    /// (`trafficDistribution: PreferSameNode`). Default: the `LB_NODE`
+    /// environment variable; empty means unknown.
+    pub fn node(mut self, node: impl Into<String>) -> Self {
+        self.node = node.into();
+        self
     }
 
     /// TLS for both the LB connection (`https://` LB URLs) and the backend
@@ -372,9 +431,21 @@ impl Builder {
                 ejection_base: self.ejection_base,
                 ejection_max: self.ejection_max,
                 consecutive_errors: self.consecutive_errors,
+                locality: Locality {
+                    zone: self.zone.clone(),
+                    node: self.node.clone(),
+                },
+                wrr: (self.policy == Policy::WeightedRoundRobin).then(|| self.wrr.clone()),
             },
             shutdown.clone(),
         );
+        if let Some(wrr) = pool.wrr() {
+            // Weights are recomputed off the hot path, every update period.
+            tokio::spawn(
+                crate::wrr::run(pool.clone(), wrr.clone(), scheme.clone(), shutdown.clone())
+                    .instrument(tracing::info_span!("wrr_weights", target = %self.target)),
+            );
+        }
         let subscription = Subscription {
             pool: pool.clone(),
             lbs,
@@ -456,6 +527,24 @@ impl Channel {
         }
     }
 
+    /// The zone shares in use: the share of this channel's calls each zone
+    /// should take, in parts per million, as the LB server last sent them.
+    /// Empty: calls go without regard to zones.
+    pub fn zone_shares(&self) -> Vec<(String, u32)> {
+        self.inner.pool.picker.load().shares()
+    }
+
+    /// Calls sent to each zone's endpoints since the channel was created
+    /// (endpoints the LB server gives no zone count under `""`), from
+    /// [`endpoints`](Self::endpoints): endpoints removed since are not counted.
+    pub fn calls_per_zone(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut calls = std::collections::BTreeMap::new();
+        for e in self.endpoints() {
+            *calls.entry(e.zone).or_default() += e.calls;
+        }
+        calls
+    }
+
     /// Every endpoint the channel knows, draining ones included.
     pub fn endpoints(&self) -> Vec<EndpointStats> {
         let now = now_nanos();
@@ -475,6 +564,7 @@ impl Channel {
                 calls: e.calls(),
                 failures: e.failures(),
                 latency: Duration::from_nanos(e.latency(now) as u64),
+                load_weight: e.load_weight().current(),
             })
             .collect()
     }
@@ -605,6 +695,11 @@ async fn send(
                     answered_at,
                 );
                 let outcome = if response.status() == http::StatusCode::OK {
+                    // A trailers-only response carries its load report in
+                    // its headers.
+                    if response.headers().contains_key("grpc-status") {
+                        guard.record_load(response.headers());
+                    }
                     outcome_of(response.headers())
                 } else {
                     Some(Outcome::Unavailable)
@@ -636,7 +731,8 @@ async fn send(
     }
 }
 
-fn set_uri(
+/// Points `request` at one backend (also the out-of-band report streams).
+pub(crate) fn set_uri(
     request: &mut http::Request<tonic::body::Body>,
     scheme: &Scheme,
     authority: &http::uri::Authority,

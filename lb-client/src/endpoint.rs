@@ -17,6 +17,8 @@ use http::uri::Authority;
 use hyper::client::conn::http2::SendRequest;
 use lookaside_backoff::Backoff;
 
+use crate::wrr::LoadWeight;
+
 /// How fast the latency estimate forgets: the EWMA time constant. Short, so
 /// that an endpoint that looked slow once (a pause, a GC) is tried again soon.
 const DECAY: Duration = Duration::from_millis(500);
@@ -88,6 +90,8 @@ pub(crate) struct EndpointState {
     ejections: AtomicU32,
     calls: AtomicU64,
     failures: AtomicU64,
+    /// Its weight from load reports, for weighted round robin.
+    load: LoadWeight,
 }
 
 impl EndpointState {
@@ -122,6 +126,7 @@ impl EndpointState {
             ejections: AtomicU32::new(0),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            load: LoadWeight::default(),
         })
     }
 
@@ -151,8 +156,17 @@ impl EndpointState {
 
     /// Installs (or with `None`, drops) the connection's sender.
     pub(crate) fn set_sender(&self, sender: Option<Sender>, state: Conn) {
+        if sender.is_some() {
+            // A new connection, perhaps to a restarted backend.
+            self.load.restart_blackout();
+        }
         self.sender.store(sender.map(Arc::new));
         self.conn.store(state as u8, Relaxed);
+    }
+
+    /// Its weight from load reports (weighted round robin).
+    pub(crate) fn load_weight(&self) -> &LoadWeight {
+        &self.load
     }
 
     /// Records why a connection attempt failed (`None`: it succeeded).

@@ -52,9 +52,33 @@
 //! jittered backoff. With no usable endpoint a call fails fast with
 //! `UNAVAILABLE` and a message that says why.
 //!
+//! Zones: a channel that knows its zone ([`Builder::zone`], default from the
+//! `LB_ZONE` environment variable) says it on its Watch, and the LB server,
+//! which knows the zones of every client and every endpoint, answers with the
+//! share of its calls each zone should take: calls stay in the local zone
+//! while it has the capacity and spill over to the others in proportion. A
+//! zone with no usable endpoint is skipped at once, within the call.
+//! EndpointSlice hints are honoured as kube-proxy honours them (see
+//! [`Builder::zone`]); [`Channel::calls_per_zone`] shows where calls went.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let channel = lb_client::Channel::builder("greeter.default:grpc")
+//!     .lb("http://lb-server.lookaside:7000")
+//!     .zone("europe-west1-b")
+//!     .connect()
+//!     .await?;
+//! println!("{:?}", channel.zone_shares());
+//! # Ok(()) }
+//! ```
+//!
 //! # Layout
 //! - [`channel`]: the builder and the `tower::Service` (the hot path).
-//! - `picker`: round-robin, peak-EWMA and least-request picks.
+//! - `picker`: round-robin, peak-EWMA, least-request and weighted round
+//!   robin picks.
+//! - `wrr`: weighted round robin's weights from backend load reports (ORCA).
+//! - `zones`: zone-aware picks: EndpointSlice hints, then zone shares, then
+//!   every endpoint, each layer falling through to the next within a call.
 //! - `pool`: one connection per backend, ejection, list updates.
 //! - `resolver`: the LB subscription, failover and fallback.
 //! - `endpoint`: per-backend atomics (load, latency, health).
@@ -70,6 +94,8 @@ mod pool;
 mod resolver;
 pub mod stats;
 mod tls;
+mod wrr;
+mod zones;
 
 pub use body::ResponseBody;
 pub use channel::{Builder, Channel, Error, ResponseFuture};
@@ -77,3 +103,4 @@ pub use lookaside_tls::TlsError;
 pub use picker::Policy;
 pub use stats::{ChannelStats, EndpointStats};
 pub use tls::ClientTls;
+pub use wrr::WrrConfig;

@@ -1,5 +1,6 @@
 //! Picking an endpoint for one call: round-robin, power of two choices on
-//! peak-EWMA latency, or least-request, all weighted.
+//! peak-EWMA latency, least-request, or weighted round robin from backend
+//! load reports, all weighted.
 //!
 //! A [`Picker`] is immutable once built (the pool builds a new one when the
 //! endpoint list changes and swaps it in); a pick reads atomics only.
@@ -29,6 +30,13 @@ pub enum Policy {
     /// Power of two choices on outstanding calls, scaled up by the endpoint's
     /// recent failure rate; the two candidates are drawn by weight.
     LeastRequest,
+    /// Weighted round robin from the load the backends report (ORCA, gRPC's
+    /// A58): an endpoint's weight is its calls per second over its
+    /// utilization, times the weight lb-server sends. Settings, and what is
+    /// done with reports that make no sense, are in [`WrrConfig`](crate::WrrConfig)
+    /// ([`Builder::wrr`](crate::Builder::wrr)). While no backend reports,
+    /// it is plain round-robin.
+    WeightedRoundRobin,
 }
 
 impl Policy {
@@ -38,6 +46,7 @@ impl Policy {
             Policy::RoundRobin => "round-robin",
             Policy::PeakEwma => "p2c",
             Policy::LeastRequest => "least-request",
+            Policy::WeightedRoundRobin => "wrr",
         }
     }
 }
@@ -56,8 +65,11 @@ impl FromStr for Policy {
             "round-robin" | "round_robin" | "rr" => Ok(Policy::RoundRobin),
             "p2c" | "peak-ewma" | "ewma" => Ok(Policy::PeakEwma),
             "least-request" | "least_request" | "lr" => Ok(Policy::LeastRequest),
+            "wrr" | "weighted-round-robin" | "weighted_round_robin" => {
+                Ok(Policy::WeightedRoundRobin)
+            }
             _ => Err(format!(
-                "unknown policy {s:?}: expected round-robin, p2c or least-request"
+                "unknown policy {s:?}: expected round-robin, p2c, least-request or wrr"
             )),
         }
     }
@@ -83,7 +95,8 @@ pub(crate) struct Picker {
     endpoints: Vec<Arc<EndpointState>>,
     draining: usize,
     /// Round-robin order: indices into `endpoints`, repeated by weight,
-    /// interleaved (`lookaside_weights::schedule`).
+    /// interleaved (`lookaside_weights::schedule`). Weights are lb-server's,
+    /// times the load-report weights when any endpoint has one.
     schedule: Vec<u32>,
     /// Prefix sums of weights, for weighted random choice.
     cumulative: Vec<u64>,
@@ -91,11 +104,20 @@ pub(crate) struct Picker {
 }
 
 impl Picker {
-    /// Builds a picker over the non-draining endpoints of `all`.
+    /// Builds a picker over the non-draining endpoints of `all`, weighted
+    /// by their current load-report weights as well when any has one
+    /// (only weighted round robin sets them).
     pub(crate) fn new(all: &[Arc<EndpointState>]) -> Self {
         let draining = all.iter().filter(|e| e.draining()).count();
         let endpoints: Vec<_> = all.iter().filter(|e| !e.draining()).cloned().collect();
-        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight()).collect();
+        let mut weights: Vec<u32> = endpoints.iter().map(|e| e.weight()).collect();
+        let load: Vec<Option<f64>> = endpoints
+            .iter()
+            .map(|e| e.load_weight().current())
+            .collect();
+        if let Some(combined) = crate::wrr::combine(&weights, &load) {
+            weights = lookaside_weights::quantize(&combined);
+        }
         // The workspace's one weighted scheduler, as lb-server's grpclb lists use.
         let schedule = lookaside_weights::schedule(&weights);
         let mut total = 0;
@@ -130,7 +152,7 @@ impl Picker {
             });
         }
         let picked = match policy {
-            Policy::RoundRobin => self.round_robin(now),
+            Policy::RoundRobin | Policy::WeightedRoundRobin => self.round_robin(now),
             // Weights shape which two endpoints are drawn; the costs then
             // compare load alone, so that idle endpoints share by weight.
             Policy::PeakEwma => self.two_choices(now, |e| {
@@ -320,8 +342,16 @@ mod tests {
 
     #[test]
     fn policies_parse() {
-        for policy in [Policy::RoundRobin, Policy::PeakEwma, Policy::LeastRequest] {
+        for policy in [
+            Policy::RoundRobin,
+            Policy::PeakEwma,
+            Policy::LeastRequest,
+            Policy::WeightedRoundRobin,
+        ] {
             assert_eq!(policy.as_str().parse::<Policy>().unwrap(), policy);
+        }
+        for name in ["weighted-round-robin", "weighted_round_robin"] {
+            assert_eq!(name.parse::<Policy>(), Ok(Policy::WeightedRoundRobin));
         }
         assert!(
             "random"

@@ -1,8 +1,8 @@
 //! The connection pool: one HTTP/2 connection per backend, opened and closed
 //! as the endpoint list changes, and the picker over them.
 //!
-//! Updates (a new list, a connection up or down) happen off the hot path and
-//! swap in a new [`Picker`]; calls only load it. A removed endpoint's sender
+//! Updates (a new list, new zone shares, a connection up or down) happen off
+//! the hot path and swap in a new [`ZonePicker`]; calls only load it. A removed endpoint's sender
 //! is dropped at once, but its connection task lives on until the calls in
 //! flight on it finish.
 
@@ -24,8 +24,8 @@ use tracing::{Instrument, debug_span};
 
 use crate::{
     endpoint::{Conn, EndpointState, Outcome, now_nanos},
-    picker::Picker,
     stats::Counters,
+    zones::{Hints, Locality, ZonePicker, ZoneShare},
 };
 
 /// An endpoint as the LB server (or the fallback) lists it.
@@ -36,6 +36,8 @@ pub(crate) struct EndpointSpec {
     pub(crate) zone: String,
     pub(crate) pod: String,
     pub(crate) draining: bool,
+    /// EndpointSlice hints, for zone-aware picks.
+    pub(crate) hints: Hints,
 }
 
 /// Where the current list came from, for error messages.
@@ -65,6 +67,11 @@ pub(crate) struct PoolSettings {
     pub(crate) ejection_max: Duration,
     /// Server errors or timeouts in a row that eject an endpoint.
     pub(crate) consecutive_errors: u32,
+    /// This client's zone and node, for zone-aware picks.
+    pub(crate) locality: Locality,
+    /// Weighted round robin's settings, when that is the policy: load
+    /// reports are read only then.
+    pub(crate) wrr: Option<crate::wrr::WrrConfig>,
 }
 
 /// TLS to the backends: the configuration in use and the name their
@@ -101,17 +108,22 @@ impl AuthorityRule {
 struct Managed {
     state: Arc<EndpointState>,
     stop: CancellationToken,
+    hints: Hints,
 }
 
 /// Shared by the channel, the subscription task and the connection tasks.
 pub(crate) struct Pool {
     pub(crate) target: String,
-    pub(crate) picker: ArcSwap<Picker>,
+    pub(crate) picker: ArcSwap<ZonePicker>,
     pub(crate) list: ArcSwap<ListState>,
     pub(crate) counters: Counters,
     settings: PoolSettings,
     // std Mutex: only list updates take it, never across `.await`, never on the hot path.
     endpoints: Mutex<HashMap<SocketAddr, Managed>>,
+    /// The LB server's zone shares, [`normalize`](crate::zones::normalize)d.
+    /// std Mutex: taken only inside [`rebuild`](Self::rebuild)'s section and
+    /// to replace the shares, never across `.await`.
+    shares: Mutex<Vec<ZoneShare>>,
     /// Held to decide and record one ejection, so that two endpoints failing
     /// at once cannot each see the other usable and both be ejected. std
     /// Mutex: only calls that failed take it, briefly, never across `.await`.
@@ -137,11 +149,12 @@ impl Pool {
     ) -> Arc<Self> {
         Arc::new(Self {
             target,
-            picker: ArcSwap::from_pointee(Picker::default()),
+            picker: ArcSwap::from_pointee(ZonePicker::default()),
             list: ArcSwap::from_pointee(ListState::Waiting { last_error: None }),
             counters: Counters::default(),
             settings,
             endpoints: Mutex::new(HashMap::new()),
+            shares: Mutex::new(Vec::new()),
             ejecting: Mutex::new(()),
             changed: watch::Sender::new(0),
             shutdown,
@@ -171,12 +184,13 @@ impl Pool {
             let mut endpoints = self.endpoints.lock().unwrap();
             let mut keep = HashMap::with_capacity(specs.len());
             for spec in specs {
-                let managed = match endpoints.remove(&spec.addr) {
+                let mut managed = match endpoints.remove(&spec.addr) {
                     Some(managed) => managed,
                     None => self.start(&spec),
                 };
                 managed.state.set_weight(spec.weight);
                 managed.state.set_draining(spec.draining);
+                managed.hints = spec.hints;
                 keep.insert(spec.addr, managed);
             }
             for (addr, removed) in endpoints.drain() {
@@ -191,14 +205,46 @@ impl Pool {
         self.rebuild();
     }
 
-    /// Rebuilds the picker from the current endpoints.
-    fn rebuild(&self) {
+    /// Weighted round robin's settings, when that is the policy.
+    pub(crate) fn wrr(&self) -> Option<&crate::wrr::WrrConfig> {
+        self.settings.wrr.as_ref()
+    }
+
+    /// This client's zone and node.
+    pub(crate) fn locality(&self) -> &Locality {
+        &self.settings.locality
+    }
+
+    /// Makes `shares` (as the LB server sent them) the zone shares, and
+    /// rebuilds the picker if they changed.
+    pub(crate) fn set_zone_shares(&self, shares: Vec<ZoneShare>) {
+        let shares = crate::zones::normalize(shares);
+        {
+            let mut current = self.shares.lock().unwrap();
+            if *current == shares {
+                return;
+            }
+            tracing::debug!(target = %self.target, ?shares, "zone shares");
+            *current = shares;
+        }
+        self.rebuild();
+    }
+
+    /// Rebuilds the picker from the current endpoints and zone shares.
+    pub(crate) fn rebuild(&self) {
+        // Both locks held while building, so that rebuilds run one at a time
+        // and the last one stored saw every change before it.
         let endpoints = self.endpoints.lock().unwrap();
-        let mut all: Vec<Arc<EndpointState>> =
-            endpoints.values().map(|m| m.state.clone()).collect();
+        let shares = self.shares.lock().unwrap();
+        let mut all: Vec<(Arc<EndpointState>, Hints)> = endpoints
+            .values()
+            .map(|m| (m.state.clone(), m.hints.clone()))
+            .collect();
+        all.sort_by_key(|(e, _)| e.addr);
+        let picker = ZonePicker::new(&all, &self.settings.locality, &shares);
+        drop(shares);
+        self.picker.store(Arc::new(picker));
         drop(endpoints);
-        all.sort_by_key(|e| e.addr);
-        self.picker.store(Arc::new(Picker::new(&all)));
         self.notify();
     }
 
@@ -215,7 +261,11 @@ impl Pool {
         tokio::spawn(
             task.instrument(debug_span!("endpoint", addr = %spec.addr, target = %self.target)),
         );
-        Managed { state, stop }
+        Managed {
+            state,
+            stop,
+            hints: spec.hints.clone(),
+        }
     }
 
     /// Keeps one HTTP/2 connection to the endpoint open until `stop`.
@@ -406,6 +456,8 @@ mod tests {
                 ejection_base: Duration::from_secs(10),
                 ejection_max: Duration::from_secs(60),
                 consecutive_errors: 3,
+                locality: Locality::default(),
+                wrr: None,
             },
             CancellationToken::new(),
         )
@@ -427,7 +479,7 @@ mod tests {
     fn unavailable_ejects_at_once_server_errors_after_a_streak_and_never_all() {
         let pool = pool();
         let endpoints = vec![ready(1), ready(2), ready(3)];
-        pool.picker.store(Arc::new(Picker::new(&endpoints)));
+        pool.picker.store(Arc::new(ZonePicker::flat(&endpoints)));
         let now = now_nanos;
 
         // Server errors eject only after the configured streak.
@@ -448,7 +500,7 @@ mod tests {
         assert_eq!(pool.counters.ejections.get(), 2);
         // A success in between resets the streak.
         let fresh = vec![ready(4), ready(5)];
-        pool.picker.store(Arc::new(Picker::new(&fresh)));
+        pool.picker.store(Arc::new(ZonePicker::flat(&fresh)));
         pool.report(&fresh[0], Outcome::ServerError);
         pool.report(&fresh[0], Outcome::ServerError);
         pool.report(&fresh[0], Outcome::Success);
@@ -460,7 +512,7 @@ mod tests {
     fn a_passed_deadline_ejects_only_as_part_of_a_streak() {
         let pool = pool();
         let endpoints = vec![ready(1), ready(2)];
-        pool.picker.store(Arc::new(Picker::new(&endpoints)));
+        pool.picker.store(Arc::new(ZonePicker::flat(&endpoints)));
         let slow = &endpoints[0];
         // One slow call, even a few with answers between: not ejected.
         pool.report(slow, Outcome::Timeout);
@@ -493,7 +545,7 @@ mod tests {
         const ROUNDS: usize = 10_000;
         let pool = pool();
         let endpoints: Vec<_> = (0..THREADS as u16).map(|i| ready(i + 1)).collect();
-        pool.picker.store(Arc::new(Picker::new(&endpoints)));
+        pool.picker.store(Arc::new(ZonePicker::flat(&endpoints)));
         let (round, reported) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let mut all_ejected = 0;
         std::thread::scope(|scope| {

@@ -4,18 +4,29 @@
 //! When every LB server is unreachable the pool keeps the last list it had:
 //! backends do not go away because the control plane restarts. Reconnects
 //! back off with jitter.
+//!
+//! The subscription asks for incremental updates: after the first full
+//! snapshot the LB server sends only what changed, and [`HeldList`] applies
+//! each diff to the list this stream holds, so the pool is always handed a
+//! whole list. A diff from a version other than the one held (which a
+//! correct server never sends) ends the stream; the next one starts with a
+//! full snapshot.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use lookaside_backoff::{Backoff, JitteredBackoff};
 use lookaside_proto::lookaside::v1::{
-    MAX_WATCH_RESPONSE_BYTES, WatchRequest, WatchResponse, discovery_client::DiscoveryClient,
+    Endpoint, MAX_WATCH_RESPONSE_BYTES, WatchRequest, WatchResponse,
+    discovery_client::DiscoveryClient,
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use tokio_util::sync::CancellationToken;
 
-use crate::pool::{EndpointSpec, ListState, Pool};
+use crate::{
+    pool::{EndpointSpec, ListState, Pool},
+    zones::{Hints, ZoneShare},
+};
 
 /// How long an LB server has to send the first snapshot after the stream opens.
 const FIRST_ANSWER: Duration = Duration::from_secs(3);
@@ -206,9 +217,18 @@ impl Subscription {
             Ok(channel) => channel,
             Err(error) => return Ended::Retry(format!("connect: {error}")),
         };
+        let locality = self.pool.locality();
         let request = WatchRequest {
             target: self.pool.target.clone(),
+            zone: locality.zone.clone(),
+            node: locality.node.clone(),
             ..Default::default()
+        };
+        // Diffs after the first snapshot: one changed endpoint costs the
+        // server and this client the same whatever the size of the service.
+        let request = WatchRequest {
+            incremental: true,
+            ..request
         };
         // Accept every response lb-server may send (tonic's default is 4 MiB).
         let mut client =
@@ -221,6 +241,7 @@ impl Subscription {
             Err(status) => return Ended::Retry(format!("watch: {status}")),
         };
         let mut first = true;
+        let mut held = HeldList::default();
         loop {
             let message = if first {
                 match tokio::time::timeout(FIRST_ANSWER, stream.message()).await {
@@ -239,11 +260,21 @@ impl Subscription {
             *answered = true;
             backoff.reset();
             self.pool.counters.lb_updates.inc();
+            let update = match held.apply(update) {
+                Ok(update) => update,
+                Err(error) => return Ended::Retry(error),
+            };
             self.apply(update).await;
         }
     }
 
     async fn apply(&self, update: WatchResponse) {
+        // Whole in every response, diffs included.
+        self.pool.set_zone_shares(if update.exists {
+            zone_shares(&update)
+        } else {
+            Vec::new()
+        });
         if update.exists {
             tracing::debug!(
                 version = update.version,
@@ -273,6 +304,7 @@ impl Subscription {
                     zone: String::new(),
                     pod: String::new(),
                     draining: false,
+                    hints: Hints::default(),
                 });
             }
         }
@@ -281,6 +313,53 @@ impl Subscription {
         tracing::info!(%reason, addresses = specs.len(), "using fallback addresses");
         self.pool.apply(specs);
         self.pool.set_list_state(ListState::Fallback { reason });
+    }
+}
+
+/// The list one Watch stream has sent so far, to apply its diffs to.
+#[derive(Debug, Default)]
+struct HeldList {
+    /// The version held; `None` until the stream's first full snapshot.
+    version: Option<u64>,
+    /// By address and port, the endpoint's identity.
+    endpoints: BTreeMap<(String, u32), Endpoint>,
+}
+
+impl HeldList {
+    /// Applies `update` (a full snapshot or a diff) and returns the whole
+    /// list it leaves, as a full snapshot; an error for a diff from a
+    /// version other than the one held.
+    fn apply(&mut self, update: WatchResponse) -> Result<WatchResponse, String> {
+        if !update.incremental {
+            self.endpoints = update
+                .endpoints
+                .iter()
+                .map(|e| ((e.address.clone(), e.port), e.clone()))
+                .collect();
+            self.version = Some(update.version);
+            return Ok(update);
+        }
+        if self.version != Some(update.base_version) {
+            return Err(format!(
+                "a diff from version {} while holding {:?}",
+                update.base_version, self.version
+            ));
+        }
+        for key in &update.removed {
+            self.endpoints.remove(&(key.address.clone(), key.port));
+        }
+        for endpoint in &update.endpoints {
+            self.endpoints
+                .insert((endpoint.address.clone(), endpoint.port), endpoint.clone());
+        }
+        self.version = Some(update.version);
+        Ok(WatchResponse {
+            endpoints: self.endpoints.values().cloned().collect(),
+            incremental: false,
+            base_version: 0,
+            removed: Vec::new(),
+            ..update
+        })
     }
 }
 
@@ -298,7 +377,23 @@ fn specs(update: &WatchResponse) -> Vec<EndpointSpec> {
                 zone: e.zone.clone(),
                 pod: e.pod.clone(),
                 draining: e.draining,
+                hints: Hints {
+                    for_zones: e.for_zones.clone(),
+                    for_nodes: e.for_nodes.clone(),
+                },
             })
+        })
+        .collect()
+}
+
+/// The zone shares of a Watch response.
+fn zone_shares(update: &WatchResponse) -> Vec<ZoneShare> {
+    update
+        .zone_shares
+        .iter()
+        .map(|s| ZoneShare {
+            zone: s.zone.clone(),
+            share: s.share,
         })
         .collect()
 }
@@ -306,6 +401,7 @@ fn specs(update: &WatchResponse) -> Vec<EndpointSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lookaside_proto::lookaside::v1::EndpointKey;
 
     #[test]
     fn fallback_forms() {
@@ -320,5 +416,75 @@ mod tests {
         for bad in ["localhost", "dns:///localhost", "dns:///:80", "10.0.0.1"] {
             assert_eq!(Fallback::parse(bad), None, "{bad}");
         }
+    }
+
+    fn endpoint(last: u8, weight: u32) -> Endpoint {
+        Endpoint {
+            address: format!("10.0.0.{last}"),
+            port: 80,
+            weight,
+            ..Default::default()
+        }
+    }
+
+    fn addresses(update: &WatchResponse) -> Vec<(String, u32)> {
+        update
+            .endpoints
+            .iter()
+            .map(|e| (e.address.clone(), e.weight))
+            .collect()
+    }
+
+    #[test]
+    fn diffs_apply_to_the_held_list_and_a_wrong_base_is_refused() {
+        let mut held = HeldList::default();
+        let diff = |base, version, endpoints, removed: &[u8]| WatchResponse {
+            version,
+            exists: true,
+            endpoints,
+            incremental: true,
+            base_version: base,
+            removed: removed
+                .iter()
+                .map(|last| EndpointKey {
+                    address: format!("10.0.0.{last}"),
+                    port: 80,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // Nothing held yet: no diff applies.
+        assert!(held.apply(diff(0, 1, vec![], &[])).is_err());
+
+        let full = WatchResponse {
+            version: 5,
+            exists: true,
+            endpoints: vec![endpoint(1, 1), endpoint(2, 1), endpoint(3, 1)],
+            ..Default::default()
+        };
+        assert_eq!(held.apply(full.clone()).unwrap(), full);
+
+        // 1 removed, 2 changed, 4 added.
+        let list = held
+            .apply(diff(5, 9, vec![endpoint(2, 7), endpoint(4, 1)], &[1]))
+            .unwrap();
+        assert!(!list.incremental && list.removed.is_empty() && list.version == 9);
+        let want = [("10.0.0.2", 7), ("10.0.0.3", 1), ("10.0.0.4", 1)];
+        assert_eq!(addresses(&list), want.map(|(a, w)| (a.to_owned(), w)));
+
+        // A diff from a version not held (skipped, or from before a restart).
+        let error = held.apply(diff(5, 12, vec![], &[3])).unwrap_err();
+        assert!(error.contains("from version 5"), "{error}");
+
+        // A full snapshot replaces whatever was held.
+        let full = WatchResponse {
+            version: 2,
+            exists: true,
+            endpoints: vec![endpoint(8, 1)],
+            ..Default::default()
+        };
+        held.apply(full).unwrap();
+        let list = held.apply(diff(2, 3, vec![], &[])).unwrap();
+        assert_eq!(addresses(&list), [("10.0.0.8".to_owned(), 1)]);
     }
 }

@@ -76,4 +76,10 @@ pub struct EndpointStats {
     pub failures: u64,
     /// Its peak-EWMA latency estimate.
     pub latency: Duration,
+    /// Its weight from its load reports as weighted round robin uses it
+    /// (past the blackout, not expired, clamped around the median), before
+    /// it is multiplied by [`weight`](Self::weight). `None` when it has
+    /// none: another policy, no reports yet, in blackout or expired; it
+    /// then counts as the mean of the endpoints that have one.
+    pub load_weight: Option<f64>,
 }

@@ -28,6 +28,11 @@ pub enum XdsLbPolicy {
     RingHash,
     /// A random endpoint (Envoy only: proxyless gRPC rejects it).
     Random,
+    /// Weighted round robin with weights from the backends' ORCA load reports
+    /// (`client_side_weighted_round_robin`: gRPC's `weighted_round_robin`, gRFC A58, and
+    /// Envoy's), in the cluster's `load_balancing_policy`; clients that do not know it fall
+    /// back to round robin.
+    WeightedRoundRobin,
 }
 
 /// Where Envoy finds the SDS files of `--xds-upstream-tls` unless told otherwise.
@@ -309,6 +314,10 @@ mod tests {
         assert_eq!(config.xds_lb_policy, XdsLbPolicy::RoundRobin);
         let config = Config::try_parse_from(["lb-server", "--xds-lb-policy", "ring-hash"]).unwrap();
         assert_eq!(config.xds_lb_policy, XdsLbPolicy::RingHash);
+        let config =
+            Config::try_parse_from(["lb-server", "--xds-lb-policy", "weighted-round-robin"])
+                .unwrap();
+        assert_eq!(config.xds_lb_policy, XdsLbPolicy::WeightedRoundRobin);
         assert!(Config::try_parse_from(["lb-server", "--xds-lb-policy", "maglev"]).is_err());
     }
 

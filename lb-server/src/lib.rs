@@ -19,6 +19,7 @@
 //! - [`server`]: binds, wires and runs it all, and drains on shutdown.
 //! - [`signal`]: the SIGTERM/SIGINT future.
 //! - [`runtime`]: the binary's tokio runtime, and pinning its workers to CPUs.
+//! - [`zones`]: zone shares for zone-aware routing, from subscribers' and endpoints' zones.
 
 pub mod api;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod server;
 pub mod signal;
 pub mod source;
 pub mod store;
+pub mod zones;
 
 pub use config::Config;
 pub use server::LbServer;

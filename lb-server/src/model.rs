@@ -8,7 +8,7 @@ use std::{
     fmt,
     net::IpAddr,
     str::FromStr,
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
     time::{Instant, SystemTime},
 };
 
@@ -199,6 +199,101 @@ fn check_label(value: &str, what: &'static str) -> Result<(), TargetError> {
     }
 }
 
+/// The longest zone name: a zone is a label value (`topology.kubernetes.io/zone`).
+pub const MAX_ZONE_LEN: usize = 63;
+
+/// The longest node name: a node name is a DNS-1123 subdomain.
+pub const MAX_NODE_LEN: usize = 253;
+
+/// Why a zone or node name was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    /// Longer than [`MAX_ZONE_LEN`] or [`MAX_NODE_LEN`] (the name itself is
+    /// not repeated: it may be anything a client sent).
+    #[error("{what} is {len} bytes long; the limit is {max}")]
+    TooLong {
+        /// `zone` or `node`.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Characters Kubernetes does not allow in such a name.
+    #[error("bad {what} {value:?}: expected {expected}")]
+    BadName {
+        /// `zone` or `node`.
+        what: &'static str,
+        /// The name, at most the limit long.
+        value: String,
+        /// What is allowed.
+        expected: &'static str,
+    },
+}
+
+/// Checks a zone name as Kubernetes allows a label value: at most
+/// [`MAX_ZONE_LEN`] of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+/// Empty is accepted: it means unknown, and callers that need a zone say so.
+pub fn check_zone(zone: &str) -> Result<(), TopologyError> {
+    let alnum = |b: u8| b.is_ascii_alphanumeric();
+    check_topology(
+        zone,
+        "zone",
+        MAX_ZONE_LEN,
+        |b| alnum(b) || matches!(b, b'-' | b'_' | b'.'),
+        alnum,
+        "a label value (letters, digits, '-', '_' and '.', starting and ending with a letter or digit)",
+    )
+}
+
+/// Checks a node name as Kubernetes allows it: a DNS-1123 subdomain, at most
+/// [`MAX_NODE_LEN`] of `[a-z0-9.-]`, starting and ending alphanumeric.
+/// Empty is accepted: it means unknown.
+pub fn check_node(node: &str) -> Result<(), TopologyError> {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    check_topology(
+        node,
+        "node",
+        MAX_NODE_LEN,
+        |b| alnum(b) || matches!(b, b'-' | b'.'),
+        alnum,
+        "a DNS subdomain (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)",
+    )
+}
+
+fn check_topology(
+    value: &str,
+    what: &'static str,
+    max: usize,
+    allowed: impl Fn(u8) -> bool,
+    ends: impl Fn(u8) -> bool,
+    expected: &'static str,
+) -> Result<(), TopologyError> {
+    if value.len() > max {
+        return Err(TopologyError::TooLong {
+            what,
+            len: value.len(),
+            max,
+        });
+    }
+    let bytes = value.as_bytes();
+    let ok = match (bytes.first(), bytes.last()) {
+        (None, _) | (_, None) => true,
+        (Some(&first), Some(&last)) => {
+            ends(first) && ends(last) && bytes.iter().all(|&b| allowed(b))
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(TopologyError::BadName {
+            what,
+            value: value.to_owned(),
+            expected,
+        })
+    }
+}
+
 /// Whole endpoint sets of several services, as a source produces them.
 pub type Services = std::collections::HashMap<ServiceKey, Vec<Endpoint>>;
 
@@ -219,7 +314,25 @@ pub struct Endpoint {
     pub pod: String,
     /// Serving but terminating: no new calls.
     pub draining: bool,
+    /// EndpointSlice hints, `None` when the endpoint has none (most have
+    /// none, so an endpoint without them costs one pointer). Shared: the
+    /// endpoints of one slice hinted alike hold one copy, and the many
+    /// copies of an endpoint (per port, per published list) one each.
+    pub hints: Option<Arc<Hints>>,
 }
+
+/// An endpoint's EndpointSlice hints (topology-aware routing): the zones,
+/// and the nodes, whose clients should use it. Never both empty when held.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hints {
+    /// `hints.forZones[].name`.
+    pub for_zones: Box<[Arc<str>]>,
+    /// `hints.forNodes[].name`.
+    pub for_nodes: Box<[Arc<str>]>,
+}
+
+/// The hints of an endpoint without any.
+static NO_HINTS: std::sync::LazyLock<Hints> = std::sync::LazyLock::new(Hints::default);
 
 impl Endpoint {
     /// A ready endpoint with weight 1 and no topology.
@@ -232,7 +345,40 @@ impl Endpoint {
             node: String::new(),
             pod: String::new(),
             draining: false,
+            hints: None,
         }
+    }
+
+    /// The endpoint's hints, empty if it has none.
+    pub fn hints(&self) -> &Hints {
+        self.hints.as_deref().unwrap_or(&NO_HINTS)
+    }
+
+    /// Builder: sets the zones it is hinted for (`hints.forZones`).
+    pub fn for_zones<S: AsRef<str>>(self, zones: impl IntoIterator<Item = S>) -> Self {
+        let for_zones = zones.into_iter().map(|z| Arc::from(z.as_ref())).collect();
+        let for_nodes = self.hints().for_nodes.clone();
+        self.with_hints(Hints {
+            for_zones,
+            for_nodes,
+        })
+    }
+
+    /// Builder: sets the nodes it is hinted for (`hints.forNodes`).
+    pub fn for_nodes<S: AsRef<str>>(self, nodes: impl IntoIterator<Item = S>) -> Self {
+        let for_nodes = nodes.into_iter().map(|n| Arc::from(n.as_ref())).collect();
+        let for_zones = self.hints().for_zones.clone();
+        self.with_hints(Hints {
+            for_zones,
+            for_nodes,
+        })
+    }
+
+    /// Builder: sets the hints; empty hints are stored as none.
+    pub fn with_hints(mut self, hints: Hints) -> Self {
+        self.hints =
+            (!hints.for_zones.is_empty() || !hints.for_nodes.is_empty()).then(|| Arc::new(hints));
+        self
     }
 
     /// Builder: sets the zone.
@@ -296,6 +442,52 @@ pub struct Snapshot {
     /// and shared by every other: a snapshot belongs to one service, so its
     /// encoding is the same for all of that service's subscribers.
     pub encoded: OnceLock<Bytes>,
+    /// This snapshot as diffs from older ones of its service, for Watch
+    /// streams that asked for incremental updates: made once per older
+    /// version and shared by every stream that goes from it to this one.
+    pub diffs: DiffCache,
+}
+
+/// Encodings of a snapshot as a diff from an older version, keyed by that
+/// version: what the Discovery API sends an incremental stream (its bytes, or
+/// nothing when it sends the full snapshot instead). Bounded: it holds the
+/// diffs from the last [`DiffCache::CAPACITY`] older versions asked for; a
+/// stream going from an evicted one makes its own.
+#[derive(Debug, Default)]
+pub struct DiffCache {
+    // std Mutex: held only to find or add an entry, never across `.await`
+    // nor while a diff is made (the entry's OnceLock makes it once).
+    entries: std::sync::Mutex<Vec<(u64, DiffEntry)>>,
+}
+
+/// One cached diff: `None` when the full snapshot is sent instead.
+pub type DiffEntry = std::sync::Arc<OnceLock<Option<Bytes>>>;
+
+impl DiffCache {
+    /// How many older versions a snapshot keeps diffs from: live readers all
+    /// go from the previous version, readers that fell behind from a few more.
+    pub const CAPACITY: usize = 4;
+
+    /// The entry for the diff from version `base`, new and empty if none is cached.
+    pub fn entry(&self, base: u64) -> DiffEntry {
+        let mut entries = self.entries.lock().unwrap();
+        if let Some((_, entry)) = entries.iter().find(|(version, _)| *version == base) {
+            return std::sync::Arc::clone(entry);
+        }
+        if entries.len() == Self::CAPACITY {
+            entries.remove(0);
+        }
+        let entry = DiffEntry::default();
+        entries.push((base, std::sync::Arc::clone(&entry)));
+        entry
+    }
+}
+
+/// A copy starts empty: a cache is never worth copying.
+impl Clone for DiffCache {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 impl Snapshot {
@@ -308,6 +500,7 @@ impl Snapshot {
             updated: SystemTime::now(),
             event_at: Instant::now(),
             encoded: OnceLock::new(),
+            diffs: DiffCache::default(),
         }
     }
 

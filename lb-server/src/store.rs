@@ -38,7 +38,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::model::{Endpoint, ServiceKey, Services, Snapshot, normalize};
+use crate::model::{DiffCache, Endpoint, ServiceKey, Services, Snapshot, normalize};
 
 /// The shared state of every service.
 #[derive(Debug, Default)]
@@ -136,6 +136,7 @@ impl Store {
                 updated: SystemTime::now(),
                 event_at,
                 encoded: OnceLock::new(),
+                diffs: DiffCache::default(),
             });
             let wake = match entry {
                 Some(entry) => {
@@ -180,6 +181,7 @@ impl Store {
                     updated: SystemTime::now(),
                     event_at,
                     encoded: OnceLock::new(),
+                    diffs: DiffCache::default(),
                 });
                 entry.latest = Arc::clone(&snapshot);
                 Some((entry.tx.clone(), snapshot))

@@ -4,7 +4,10 @@ The out-of-band reports are decoded with `xds-protos` (the CNCF xDS API's
 own generated Python messages), and gRPC's `weighted_round_robin` policy in grpcio weights
 backends by them: per call (the `endpoint-load-metrics-bin` trailer) and
 out of band (`OpenRcaService/StreamCoreMetrics`). A backend made slow with
-`--cpu-work-us` reports more CPU per call, and grpcio sends it less.
+`--cpu-work-us` reports more CPU per call, and grpcio sends it less: with the
+policy from a service config, and from lb-server's xDS Cluster
+(`--xds-lb-policy weighted-round-robin`), where Envoy's
+client_side_weighted_round_robin reads the same reports.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import collections
 import json
 import os
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
-from conftest import RPC_TIMEOUT, Greeter, Process, binary
+from conftest import RPC_TIMEOUT, START_TIMEOUT, Greeter, Process, binary, wait_until
+from xds_helpers import XdsClient, envoy_bootstrap, free_port, grpc_bootstrap, start_envoy
 
 @pytest.fixture
 def start_busy_greeter(processes):
@@ -136,3 +141,78 @@ def test_grpcio_weighted_round_robin_sends_less_to_the_slow_backend(
             break
         assert time.monotonic() < deadline, f"the slow backend kept {share:.0%}: {counts}"
     assert counts["fast-0"] > 0 and counts["fast-1"] > 0, counts
+
+
+# --------------------------------------------------------------------------- policy from lb-server's xDS
+
+
+GREETER = "greeter.default:grpc"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+@pytest.fixture
+def xds_clients():
+    started: list[XdsClient] = []
+    yield started
+    for client in started:
+        client.stop()
+
+
+def settles_below(spread_once, share: float, within: float) -> collections.Counter:
+    """Repeats `spread_once()` (a Counter of calls per backend) until the slow
+    backend's share is below `share`; fails after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        counts = spread_once()
+        slow = counts["slow"] / max(1, sum(counts.values()))
+        if slow < share:
+            return counts
+        assert time.monotonic() < deadline, f"the slow backend kept {slow:.0%}: {counts}"
+
+
+@pytest.mark.parametrize("client", ["grpcio", "envoy"])
+def test_weighted_round_robin_from_lb_server_xds_sends_less_to_the_slow_backend(
+    start_busy_greeter, start_lb, stubs, channels, admin_for, processes, tmp_path, xds_clients, client
+):
+    """With `--xds-lb-policy weighted-round-robin` the Cluster carries
+    client_side_weighted_round_robin: grpcio's weighted_round_robin and Envoy's
+    each accept it (no NACK), read greeter-server's per-call reports and send
+    the slow backend well under a third of the calls."""
+    greeters = [start_busy_greeter(f"fast-{i}", 200) for i in range(2)] + [start_busy_greeter("slow", 3000)]
+    lb = start_lb(
+        services={GREETER: [{"address": g.addr, "pod": g.name} for g in greeters]},
+        extra=["--xds-lb-policy", "weighted-round-robin"],
+    )
+    node_id = f"wrr-{client}"
+    if client == "grpcio":
+        stubs_dir = Path(stubs.helloworld_pb2.__file__).resolve().parents[1]
+        xds = XdsClient(f"xds:///{GREETER}", grpc_bootstrap(lb.grpc_addr, node_id), stubs_dir)
+        xds_clients.append(xds)
+
+        def spread_once() -> collections.Counter:
+            result = xds.calls(60)
+            assert not result["errors"], result
+            return collections.Counter(result["backends"])
+    else:
+        port = free_port()
+        start_envoy(processes, tmp_path, envoy_bootstrap(lb.grpc_addr, port, GREETER, node_id), node_id)
+        stub = stubs.helloworld_pb2_grpc.GreeterStub(channels(f"127.0.0.1:{port}"))
+        request = stubs.helloworld_pb2.HelloRequest(name="wrr")
+
+        def spread_once() -> collections.Counter:
+            return spread(stub, request, 0.5)
+
+    # Every backend gets calls at first (even weights until reports arrive).
+    first = wait_until(lambda: (c := spread_once()) and len(c) == 3 and c, START_TIMEOUT, "calls to every backend")
+    started = time.monotonic()
+    counts = settles_below(spread_once, 0.15, within=15)
+    print(f"{client}: the slow backend's share fell below 15% in {time.monotonic() - started:.1f} s: {dict(counts)}")
+    assert counts["fast-0"] > 0 and counts["fast-1"] > 0, (first, counts)
+
+    # The client accepted the Cluster: ACKed, never NACKed.
+    admin = admin_for(lb)
+    subscriber = next(
+        s for s in admin.list_subscribers() if s.protocol == "xds" and s.xds.node_id == node_id
+    )
+    cluster = {t.type_url: t for t in subscriber.xds.resource_types}[CLUSTER_TYPE]
+    assert cluster.nacks == 0 and cluster.last_acked_version == cluster.last_version_sent, cluster

@@ -41,12 +41,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def envoy_bootstrap(lb_grpc_addr: str, listen_port: int, cluster: str, node_id: str) -> dict:
+def envoy_bootstrap(lb_grpc_addr: str, listen_port: int, cluster: str, node_id: str, zone: str | None = None) -> dict:
     """A bootstrap with only ADS pointing at lb-server: CDS (and so EDS) over ADS,
-    one static listener routing every gRPC call to `cluster` as lb-server names it."""
+    one static listener routing every gRPC call to `cluster` as lb-server names it.
+    With `zone`, the node's locality is that zone."""
     host, port = lb_grpc_addr.rsplit(":", 1)
+    node: dict = {"id": node_id, "cluster": "interop"}
+    if zone is not None:
+        node["locality"] = {"zone": zone}
     return {
-        "node": {"id": node_id, "cluster": "interop"},
+        "node": node,
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "dynamic_resources": {
             "ads_config": {
@@ -169,11 +173,50 @@ class EnvoyAdmin:
         return []
 
 
+def start_envoy(processes: list, directory: Path, config: dict | str, node_id: str):
+    """Starts Envoy on `config` (a bootstrap dict, or YAML/JSON text) in
+    `directory`, adds it to `processes` (stopped by their fixture), and returns
+    (process, admin) once its admin port says LIVE."""
+    from conftest import START_TIMEOUT, Process, wait_until  # only the tests need these
+
+    text = config if isinstance(config, str) else json.dumps(config, indent=1)
+    path = directory / f"envoy-{node_id}.yaml"
+    path.write_text(text)
+    admin_path = directory / f"envoy-{node_id}-admin.txt"
+    process = Process(
+        [
+            envoy_binary(),
+            "-c", path,
+            "--service-node", node_id,
+            "--admin-address-path", admin_path,
+            "--disable-hot-restart",
+            "--log-level", "warn",
+        ],
+        name=f"envoy-{node_id}",
+    )
+    processes.append(process)
+
+    def admin_address():
+        if process.proc.poll() is not None:
+            raise AssertionError(f"envoy exited with {process.proc.poll()}:\n{process.output}")
+        text = admin_path.read_text().strip() if admin_path.exists() else ""
+        return text if text and not text.endswith(":0") else None
+
+    admin = EnvoyAdmin(wait_until(admin_address, START_TIMEOUT, "envoy's admin address"))
+    wait_until(lambda: admin.get("/ready", timeout=1).strip() == "LIVE", START_TIMEOUT, "envoy /ready")
+    return process, admin
+
+
 # --------------------------------------------------------------------------- proxyless gRPC
 
 
-def grpc_bootstrap(lb_grpc_addr: str, node_id: str) -> str:
-    """GRPC_XDS_BOOTSTRAP_CONFIG for a client of lb-server and nothing else."""
+def grpc_bootstrap(lb_grpc_addr: str, node_id: str, zone: str | None = "interop") -> str:
+    """GRPC_XDS_BOOTSTRAP_CONFIG for a client of lb-server and nothing else, its
+    node in locality `zone` (none if None). The default zone has no endpoints
+    in any test, so such a client prefers none."""
+    node: dict = {"id": node_id}
+    if zone is not None:
+        node["locality"] = {"zone": zone}
     return json.dumps(
         {
             "xds_servers": [
@@ -183,7 +226,7 @@ def grpc_bootstrap(lb_grpc_addr: str, node_id: str) -> str:
                     "server_features": ["xds_v3"],
                 }
             ],
-            "node": {"id": node_id, "locality": {"zone": "interop"}},
+            "node": node,
         }
     )
 

@@ -65,6 +65,7 @@ pub struct Listed {
     name: String,
     draining: bool,
     weight: u32,
+    zone: String,
 }
 
 impl Listed {
@@ -75,6 +76,7 @@ impl Listed {
             name: name.into(),
             draining: false,
             weight: 1,
+            zone: String::new(),
         }
     }
 
@@ -85,12 +87,19 @@ impl Listed {
             name: backend.name.clone(),
             draining: false,
             weight: 1,
+            zone: String::new(),
         }
     }
 
     /// Lists it as draining.
     pub fn draining(mut self) -> Self {
         self.draining = true;
+        self
+    }
+
+    /// Lists it in a zone.
+    pub fn zone(mut self, zone: &str) -> Self {
+        self.zone = zone.into();
         self
     }
 
@@ -134,6 +143,9 @@ impl SourceFile {
                 "    - address: {}\n      pod: {}\n      weight: {}\n      draining: {}",
                 b.addr, b.name, b.weight, b.draining
             );
+            if !b.zone.is_empty() {
+                let _ = writeln!(yaml, "      zone: {}", b.zone);
+            }
         }
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, yaml).expect("write source file");

@@ -17,6 +17,11 @@
 //! reduced weight is above `r`. Over the whole schedule each endpoint appears
 //! exactly its reduced weight times, and the endpoints of equal weight
 //! alternate instead of coming in runs.
+//!
+//! Weights that are not whole numbers (lb-client's weighted round robin
+//! derives them from backend load reports) go through [`quantize`] first:
+//! the same scheduler then orders them, to a resolution of one part in
+//! [`MAX_REPEAT`] of the largest.
 
 /// The most times one endpoint appears in a schedule: weights whose ratio is
 /// above this are flattened to it (1,000,000 : 1 is scheduled as 100 : 1).
@@ -48,6 +53,36 @@ pub fn schedule(weights: &[u32]) -> Vec<u32> {
         }
     }
     order
+}
+
+/// Whole-number weights for the scheduler from real ones: the largest
+/// becomes [`MAX_REPEAT`] and the others keep their ratio to it, rounded,
+/// but at least 1 (a positive weight is never rounded away). A weight that
+/// is not a positive finite number becomes 0 (never scheduled).
+///
+/// ```
+/// let weights = lookaside_weights::quantize(&[2.0, 1.0, 0.001, f64::NAN]);
+/// assert_eq!(weights, [100, 50, 1, 0]);
+/// // 100:50:1 reduces to nothing smaller; the NaN never appears.
+/// assert_eq!(lookaside_weights::schedule(&weights).len(), 151);
+/// ```
+pub fn quantize(weights: &[f64]) -> Vec<u32> {
+    let usable = |w: f64| w.is_finite() && w > 0.0;
+    let max = weights
+        .iter()
+        .copied()
+        .filter(|w| usable(*w))
+        .fold(0.0, f64::max);
+    weights
+        .iter()
+        .map(|&w| {
+            if !usable(w) {
+                return 0;
+            }
+            // In 1..=MAX_REPEAT: the cast saturates and the ratio is at most 1.
+            ((w / max * f64::from(MAX_REPEAT)).round() as u32).clamp(1, MAX_REPEAT)
+        })
+        .collect()
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -83,6 +118,18 @@ mod tests {
     fn a_huge_weight_is_capped() {
         assert_eq!(counts(&[1_000_000, 1]), [MAX_REPEAT as usize, 1]);
         assert_eq!(schedule(&[u32::MAX, u32::MAX - 1]).len(), 200);
+    }
+
+    #[test]
+    fn real_weights_keep_their_ratio_to_the_largest() {
+        assert_eq!(quantize(&[3.0, 1.0]), [100, 33]);
+        assert_eq!(counts(&quantize(&[0.5, 0.5, 0.5])), [1, 1, 1]);
+        assert_eq!(quantize(&[1e300, 1.0]), [100, 1], "never rounded to 0");
+        assert_eq!(
+            quantize(&[f64::INFINITY, -1.0, 0.0, f64::NAN, 2.0]),
+            [0, 0, 0, 0, 100]
+        );
+        assert_eq!(quantize(&[]), Vec::<u32>::new());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `greeter-client`: N calls at concurrency C through lookaside, DNS, or one
 //! direct channel; prints calls per backend, throughput, latency and errors.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
 use clap::{ArgGroup, Parser};
 use greeter::{
@@ -37,9 +37,18 @@ struct Args {
     /// Calls in flight at once.
     #[arg(long, env = "GREETER_CONCURRENCY", default_value_t = 10)]
     concurrency: usize,
-    /// Lookaside policy: round-robin, p2c or least-request.
+    /// Lookaside policy: round-robin, p2c, least-request or wrr (weighted round robin
+    /// from the backends' load reports).
     #[arg(long, env = "GREETER_POLICY", default_value = "round-robin")]
     policy: lb_client::Policy,
+    /// With --policy wrr: read the backends' load reports out of band, one every this
+    /// many seconds (e.g. 1), instead of from every call's trailers.
+    #[arg(long, env = "GREETER_ORCA_OOB")]
+    orca_oob: Option<f64>,
+    /// Lookaside: the zone this client runs in (its node's topology.kubernetes.io/zone), for
+    /// zone-aware routing; empty: unknown. The summary then shows calls per zone.
+    #[arg(long, env = "LB_ZONE", default_value = "")]
+    zone: String,
     /// Print the summary as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -73,6 +82,46 @@ impl Args {
     }
 }
 
+/// Where a zone-aware run's calls went (endpoints removed during the run not
+/// counted).
+#[derive(Debug, serde::Serialize)]
+struct Zones {
+    /// This client's zone.
+    zone: String,
+    /// Calls sent to each zone's endpoints.
+    calls: BTreeMap<String, u64>,
+    /// The shares the LB server last sent, in parts per million.
+    shares: BTreeMap<String, u32>,
+}
+
+impl Zones {
+    fn table(&self) -> String {
+        let total: u64 = self.calls.values().sum::<u64>().max(1);
+        let mut out = format!(
+            "\nzone (this client: {})          calls    share  LB share\n",
+            self.zone
+        );
+        let names: std::collections::BTreeSet<&String> =
+            self.calls.keys().chain(self.shares.keys()).collect();
+        for name in names {
+            let calls = self.calls.get(name).copied().unwrap_or(0);
+            let shown = if name.is_empty() { "(none)" } else { name };
+            let lb_share = match self.shares.get(name) {
+                Some(ppm) => format!("{:.2}%", f64::from(*ppm) / 10_000.0),
+                None => "-".into(),
+            };
+            let local = if *name == self.zone { " (local)" } else { "" };
+            let _ = writeln!(
+                out,
+                "{:<30} {calls:>8} {:>7.2}% {lb_share:>9}{local}",
+                shown,
+                calls as f64 * 100.0 / total as f64,
+            );
+        }
+        out
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     greeter::init_tracing("warn");
@@ -85,6 +134,8 @@ async fn main() -> anyhow::Result<()> {
     let (calls, concurrency, stop) = (Some(args.calls), args.concurrency, CancellationToken::new());
 
     let tls = args.tls();
+    // Lookaside with a zone: calls per zone and the shares in use, after the run.
+    let mut zones = None;
     let mode = if let Some(addr) = &args.direct {
         let channel = client::direct(addr, tls.as_ref()).await?;
         load::run(
@@ -111,7 +162,14 @@ async fn main() -> anyhow::Result<()> {
             resolved.addrs.len()
         )
     } else {
-        let mut builder = lb_client::Channel::builder(&args.target).policy(args.policy);
+        let mut builder = lb_client::Channel::builder(&args.target)
+            .policy(args.policy)
+            .zone(&args.zone);
+        if let Some(seconds) = args.orca_oob {
+            let interval = std::time::Duration::try_from_secs_f64(seconds)
+                .map_err(|e| anyhow::anyhow!("--orca-oob {seconds}: {e}"))?;
+            builder = builder.orca_out_of_band(interval);
+        }
         for lb in &args.lb {
             builder = builder.lb(lb);
         }
@@ -130,13 +188,20 @@ async fn main() -> anyhow::Result<()> {
         }
         let channel = builder.connect().await?;
         load::run(
-            GreeterClient::new(channel),
+            GreeterClient::new(channel.clone()),
             calls,
             concurrency,
             tally.clone(),
             stop,
         )
         .await;
+        if !args.zone.is_empty() {
+            zones = Some(Zones {
+                zone: args.zone.clone(),
+                calls: channel.calls_per_zone(),
+                shares: channel.zone_shares().into_iter().collect(),
+            });
+        }
         format!(
             "lookaside {} via {} ({})",
             args.target,
@@ -150,13 +215,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let summary = tally.summary();
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        let mut json = serde_json::to_value(&summary)?;
+        if let (Some(zones), Some(object)) = (&zones, json.as_object_mut()) {
+            object.insert("zones".into(), serde_json::to_value(zones)?);
+        }
+        println!("{json}");
     } else {
         println!(
             "{mode}: {} calls at concurrency {}\n",
             args.calls, args.concurrency
         );
         print!("{}", summary.table());
+        if let Some(zones) = &zones {
+            print!("{}", zones.table());
+        }
     }
     if summary.ok < summary.calls {
         std::process::exit(2);

@@ -3,7 +3,7 @@
 use lookaside_proto::lookaside::v1::{
     GetServiceRequest, GrpclbClientStats, ListServicesRequest, ListServicesResponse,
     ListSubscribersRequest, ListSubscribersResponse, Service, ServiceSummary, Subscriber,
-    XdsClient, XdsNack, XdsResourceType,
+    XdsClient, XdsNack, XdsResourceType, ZoneShare,
     admin_server::{Admin, AdminServer},
 };
 use std::{
@@ -183,7 +183,15 @@ impl Admin for AdminApi {
                         })
                         .collect(),
                 }),
-                ..Default::default()
+                zone: info.zone(),
+                zone_shares: info
+                    .zone_shares()
+                    .iter()
+                    .map(|s| ZoneShare {
+                        zone: s.zone.to_string(),
+                        share: s.share,
+                    })
+                    .collect(),
             })
             .collect();
         Ok(Response::new(ListSubscribersResponse { subscribers }))

@@ -11,6 +11,7 @@ pub mod grpclb;
 pub mod rate;
 pub mod subscribers;
 pub mod xds;
+pub mod zones;
 
 use std::{
     convert::Infallible,

@@ -12,6 +12,9 @@ use std::{
     time::SystemTime,
 };
 
+use super::{client_text, zones::ZoneBoard};
+use crate::zones::Shares;
+
 /// The protocol a subscriber speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -147,6 +150,16 @@ pub struct SubscriberInfo {
     // std Mutex: per stream, touched only when an xDS request or response
     // passes, never held across `.await`.
     xds: Mutex<Option<XdsStatus>>,
+    // std Mutex: set once or twice per stream and when its shares change,
+    // never held across `.await`.
+    zone: Mutex<ZoneInfo>,
+}
+
+/// A subscriber's zone and the shares it was last sent.
+#[derive(Debug, Clone, Default)]
+struct ZoneInfo {
+    zone: String,
+    shares: Option<Shares>,
 }
 
 impl SubscriberInfo {
@@ -164,20 +177,50 @@ impl SubscriberInfo {
     pub fn xds(&self) -> Option<XdsStatus> {
         self.xds.lock().unwrap().clone()
     }
+
+    /// Records the client's zone, for Admin: the zone a Discovery client
+    /// said on its Watch, or an xDS client's node locality. Client text: kept
+    /// at most [`client_text::MAX_KEPT_BYTES`]. Only Discovery subscribers
+    /// are counted for zone shares (see [`crate::api::zones`]); this counts nothing.
+    pub fn set_zone(&self, zone: &str) {
+        self.zone.lock().unwrap().zone = client_text::kept(zone);
+    }
+
+    /// The client's zone; empty if unknown.
+    pub fn zone(&self) -> String {
+        self.zone.lock().unwrap().zone.clone()
+    }
+
+    /// The zone shares last sent to this subscriber; empty if none.
+    pub fn zone_shares(&self) -> Shares {
+        self.zone
+            .lock()
+            .unwrap()
+            .shares
+            .clone()
+            .unwrap_or_else(|| Arc::from([]))
+    }
 }
 
-/// Every open subscriber stream.
+/// Every open subscriber stream, and how many Discovery subscribers each
+/// service has per zone (its [`ZoneBoard`]).
 #[derive(Debug, Default)]
 pub struct Subscribers {
     next_id: AtomicU64,
     // std Mutex: insert/remove/copy only, never held across `.await`.
     open: Mutex<HashMap<u64, Arc<SubscriberInfo>>>,
+    zones: Arc<ZoneBoard>,
 }
 
 impl Subscribers {
     /// An empty registry.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// The zones of every service's Discovery subscribers.
+    pub fn zones(&self) -> &Arc<ZoneBoard> {
+        &self.zones
     }
 
     /// Registers a stream; it stays listed while the guard lives.
@@ -196,6 +239,7 @@ impl Subscribers {
             last_version: AtomicU64::new(0),
             grpclb: Mutex::new(None),
             xds: Mutex::new(None),
+            zone: Mutex::new(ZoneInfo::default()),
         });
         self.open.lock().unwrap().insert(id, Arc::clone(&info));
         SubscriberGuard {
@@ -246,6 +290,16 @@ impl SubscriberGuard {
     /// Records the version just sent.
     pub fn sent(&self, version: u64) {
         self.info.last_version.store(version, Ordering::Relaxed);
+    }
+
+    /// The subscriber's entry, to record its zone ([`SubscriberInfo::set_zone`]).
+    pub fn info(&self) -> &SubscriberInfo {
+        &self.info
+    }
+
+    /// Records the zone shares just sent.
+    pub fn sent_shares(&self, shares: &Shares) {
+        self.info.zone.lock().unwrap().shares = Some(Arc::clone(shares));
     }
 
     /// Adds a grpclb client stats report to the totals.

@@ -7,8 +7,16 @@
 //!       zone: zone-a        # optional
 //!       weight: 2           # optional, default 1
 //!     - address: 127.0.0.1:50052
+//!       zone: zone-b
+//!       node: node-2        # optional, as `pod`
 //!       draining: true      # optional, default false
+//!       for_zones: [zone-a] # optional EndpointSlice hints: the zones,
+//!       for_nodes: [node-1] #   and nodes, whose clients should use it
 //! ```
+//!
+//! A zone (and each `for_zones` entry) is a Kubernetes label value, a node
+//! (and each `for_nodes` entry) a DNS subdomain, as a client states its own
+//! on its Watch: a name a client could not send would never match.
 //!
 //! A broken file at start-up is an error the caller reports; a broken file
 //! later is logged and counted, and the last good state keeps being served.
@@ -47,7 +55,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::Metrics,
-    model::{Endpoint, ServiceKey, Services, TargetError, parse_target},
+    model::{
+        Endpoint, Hints, ServiceKey, Services, TargetError, TopologyError, check_node, check_zone,
+        parse_target,
+    },
     store::Store,
 };
 
@@ -184,6 +195,30 @@ struct FileEndpoint {
     weight: u32,
     #[serde(default)]
     draining: bool,
+    #[serde(default)]
+    for_zones: Vec<String>,
+    #[serde(default)]
+    for_nodes: Vec<String>,
+}
+
+/// One hint list, checked: each name valid and not empty, none twice.
+fn hint_list(
+    names: Vec<String>,
+    field: &str,
+    check: fn(&str) -> Result<(), TopologyError>,
+) -> Result<Box<[Arc<str>]>, String> {
+    let mut out: Vec<Arc<str>> = Vec::with_capacity(names.len());
+    for name in names {
+        if name.is_empty() {
+            return Err(format!("{field}: an empty name"));
+        }
+        check(&name).map_err(|error| format!("{field}: {error}"))?;
+        if out.iter().any(|seen| **seen == *name) {
+            return Err(format!("{field}: {name:?} is listed twice"));
+        }
+        out.push(Arc::from(name));
+    }
+    Ok(out.into())
 }
 
 fn one() -> u32 {
@@ -206,11 +241,18 @@ impl TryFrom<FileEndpoint> for CheckedEndpoint {
         if e.weight == 0 {
             return Err("weight must be at least 1".to_owned());
         }
+        check_zone(&e.zone).map_err(|error| error.to_string())?;
+        check_node(&e.node).map_err(|error| error.to_string())?;
+        let hints = Hints {
+            for_zones: hint_list(e.for_zones, "for_zones", check_zone)?,
+            for_nodes: hint_list(e.for_nodes, "for_nodes", check_node)?,
+        };
         let mut endpoint = Endpoint::new(addr.ip(), addr.port())
             .weight(e.weight)
             .zone(e.zone)
             .node(e.node)
-            .pod(e.pod);
+            .pod(e.pod)
+            .with_hints(hints);
         endpoint.draining = e.draining;
         Ok(Self(endpoint))
     }
@@ -620,6 +662,54 @@ mod tests {
         assert!(greeter[1].draining && greeter[1].address.is_ipv6());
         assert!(services[&parse_target("empty.default:80").unwrap()].is_empty());
         assert!(parse_str("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn hints_are_read_and_checked() {
+        let services = parse_str(
+            "services:\n  a.b:c:\n    - address: 1.2.3.4:5\n      zone: us-east-1a\n      node: node-1.example\n      for_zones: [us-east-1a, us-east-1b]\n      for_nodes: [node-1.example]\n    - address: 1.2.3.5:5\n      for_zones: []\n",
+        )
+        .unwrap();
+        let list = &services[&parse_target("a.b:c").unwrap()];
+        assert_eq!(
+            list[0],
+            Endpoint::new("1.2.3.4".parse().unwrap(), 5)
+                .zone("us-east-1a")
+                .node("node-1.example")
+                .for_zones(["us-east-1a", "us-east-1b"])
+                .for_nodes(["node-1.example"])
+        );
+        assert!(list[1].hints.is_none(), "an empty list is no hint");
+
+        let endpoint =
+            |fields: &str| format!("services:\n  a.b:c:\n    - address: 1.2.3.4:5\n{fields}");
+        let cases = [
+            ("      zone: 'zone a'\n", "bad zone \"zone a\""),
+            ("      zone: -a\n", "bad zone"),
+            ("      node: Node1\n", "bad node \"Node1\""),
+            (
+                &format!("      zone: {}\n", "z".repeat(64)),
+                "zone is 64 bytes long; the limit is 63",
+            ),
+            ("      for_zones: [a, '']\n", "for_zones: an empty name"),
+            (
+                "      for_zones: [a, b, a]\n",
+                "for_zones: \"a\" is listed twice",
+            ),
+            (
+                "      for_zones: [\"a\\n\"]\n",
+                "for_zones: bad zone \"a\\n\"",
+            ),
+            ("      for_nodes: [n_1]\n", "for_nodes: bad node \"n_1\""),
+            ("      for_zones: a\n", "cannot parse"),
+            ("      for_zones: [[a]]\n", "cannot parse"),
+        ];
+        for (fields, want) in cases {
+            let text = endpoint(fields);
+            let message = parse_str(&text).unwrap_err().to_string();
+            assert!(message.contains(want), "{text:?}: {message}");
+            assert!(message.contains("at line "), "{text:?}: {message}");
+        }
     }
 
     #[test]

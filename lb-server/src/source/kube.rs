@@ -27,10 +27,12 @@
 //! port name may map to different numbers in different slices. `ready` absent
 //! means ready, `serving` absent follows `ready`, `terminating` absent means
 //! not terminating; ready and not terminating is a normal endpoint, serving
-//! and terminating is a draining one, anything else is left out.
+//! and terminating is a draining one, anything else is left out. An
+//! endpoint carries its entry's `zone`, `nodeName`, the Pod of its
+//! `targetRef`, and its `hints` (`forZones[].name`, `forNodes[].name`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
     sync::Arc,
@@ -38,7 +40,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointHints, EndpointSlice};
 use kube::{
     Api, Client,
     runtime::{watcher, watcher::Event},
@@ -53,7 +55,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
     metrics::Metrics,
-    model::{Endpoint, PortRef, ServiceKey, normalize},
+    model::{Endpoint, Hints, PortRef, ServiceKey, normalize},
     store::Store,
 };
 
@@ -445,8 +447,9 @@ fn service_of(slice: &EndpointSlice) -> Option<ServiceId> {
 
 /// What the source keeps of one EndpointSlice: the endpoints and ports its
 /// service's keys are computed from. The rest of the object (metadata,
-/// target references, conditions, hints) is dropped as the slice arrives:
-/// at cluster scale it is most of the memory a plain reflector holds.
+/// target references, conditions) is dropped as the slice arrives: at
+/// cluster scale it is most of the memory a plain reflector holds. Hints are
+/// kept only on the endpoints that have them, shared (see [`HintCache`]).
 #[derive(Debug, Clone, PartialEq)]
 struct SliceView {
     /// The endpoints to publish, with port 0 (see [`endpoint_of`]); none for
@@ -465,7 +468,12 @@ impl SliceView {
                 ports: Vec::new(),
             };
         }
-        let endpoints = slice.endpoints.iter().filter_map(endpoint_of).collect();
+        let mut hints = HintCache::default();
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .filter_map(|entry| endpoint_of(entry, &mut hints))
+            .collect();
         let ports = slice
             .ports
             .iter()
@@ -553,9 +561,61 @@ fn service_endpoints<'a>(
     out
 }
 
+/// One slice's hints, made once per distinct set: the endpoints of a slice
+/// are usually hinted alike (each for its own zone), so they share one
+/// [`Hints`] and one copy of each name instead of holding a string each.
+#[derive(Default)]
+struct HintCache {
+    hints: HashSet<Arc<Hints>>,
+    names: HashSet<Arc<str>>,
+}
+
+impl HintCache {
+    /// The shared hints of an entry; `None` without any (absent or empty).
+    fn of(&mut self, hints: Option<&EndpointHints>) -> Option<Arc<Hints>> {
+        let hints = hints?;
+        let mut name = |text: &str| match self.names.get(text) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                let shared: Arc<str> = Arc::from(text);
+                self.names.insert(Arc::clone(&shared));
+                shared
+            }
+        };
+        let for_zones = hints
+            .for_zones
+            .iter()
+            .flatten()
+            .map(|z| name(&z.name))
+            .collect();
+        let for_nodes = hints
+            .for_nodes
+            .iter()
+            .flatten()
+            .map(|n| name(&n.name))
+            .collect();
+        let hints = Hints {
+            for_zones,
+            for_nodes,
+        };
+        if hints.for_zones.is_empty() && hints.for_nodes.is_empty() {
+            return None;
+        }
+        if let Some(shared) = self.hints.get(&hints) {
+            return Some(Arc::clone(shared));
+        }
+        let shared = Arc::new(hints);
+        self.hints.insert(Arc::clone(&shared));
+        Some(shared)
+    }
+}
+
 /// The endpoint of one EndpointSlice entry, with port 0, or `None` when it
 /// must be left out (not ready and not draining, or no usable address).
-fn endpoint_of(entry: &k8s_openapi::api::discovery::v1::Endpoint) -> Option<Endpoint> {
+fn endpoint_of(
+    entry: &k8s_openapi::api::discovery::v1::Endpoint,
+    hints: &mut HintCache,
+) -> Option<Endpoint> {
     let draining = draining(entry.conditions.as_ref())?;
     // Only the first address has defined semantics (kube-proxy reads only it).
     let address: IpAddr = entry.addresses.first()?.parse().ok()?;
@@ -573,6 +633,7 @@ fn endpoint_of(entry: &k8s_openapi::api::discovery::v1::Endpoint) -> Option<Endp
         node: entry.node_name.clone().unwrap_or_default(),
         pod,
         draining,
+        hints: hints.of(entry.hints.as_ref()),
     })
 }
 

@@ -356,6 +356,8 @@ impl StreamState {
         if !had_node && let Some(node) = self.session.node() {
             self.span
                 .record("node", tracing::field::display(loggable(&node.id)));
+            // Admin shows it; zone shares count only Discovery subscribers.
+            self.guard.info().set_zone(&node.zone);
         }
         match &handled {
             Handled::UnknownType => {

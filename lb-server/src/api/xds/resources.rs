@@ -16,6 +16,14 @@
 //! name their certificates in different, mutually rejected, fields of the
 //! `UpstreamTlsContext` (see [`upstream_tls_context`]). Each kind's Cluster
 //! is encoded once and shared by every client of that kind.
+//!
+//! An assignment also depends on the client's zone (its node's
+//! `locality.zone`): its own zone's locality is priority 0 and the rest
+//! priority 1 while that zone has a serving endpoint ([`load_assignment`]).
+//! It is encoded once per version and zone that has an answer of its own;
+//! clients of every other zone, or of none, share one encoding. EndpointSlice
+//! hints (`forZones`) are not applied over xDS: priorities already keep a
+//! client in its zone, and gRPC and Envoy read no hints.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -28,16 +36,17 @@ use envoy_types::{
         envoy::{
             config::{
                 cluster::v3::{
-                    Cluster,
+                    Cluster, LoadBalancingPolicy,
                     cluster::{
                         ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig,
                         LbPolicy,
                     },
+                    load_balancing_policy,
                 },
                 core::v3::{
                     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
                     Http2ProtocolOptions, Locality, PathConfigSource, SocketAddress,
-                    TransportSocket, WatchedDirectory, address,
+                    TransportSocket, TypedExtensionConfig, WatchedDirectory, address,
                     config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
                     transport_socket,
                 },
@@ -60,6 +69,10 @@ use envoy_types::{
                         http_filter,
                     },
                 },
+                load_balancing_policies::{
+                    client_side_weighted_round_robin::v3::ClientSideWeightedRoundRobin,
+                    round_robin::v3::RoundRobin,
+                },
                 transport_sockets::tls::v3::{
                     CertificateProviderPluginInstance, CertificateValidationContext,
                     CommonTlsContext, SdsSecretConfig, SubjectAltNameMatcher, UpstreamTlsContext,
@@ -81,7 +94,7 @@ use envoy_types::{
                 v3::Percent,
             },
         },
-        google::protobuf::{Any, Duration, UInt32Value},
+        google::protobuf::{Any, BoolValue, Duration, UInt32Value},
     },
     util::pack_any,
 };
@@ -118,6 +131,19 @@ pub const ENDPOINT_TYPE: &str =
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
 /// The extension-options key for upstream HTTP protocol options.
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// With `--xds-lb-policy weighted-round-robin`: how long a backend must have
+/// reported load before its weight is used. Shorter than gRPC's 10 s default:
+/// a backend's qps over utilization hardly depends on how many calls it got
+/// yet, and a new pod (a scale-up, a rolling restart) should take its share
+/// soon; until then it gets the mean weight.
+pub const WRR_BLACKOUT_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a weight is used after a backend's last report, before it falls
+/// back to the mean weight. Shorter than gRPC's 3 min default, so that a
+/// backend whose reports stopped does not keep an old weight for long.
+pub const WRR_WEIGHT_EXPIRATION_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often clients recompute the weights (gRPC's and Envoy's default).
+pub const WRR_WEIGHT_UPDATE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ResourceType {
     /// Every type, in the order pending responses are sent: clusters before
@@ -235,15 +261,52 @@ pub struct UpstreamTls {
     pub sds_dir: String,
 }
 
-/// The most resources [`Resources`] keeps encoded; past it the cache starts over.
+/// The most encodings [`Resources`] keeps; past it the cache starts over.
 const MAX_CACHED: usize = 50_000;
 
-/// Per type and client kind (by [`Resources::slot`]): name -> (content version, encoded resource).
-type Cache = [HashMap<String, (u64, Any)>; 4 * ClientKind::COUNT];
+/// The encodings of one resource name at one content version.
+#[derive(Debug)]
+struct Cached {
+    /// The snapshot version for an assignment, 0 for the other types.
+    version: u64,
+    /// The zones with a serving endpoint at this version, sorted: a client in
+    /// one of them gets an assignment of its own ([`load_assignment`]); every
+    /// other client gets the one encoded under the empty zone.
+    serving_zones: Vec<String>,
+    /// Per zone (empty: no zone preferred), the encoded resource.
+    encodings: Vec<(String, Any)>,
+}
+
+impl Cached {
+    /// The zone whose encoding a client in `zone` gets: its own if it has a
+    /// serving endpoint, otherwise the empty zone.
+    fn effective<'a>(&self, zone: &'a str) -> &'a str {
+        if self
+            .serving_zones
+            .binary_search_by(|z| z.as_str().cmp(zone))
+            .is_ok()
+        {
+            zone
+        } else {
+            ""
+        }
+    }
+
+    fn get(&self, zone: &str) -> Option<&Any> {
+        self.encodings
+            .iter()
+            .find_map(|(z, any)| (z == zone).then_some(any))
+    }
+}
+
+/// Per type and client kind (by [`Resources::slot`]): name -> its encodings.
+type Cache = [HashMap<String, Cached>; 4 * ClientKind::COUNT];
 
 /// Builds resources, holding what the configuration decides about them, and
 /// keeps each one encoded for the streams that send it next: ten thousand
 /// clients of one service then cost one encoding per change, not ten thousand.
+/// An assignment is encoded once per zone that has its own answer (the
+/// client's zone holds a serving endpoint), not once per client.
 #[derive(Debug, Clone)]
 pub struct Resources {
     lb_policy: XdsLbPolicy,
@@ -270,7 +333,11 @@ impl Resources {
 
     /// How many encodings are cached, over every slot.
     fn cached(cache: &Cache) -> usize {
-        cache.iter().map(HashMap::len).sum()
+        cache
+            .iter()
+            .flat_map(HashMap::values)
+            .map(|cached| cached.encodings.len())
+            .sum()
     }
 
     /// Where an encoding is cached: a resource that is the same for every
@@ -282,7 +349,8 @@ impl Resources {
     }
 
     /// One resource of a type, named `name`, for the service `key` at
-    /// `snapshot`, as a client of `kind` reads it.
+    /// `snapshot`, as a client of `kind` in `zone` (its node's locality, empty
+    /// if it named none) reads it.
     pub fn build(
         &self,
         ty: ResourceType,
@@ -290,26 +358,51 @@ impl Resources {
         key: &ServiceKey,
         snapshot: Option<&Snapshot>,
         kind: ClientKind,
+        zone: &str,
     ) -> Any {
         // What the content depends on: the snapshot for an assignment, nothing
         // else for the rest. An empty assignment is rare and not cached.
         let version = match (ty, snapshot) {
             (ResourceType::Endpoint, Some(snapshot)) if snapshot.exists => snapshot.version,
-            (ResourceType::Endpoint, _) => return self.encode(ty, name, key, snapshot, kind),
+            (ResourceType::Endpoint, _) => return self.encode(ty, name, key, snapshot, kind, ""),
             _ => 0,
         };
         let slot = self.slot(ty, kind);
-        if let Some((cached, any)) = self.cache.lock().unwrap()[slot].get(name)
-            && *cached == version
+        if let Some(cached) = self.cache.lock().unwrap()[slot].get(name)
+            && cached.version == version
+            && let Some(any) = cached.get(cached.effective(zone))
         {
             return any.clone();
         }
-        let any = self.encode(ty, name, key, snapshot, kind);
+        let serving_zones = match (ty, snapshot) {
+            (ResourceType::Endpoint, Some(snapshot)) => serving_zones(snapshot),
+            _ => Vec::new(),
+        };
+        let zone = if serving_zones.iter().any(|z| z == zone) {
+            zone
+        } else {
+            ""
+        };
+        let any = self.encode(ty, name, key, snapshot, kind, zone);
         let mut cache = self.cache.lock().unwrap();
         if Self::cached(&cache) >= MAX_CACHED {
             cache.iter_mut().for_each(HashMap::clear);
         }
-        cache[slot].insert(name.to_owned(), (version, any.clone()));
+        let cached = cache[slot]
+            .entry(name.to_owned())
+            .or_insert_with(|| Cached {
+                version,
+                serving_zones: Vec::new(),
+                encodings: Vec::new(),
+            });
+        if cached.version != version {
+            cached.version = version;
+            cached.encodings.clear();
+        }
+        cached.serving_zones = serving_zones;
+        if cached.get(zone).is_none() {
+            cached.encodings.push((zone.to_owned(), any.clone()));
+        }
         any
     }
 
@@ -320,6 +413,7 @@ impl Resources {
         key: &ServiceKey,
         snapshot: Option<&Snapshot>,
         kind: ClientKind,
+        zone: &str,
     ) -> Any {
         match ty {
             ResourceType::Listener => pack_any(listener(name, key)),
@@ -331,7 +425,7 @@ impl Resources {
                     .map(|tls| upstream_tls_context(key, tls, kind));
                 pack_any(cluster(name, key, self.lb_policy, tls))
             }
-            ResourceType::Endpoint => pack_any(load_assignment(name, snapshot)),
+            ResourceType::Endpoint => pack_any(load_assignment(name, snapshot, zone)),
         }
     }
 }
@@ -426,6 +520,11 @@ pub fn listener(name: &str, key: &ServiceKey) -> Listener {
 /// for gRPC; proxyless gRPC ignores it), and no panic mode, so that draining
 /// endpoints never get new calls even when most of them drain. With `tls`,
 /// its transport socket is TLS with that context.
+///
+/// [`XdsLbPolicy::WeightedRoundRobin`] has no `lb_policy` value: it goes in
+/// `load_balancing_policy` ([`weighted_round_robin`]), which gRPC and Envoy
+/// read in preference to `lb_policy`; `lb_policy` stays `ROUND_ROBIN` for a
+/// client that reads only that.
 pub fn cluster(
     name: &str,
     key: &ServiceKey,
@@ -433,7 +532,7 @@ pub fn cluster(
     tls: Option<UpstreamTlsContext>,
 ) -> Cluster {
     let lb_policy = match policy {
-        XdsLbPolicy::RoundRobin => LbPolicy::RoundRobin,
+        XdsLbPolicy::RoundRobin | XdsLbPolicy::WeightedRoundRobin => LbPolicy::RoundRobin,
         XdsLbPolicy::LeastRequest => LbPolicy::LeastRequest,
         XdsLbPolicy::RingHash => LbPolicy::RingHash,
         XdsLbPolicy::Random => LbPolicy::Random,
@@ -462,6 +561,8 @@ pub fn cluster(
             service_name: key.to_string(),
         }),
         lb_policy: lb_policy as i32,
+        load_balancing_policy: (policy == XdsLbPolicy::WeightedRoundRobin)
+            .then(weighted_round_robin),
         common_lb_config: Some(CommonLbConfig {
             healthy_panic_threshold: Some(Percent { value: 0.0 }),
             ..CommonLbConfig::default()
@@ -473,6 +574,44 @@ pub fn cluster(
             config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
         }),
         ..Cluster::default()
+    }
+}
+
+/// The `load_balancing_policy` of [`XdsLbPolicy::WeightedRoundRobin`]:
+/// `client_side_weighted_round_robin` with per-call load reports (the
+/// `endpoint-load-metrics-bin` trailer, no extra stream per backend) and the
+/// `WRR_*` periods, then plain round robin for a client that does not know it
+/// (a client takes the first policy of the list it supports). Weights then
+/// come from load alone: both policies ignore endpoint weights.
+pub fn weighted_round_robin() -> LoadBalancingPolicy {
+    let duration = |d: std::time::Duration| Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    };
+    let wrr = ClientSideWeightedRoundRobin {
+        enable_oob_load_report: Some(BoolValue { value: false }),
+        blackout_period: Some(duration(WRR_BLACKOUT_PERIOD)),
+        weight_expiration_period: Some(duration(WRR_WEIGHT_EXPIRATION_PERIOD)),
+        weight_update_period: Some(duration(WRR_WEIGHT_UPDATE_PERIOD)),
+        ..ClientSideWeightedRoundRobin::default()
+    };
+    let policy = |name: &str, config: Any| load_balancing_policy::Policy {
+        typed_extension_config: Some(TypedExtensionConfig {
+            name: name.to_owned(),
+            typed_config: Some(config),
+        }),
+    };
+    LoadBalancingPolicy {
+        policies: vec![
+            policy(
+                "envoy.load_balancing_policies.client_side_weighted_round_robin",
+                pack_any(wrr),
+            ),
+            policy(
+                "envoy.load_balancing_policies.round_robin",
+                pack_any(RoundRobin::default()),
+            ),
+        ],
     }
 }
 
@@ -580,12 +719,37 @@ fn exact(text: &str) -> StringMatcher {
     }
 }
 
-/// The ClusterLoadAssignment named `name` (EDS): one locality per zone (zones
-/// in order, the empty zone for endpoints without one), weighted by the sum
-/// of its serving endpoints' weights (at least 1, as the API requires); each
-/// endpoint with its weight and HEALTHY, or DRAINING when it drains. A
-/// service that does not exist has no endpoints.
-pub fn load_assignment(name: &str, snapshot: Option<&Snapshot>) -> ClusterLoadAssignment {
+/// The zones with at least one serving (not draining) endpoint, sorted.
+fn serving_zones(snapshot: &Snapshot) -> Vec<String> {
+    let mut zones: Vec<String> = Vec::new();
+    if snapshot.exists {
+        for endpoint in snapshot.endpoints.iter().filter(|e| !e.draining) {
+            if let Err(at) = zones.binary_search_by(|z| z.as_str().cmp(&endpoint.zone)) {
+                zones.insert(at, endpoint.zone.clone());
+            }
+        }
+    }
+    zones
+}
+
+/// The ClusterLoadAssignment named `name` (EDS) for a client in `zone`: one
+/// locality per zone (zones in order, the empty zone for endpoints without
+/// one), weighted by the sum of its serving endpoints' weights (at least 1,
+/// as the API requires); each endpoint with its weight and HEALTHY, or
+/// DRAINING when it drains. A service that does not exist has no endpoints.
+///
+/// Priorities: when `zone` is not empty and has a serving endpoint, its
+/// locality is priority 0 and every other locality (endpoints without a zone
+/// included) priority 1, so the client keeps its calls in its zone and fails
+/// over by priority. Otherwise (no zone, or a zone with nothing serving) every
+/// locality is priority 0, as for a client that named no zone: priorities
+/// must be contiguous from 0 (gRPC rejects a sparse list), and a zone with
+/// only draining endpoints has nothing to prefer.
+pub fn load_assignment(
+    name: &str,
+    snapshot: Option<&Snapshot>,
+    zone: &str,
+) -> ClusterLoadAssignment {
     let mut zones: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
     for endpoint in snapshot
         .filter(|s| s.exists)
@@ -597,22 +761,27 @@ pub fn load_assignment(name: &str, snapshot: Option<&Snapshot>) -> ClusterLoadAs
             .or_default()
             .push(endpoint);
     }
+    let local = !zone.is_empty()
+        && zones
+            .get(zone)
+            .is_some_and(|endpoints| endpoints.iter().any(|e| !e.draining));
     let endpoints = zones
         .into_iter()
-        .map(|(zone, endpoints)| {
+        .map(|(locality_zone, endpoints)| {
             let serving_weight = endpoints
                 .iter()
                 .filter(|e| !e.draining)
                 .fold(0u32, |sum, e| sum.saturating_add(e.weight));
             LocalityLbEndpoints {
                 locality: Some(Locality {
-                    zone: zone.to_owned(),
+                    zone: locality_zone.to_owned(),
                     ..Locality::default()
                 }),
                 lb_endpoints: endpoints.into_iter().map(lb_endpoint).collect(),
                 load_balancing_weight: Some(UInt32Value {
                     value: serving_weight.max(1),
                 }),
+                priority: u32::from(local && locality_zone != zone),
                 ..LocalityLbEndpoints::default()
             }
         })
@@ -727,7 +896,7 @@ mod tests {
             ep(4).zone("zone-b").weight(5).draining(),
             ep(5),
         ]);
-        let cla = load_assignment("greeter.default:grpc", Some(&snapshot));
+        let cla = load_assignment("greeter.default:grpc", Some(&snapshot), "");
         assert_eq!(cla.cluster_name, "greeter.default:grpc");
         let zones: Vec<(&str, u32, usize)> = cla
             .endpoints
@@ -773,7 +942,7 @@ mod tests {
             .zone("z")
             .pod("greeter-0")
             .draining();
-        let cla = load_assignment("x", Some(&snapshot(vec![v6])));
+        let cla = load_assignment("x", Some(&snapshot(vec![v6])), "");
         let locality = &cla.endpoints[0];
         assert_eq!(locality.load_balancing_weight.unwrap().value, 1);
         assert_eq!(
@@ -789,12 +958,12 @@ mod tests {
 
     #[test]
     fn a_missing_or_removed_service_has_an_empty_assignment() {
-        assert!(load_assignment("gone.ns:80", None).endpoints.is_empty());
+        assert!(load_assignment("gone.ns:80", None, "").endpoints.is_empty());
         let removed = Snapshot {
             exists: false,
             ..snapshot(vec![ep(1)])
         };
-        let cla = load_assignment("gone.ns:80", Some(&removed));
+        let cla = load_assignment("gone.ns:80", Some(&removed), "");
         assert_eq!(cla.cluster_name, "gone.ns:80");
         assert!(cla.endpoints.is_empty());
     }
@@ -893,6 +1062,7 @@ mod tests {
                 &key(),
                 Some(snapshot),
                 ClientKind::Grpc,
+                "",
             )
         };
         let first = snapshot(vec![ep(1)]);
@@ -945,6 +1115,146 @@ mod tests {
         );
     }
 
+    /// (zone, priority, endpoints) per locality.
+    fn priorities(cla: &ClusterLoadAssignment) -> Vec<(&str, u32, usize)> {
+        cla.endpoints
+            .iter()
+            .map(|l| {
+                (
+                    l.locality.as_ref().unwrap().zone.as_str(),
+                    l.priority,
+                    l.lb_endpoints.len(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_client_zone_with_serving_endpoints_is_priority_0_and_the_rest_priority_1() {
+        let zones = snapshot(vec![
+            ep(1).zone("zone-a"),
+            ep(2).zone("zone-b"),
+            ep(3).zone("zone-b"),
+            ep(4),
+            ep(5).zone("zone-c").draining(),
+        ]);
+        let cla = load_assignment("x", Some(&zones), "zone-b");
+        assert_eq!(
+            priorities(&cla),
+            [
+                ("", 1, 1),
+                ("zone-a", 1, 1),
+                ("zone-b", 0, 2),
+                ("zone-c", 1, 1)
+            ],
+            "endpoints without a zone are another zone's to a zoned client"
+        );
+        for zone in ["", "zone-x", "zone-c"] {
+            let cla = load_assignment("x", Some(&zones), zone);
+            assert!(
+                cla.endpoints.iter().all(|l| l.priority == 0),
+                "no zone, an unknown zone, or one with nothing serving:                  no preference, and no sparse priorities ({zone:?})"
+            );
+        }
+        // Endpoints without a zone are not a zone a client can name.
+        let zoneless = snapshot(vec![ep(1), ep(2).zone("zone-a")]);
+        assert_eq!(
+            priorities(&load_assignment("x", Some(&zoneless), "zone-a")),
+            [("", 1, 1), ("zone-a", 0, 1)]
+        );
+    }
+
+    #[test]
+    fn an_assignment_is_encoded_once_per_zone_with_its_own_answer() {
+        let resources = Resources::new(XdsLbPolicy::RoundRobin);
+        let name = "greeter.default:grpc";
+        let build = |snapshot: &Snapshot, zone: &str| {
+            let any = resources.build(
+                ResourceType::Endpoint,
+                name,
+                &key(),
+                Some(snapshot),
+                ClientKind::Grpc,
+                zone,
+            );
+            ClusterLoadAssignment::decode(any.value.as_slice()).unwrap()
+        };
+        let cached = || Resources::cached(&resources.cache.lock().unwrap());
+        let first = snapshot(vec![ep(1).zone("zone-a"), ep(2).zone("zone-b")]);
+        let local_to = |cla: &ClusterLoadAssignment| -> Vec<String> {
+            cla.endpoints
+                .iter()
+                .filter(|l| l.priority == 0)
+                .map(|l| l.locality.as_ref().unwrap().zone.clone())
+                .collect()
+        };
+        assert_eq!(local_to(&build(&first, "zone-a")), ["zone-a"]);
+        assert_eq!(local_to(&build(&first, "zone-b")), ["zone-b"]);
+        assert_eq!(local_to(&build(&first, "")), ["zone-a", "zone-b"]);
+        assert_eq!(cached(), 3, "one encoding per zone and one for the rest");
+        // Clients in zones without endpoints share the answer of no zone.
+        for zone in ["zone-x", "zone-y", ""] {
+            assert_eq!(local_to(&build(&first, zone)), ["zone-a", "zone-b"]);
+        }
+        for _ in 0..3 {
+            build(&first, "zone-a");
+        }
+        assert_eq!(cached(), 3, "every client of a zone shares its encoding");
+        // A new version starts over; zone-a now only drains, so its clients
+        // get the shared answer.
+        let second = Snapshot {
+            version: first.version + 1,
+            ..snapshot(vec![ep(1).zone("zone-a").draining(), ep(2).zone("zone-b")])
+        };
+        assert_eq!(local_to(&build(&second, "zone-a")), ["zone-a", "zone-b"]);
+        assert_eq!(local_to(&build(&second, "")), ["zone-a", "zone-b"]);
+        assert_eq!(cached(), 1, "the old version's encodings are gone");
+        assert_eq!(local_to(&build(&second, "zone-b")), ["zone-b"]);
+        assert_eq!(cached(), 2);
+    }
+
+    #[test]
+    fn weighted_round_robin_is_a_load_balancing_policy_with_a_round_robin_fallback() {
+        let cluster = cluster(GREETER_KEY, &key(), XdsLbPolicy::WeightedRoundRobin, None);
+        assert_eq!(
+            cluster.lb_policy,
+            LbPolicy::RoundRobin as i32,
+            "for clients that read only lb_policy"
+        );
+        let policies = cluster.load_balancing_policy.unwrap().policies;
+        let configs: Vec<&Any> = policies
+            .iter()
+            .map(|p| {
+                p.typed_extension_config
+                    .as_ref()
+                    .unwrap()
+                    .typed_config
+                    .as_ref()
+                    .unwrap()
+            })
+            .collect();
+        let [wrr, fallback] = configs.as_slice() else {
+            panic!("two policies expected: {policies:?}");
+        };
+        assert_eq!(wrr.type_url, ClientSideWeightedRoundRobin::type_url());
+        assert_eq!(fallback.type_url, RoundRobin::type_url());
+        let wrr = ClientSideWeightedRoundRobin::decode(wrr.value.as_slice()).unwrap();
+        assert_eq!(wrr.enable_oob_load_report, Some(BoolValue { value: false }));
+        let seconds = |d: Option<Duration>| d.map(|d| (d.seconds, d.nanos));
+        assert_eq!(seconds(wrr.blackout_period), Some((2, 0)));
+        assert_eq!(seconds(wrr.weight_expiration_period), Some((30, 0)));
+        assert_eq!(seconds(wrr.weight_update_period), Some((1, 0)));
+        for other in [
+            XdsLbPolicy::RoundRobin,
+            XdsLbPolicy::LeastRequest,
+            XdsLbPolicy::RingHash,
+            XdsLbPolicy::Random,
+        ] {
+            let cluster = super::cluster(GREETER_KEY, &key(), other, None);
+            assert_eq!(cluster.load_balancing_policy, None, "{other:?}");
+        }
+    }
+
     #[test]
     fn build_packs_each_type_under_its_url() {
         let resources = Resources::new(XdsLbPolicy::RoundRobin);
@@ -956,6 +1266,7 @@ mod tests {
                 &key(),
                 Some(&snapshot),
                 ClientKind::Grpc,
+                "",
             );
             assert_eq!(any.type_url, ty.type_url());
         }
@@ -988,6 +1299,7 @@ mod tests {
             &key(),
             Some(&snapshot(vec![ep(1)])),
             kind,
+            "",
         );
         Cluster::decode(any.value.as_slice()).unwrap()
     }
@@ -1125,6 +1437,7 @@ mod tests {
             &key(),
             None,
             ClientKind::Envoy,
+            "",
         );
         let grpc = resources.build(
             ResourceType::Cluster,
@@ -1132,6 +1445,7 @@ mod tests {
             &key(),
             None,
             ClientKind::Grpc,
+            "",
         );
         assert_ne!(envoy, grpc);
         let clone = resources.clone();
@@ -1142,7 +1456,8 @@ mod tests {
                     GREETER_KEY,
                     &key(),
                     None,
-                    ClientKind::Envoy
+                    ClientKind::Envoy,
+                    ""
                 ),
                 envoy
             );
@@ -1152,7 +1467,8 @@ mod tests {
                     GREETER_KEY,
                     &key(),
                     None,
-                    ClientKind::Grpc
+                    ClientKind::Grpc,
+                    ""
                 ),
                 grpc
             );
@@ -1164,7 +1480,7 @@ mod tests {
         );
         // Listeners do not depend on the kind: one encoding.
         let listener =
-            |kind| resources.build(ResourceType::Listener, GREETER_KEY, &key(), None, kind);
+            |kind| resources.build(ResourceType::Listener, GREETER_KEY, &key(), None, kind, "");
         assert_eq!(listener(ClientKind::Envoy), listener(ClientKind::Grpc));
         assert_eq!(Resources::cached(&resources.cache.lock().unwrap()), 3);
     }

@@ -26,6 +26,9 @@
 //!   a client that still holds the cluster stops using stale endpoints.
 //! - A name that is not a valid target, or a service that does not exist (and
 //!   was not sent before), is left out of responses; it is sent once it appears.
+//! - The node of the first request that has one fixes the client's kind and
+//!   zone for the stream: assignments put that zone's locality at priority 0
+//!   while it has a serving endpoint ([`load_assignment`](super::resources::load_assignment)).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -150,9 +153,10 @@ pub struct Outgoing {
 }
 
 /// What lb-server keeps of the `Node` a client describes itself with: the
-/// fields Admin and the logs show, each cut to
-/// [`MAX_KEPT_BYTES`](crate::api::client_text::MAX_KEPT_BYTES). The rest (metadata,
-/// extensions, locality) is never read, so it is not kept for the stream's life.
+/// fields Admin and the logs show and the zone its assignments prefer, each
+/// cut to [`MAX_KEPT_BYTES`](crate::api::client_text::MAX_KEPT_BYTES). The
+/// rest (metadata, extensions, region, sub-zone) is never read, so it is not
+/// kept for the stream's life.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     /// `node.id`.
@@ -161,6 +165,9 @@ pub struct NodeInfo {
     pub cluster: String,
     /// `node.user_agent_name`.
     pub user_agent: String,
+    /// `node.locality.zone`, empty if none: its locality is priority 0 in
+    /// every assignment that has a serving endpoint there.
+    pub zone: String,
 }
 
 /// The state of one ADS stream.
@@ -218,6 +225,11 @@ impl Session {
                 id: kept(&node.id),
                 cluster: kept(&node.cluster),
                 user_agent: kept(&node.user_agent_name),
+                zone: node
+                    .locality
+                    .as_ref()
+                    .map(|locality| kept(&locality.zone))
+                    .unwrap_or_default(),
             }));
         }
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
@@ -367,6 +379,7 @@ impl Session {
                 changed
             };
 
+            let zone = self.node.as_ref().map_or("", |node| node.zone.as_str());
             let mut store_version = 0;
             let mut oldest_event: Option<Instant> = None;
             let mut resources_out = Vec::with_capacity(include.len());
@@ -381,7 +394,7 @@ impl Session {
                         None => snapshot.event_at,
                     });
                 }
-                resources_out.push(resources.build(ty, name, key, snapshot, self.kind));
+                resources_out.push(resources.build(ty, name, key, snapshot, self.kind, zone));
             }
 
             self.nonces += 1;

@@ -18,7 +18,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         core::v1::ObjectReference,
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
+            ForZone,
+        },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -202,6 +205,31 @@ impl EndpointBuilder {
     /// Sets `nodeName`.
     pub fn node(mut self, node: &str) -> Self {
         self.0.node_name = Some(node.into());
+        self
+    }
+
+    /// Sets `hints.forZones`, as the EndpointSlice controller writes them
+    /// for topology-aware routing.
+    pub fn for_zones(mut self, zones: &[&str]) -> Self {
+        let hints = self.0.hints.get_or_insert_with(EndpointHints::default);
+        hints.for_zones = Some(
+            zones
+                .iter()
+                .map(|&name| ForZone { name: name.into() })
+                .collect(),
+        );
+        self
+    }
+
+    /// Sets `hints.forNodes` (`trafficDistribution: PreferSameNode`).
+    pub fn for_nodes(mut self, nodes: &[&str]) -> Self {
+        let hints = self.0.hints.get_or_insert_with(EndpointHints::default);
+        hints.for_nodes = Some(
+            nodes
+                .iter()
+                .map(|&name| ForNode { name: name.into() })
+                .collect(),
+        );
         self
     }
 

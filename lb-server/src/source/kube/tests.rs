@@ -515,3 +515,43 @@ fn a_port_name_and_number_share_one_list_and_slices_are_kept_cut_down() {
     assert_eq!(kept.endpoints.len(), 3);
     assert!(kept.endpoints.iter().all(|e| e.port == 0));
 }
+
+#[test]
+fn hints_come_from_the_slice_and_are_shared_by_endpoints_hinted_alike() {
+    let (_, updates) = listed([slice("default", "greeter-a", "greeter")
+        .port("grpc", 50051)
+        .endpoint(ep("10.0.0.1").zone("a").for_zones(&["a"]))
+        .endpoint(ep("10.0.0.2").zone("a").for_zones(&["a"]))
+        .endpoint(
+            ep("10.0.0.3")
+                .zone("b")
+                .for_zones(&["a", "b"])
+                .for_nodes(&["node-3"]),
+        )
+        .endpoint(ep("10.0.0.4").zone("b").for_zones(&[]))
+        .endpoint(ep("10.0.0.5").zone("b"))
+        .build()]);
+    let out = published(&updates);
+    let list = &out[&key("default", "greeter", named("grpc"))];
+    assert_eq!(
+        list,
+        &vec![
+            endpoint("10.0.0.1", 50051).zone("a").for_zones(["a"]),
+            endpoint("10.0.0.2", 50051).zone("a").for_zones(["a"]),
+            endpoint("10.0.0.3", 50051)
+                .zone("b")
+                .for_zones(["a", "b"])
+                .for_nodes(["node-3"]),
+            endpoint("10.0.0.4", 50051).zone("b"),
+            endpoint("10.0.0.5", 50051).zone("b"),
+        ]
+    );
+    // Empty hints are no hints, and alike hints are one allocation.
+    assert!(list[3].hints.is_none() && list[4].hints.is_none());
+    let (first, second) = (list[0].hints.as_ref(), list[1].hints.as_ref());
+    assert!(Arc::ptr_eq(first.unwrap(), second.unwrap()));
+    assert!(Arc::ptr_eq(
+        &list[0].hints().for_zones[0],
+        &list[2].hints().for_zones[0]
+    ));
+}

@@ -532,3 +532,85 @@ fn huge_node_fields_and_nack_messages_are_kept_cut() {
     );
     assert!(nack.message.ends_with('…'));
 }
+
+#[test]
+fn the_node_zone_is_priority_0_while_it_has_serving_endpoints() {
+    use envoy_types::pb::envoy::config::core::v3::Locality;
+    let mut world = World::new();
+    let set = |world: &mut World, version: u64, zones: &[&str]| {
+        let snapshot = Snapshot {
+            version,
+            exists: true,
+            endpoints: zones
+                .iter()
+                .zip(1u8..)
+                .map(|(zone, i)| {
+                    Endpoint::new(format!("10.0.0.{i}").parse().unwrap(), 80).zone(*zone)
+                })
+                .collect(),
+            ..Snapshot::unknown()
+        };
+        world
+            .view
+            .snapshots
+            .insert(key(GREETER), Arc::new(snapshot));
+        world.view.existing.insert(key(GREETER));
+        world.note(false);
+    };
+    let priorities = |out: &Outgoing| -> Vec<(String, u32)> {
+        let cla =
+            ClusterLoadAssignment::decode(out.response.resources[0].value.as_slice()).unwrap();
+        cla.endpoints
+            .iter()
+            .map(|l| (l.locality.clone().unwrap().zone, l.priority))
+            .collect()
+    };
+    set(&mut world, 3, &["zone-a", "zone-b"]);
+    let subscribe = |zone: Option<&str>| {
+        let mut session = Session::new();
+        let mut first = request(ENDPOINT_TYPE, &[GREETER], "");
+        first.node = Some(Node {
+            id: "n".into(),
+            locality: zone.map(|zone| Locality {
+                zone: zone.into(),
+                ..Locality::default()
+            }),
+            ..Node::default()
+        });
+        session.handle(&first);
+        session
+    };
+    let all_0 = [("zone-a".to_owned(), 0), ("zone-b".to_owned(), 0)];
+
+    let mut in_a = subscribe(Some("zone-a"));
+    assert_eq!(in_a.node().unwrap().zone, "zone-a");
+    let first = next(&mut in_a, &world);
+    assert_eq!(
+        priorities(&first),
+        [("zone-a".to_owned(), 0), ("zone-b".to_owned(), 1)]
+    );
+    let mut in_b = subscribe(Some("zone-b"));
+    assert_eq!(
+        priorities(&next(&mut in_b, &world)),
+        [("zone-a".to_owned(), 1), ("zone-b".to_owned(), 0)]
+    );
+    for zone in [None, Some(""), Some("zone-x")] {
+        let mut session = subscribe(zone);
+        assert_eq!(priorities(&next(&mut session, &world)), all_0, "{zone:?}");
+    }
+
+    // zone-a's endpoints go: its clients get the others at priority 0 at
+    // once (no sparse priorities), and zone-a again when it is back.
+    in_a.handle(&ack(&first.response, &[GREETER]));
+    set(&mut world, 4, &["zone-b", "zone-b"]);
+    assert_eq!(
+        priorities(&next(&mut in_a, &world)),
+        [("zone-b".to_owned(), 0)]
+    );
+    set(&mut world, 5, &["zone-b", "zone-a"]);
+    assert_eq!(
+        priorities(&next(&mut in_a, &world)),
+        [("zone-a".to_owned(), 0), ("zone-b".to_owned(), 1)]
+    );
+    quiet(&mut in_a, &world);
+}
