@@ -123,9 +123,20 @@ impl ResponseBody {
         guard: CallGuard,
         outcome: Option<Outcome>,
     ) -> Self {
+        // A trailers-only response (its status in the headers, as a server
+        // sends an error before any message) is over already, and tonic
+        // returns that status without reading the body, so dropping it would
+        // count the call as cancelled: an UNAVAILABLE would never eject.
+        let guard = match outcome {
+            Some(outcome) => {
+                guard.finish(outcome);
+                None
+            }
+            None => Some(guard),
+        };
         Self {
             inner,
-            guard: Some(guard),
+            guard,
             outcome,
         }
     }
