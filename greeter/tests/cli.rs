@@ -418,7 +418,7 @@ async fn probe_tls_demo(printed: &str) {
     let list = async |tls: Option<Tls>| -> anyhow::Result<String> {
         let channel = client::direct(lb, tls.as_ref()).await?;
         let reply = AdminClient::new(channel)
-            .list_services(ListServicesRequest {})
+            .list_services(ListServicesRequest::default())
             .await?;
         Ok(format!("{:?}", reply.into_inner()))
     };

@@ -98,7 +98,9 @@ pub(crate) struct Picker {
     /// interleaved (`lookaside_weights::schedule`). Weights are lb-server's,
     /// times the load-report weights when any endpoint has one.
     schedule: Vec<u32>,
-    /// Prefix sums of weights, for weighted random choice.
+    /// Prefix sums of the weights as the schedule uses them
+    /// (`lookaside_weights::reduce`), for weighted random choice: a weight
+    /// means the same to every policy.
     cumulative: Vec<u64>,
     next: AtomicUsize,
 }
@@ -121,7 +123,7 @@ impl Picker {
         // The workspace's one weighted scheduler, as lb-server's grpclb lists use.
         let schedule = lookaside_weights::schedule(&weights);
         let mut total = 0;
-        let cumulative = weights
+        let cumulative = lookaside_weights::reduce(&weights)
             .iter()
             .map(|w| {
                 total += u64::from(*w);
@@ -166,11 +168,44 @@ impl Picker {
     }
 
     fn round_robin(&self, now: u64) -> Option<&Arc<EndpointState>> {
-        let len = self.schedule.len();
-        let start = self.next.fetch_add(1, Relaxed);
-        (0..len)
-            .map(|i| &self.endpoints[self.schedule[(start + i) % len] as usize])
-            .find(|e| e.available(now))
+        let turn = self.next.fetch_add(1, Relaxed) % self.schedule.len();
+        let endpoint = &self.endpoints[self.schedule[turn] as usize];
+        if endpoint.available(now) {
+            return Some(endpoint);
+        }
+        // The turn of an unusable endpoint goes to a usable one drawn by
+        // weight: handing it to the next in the order would give that one
+        // twice its share for as long as its neighbour is ejected.
+        self.usable_by_weight(now)
+    }
+
+    /// A usable endpoint drawn at random by weight, if any is usable.
+    fn usable_by_weight(&self, now: u64) -> Option<&Arc<EndpointState>> {
+        // While most endpoints are usable a draw or two finds one.
+        for _ in 0..4 {
+            let endpoint = &self.endpoints[self.weighted_random()];
+            if endpoint.available(now) {
+                return Some(endpoint);
+            }
+        }
+        let weight =
+            |i: usize| self.cumulative[i] - i.checked_sub(1).map_or(0, |j| self.cumulative[j]);
+        let usable: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| self.endpoints[i].available(now))
+            .collect();
+        let total: u64 = usable.iter().map(|&i| weight(i)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut r = fastrand::u64(..total);
+        usable.into_iter().find_map(|i| {
+            if r < weight(i) {
+                Some(&self.endpoints[i])
+            } else {
+                r -= weight(i);
+                None
+            }
+        })
     }
 
     fn two_choices(
@@ -274,6 +309,45 @@ mod tests {
             // Idle endpoints cost the same per weight, so picks follow weights.
             let share = c[&2] as f64 / 40_000.0;
             assert!((share - 0.5).abs() < 0.05, "{policy}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn an_unusable_endpoints_turns_are_shared_by_weight() {
+        // In the order of ports [1, 2, 3, 4, 2], port 3 is ejected: its turns must
+        // not all go to the endpoint after it.
+        let endpoints = vec![ready(1, 1), ready(2, 2), ready(3, 1), ready(4, 1)];
+        endpoints[2].eject(
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            now_nanos(),
+        );
+        let picker = Picker::new(&endpoints);
+        let c = counts(&picker, Policy::RoundRobin, 40_000);
+        let share = |port| c[&port] as f64 / 40_000.0;
+        assert!((share(2) - 0.5).abs() < 0.02, "{c:?}");
+        for port in [1, 4] {
+            assert!((share(port) - 0.25).abs() < 0.02, "{c:?}");
+        }
+        // With most endpoints unusable the draw falls back to a scan.
+        for e in &endpoints[1..] {
+            e.set_sender(None, Conn::Failed);
+        }
+        assert_eq!(counts(&picker, Policy::RoundRobin, 100)[&1], 100);
+    }
+
+    #[test]
+    fn a_weight_means_the_same_to_every_policy() {
+        // The schedule caps a weight at MAX_REPEAT times the smallest; the
+        // random draws of p2c and least-request must use the same weights.
+        let endpoints = vec![ready(1, 1_000_000), ready(2, 1), ready(3, 1)];
+        let picker = Picker::new(&endpoints);
+        let rr = counts(&picker, Policy::RoundRobin, 102_000);
+        assert_eq!(rr[&2], 1_000);
+        for policy in [Policy::PeakEwma, Policy::LeastRequest] {
+            let c = counts(&picker, policy, 102_000);
+            let small = c.get(&2).copied().unwrap_or(0);
+            assert!((700..1_300).contains(&small), "{policy}: {c:?}");
         }
     }
 

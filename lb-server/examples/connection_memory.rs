@@ -39,7 +39,7 @@ async fn measure(mode: &str, n: usize) -> f64 {
         match mode {
             "unary call" => {
                 AdminClient::with_origin(connection.clone(), origin.clone())
-                    .list_services(ListServicesRequest {})
+                    .list_services(ListServicesRequest::default())
                     .await
                     .unwrap();
             }

@@ -8,12 +8,23 @@
 //! the handshake timeout. When accepting fails (out of file descriptors) the
 //! loop backs off instead of spinning; the connection limit is lowered at
 //! start to what the file descriptor limit allows, so that is rare.
+//!
+//! At shutdown every stream is ended, and a client that reads gets the end
+//! at once; one that stopped reading leaves the end of its streams queued
+//! behind flow control, and its connection open. [`Closer`] closes such
+//! connections when the shutdown's grace runs out, so that they cannot hold
+//! the process past its deadline.
 
 use std::{
+    collections::HashMap,
     io,
     net::SocketAddr,
+    os::fd::{AsRawFd, RawFd},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -42,11 +53,59 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The longest pause after a failed accept; it starts at 5 ms and doubles.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Closes, at once, every connection its listeners handed out that is still
+/// open: for the connections left when the shutdown's grace has run out.
+///
+/// It shuts their sockets down (both ways): the server's pending read on
+/// each then ends and the server drops the connection. Nothing is added to
+/// a connection's reads and writes for it.
+#[derive(Debug, Clone, Default)]
+pub struct Closer {
+    open: Arc<Mutex<HashMap<u64, RawFd>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Closer {
+    /// Closes every open connection; returns how many there were.
+    pub fn close_all(&self) -> usize {
+        let open = self.open.lock().unwrap();
+        for fd in open.values() {
+            // The fd is still open: a connection leaves the map (under this
+            // lock) before its socket is closed.
+            let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
+        }
+        open.len()
+    }
+
+    fn register(&self, fd: RawFd) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.open.lock().unwrap().insert(id, fd);
+        Registration {
+            closer: self.clone(),
+            id,
+        }
+    }
+}
+
+/// A connection's place in its [`Closer`], left when the connection is dropped.
+#[derive(Debug)]
+struct Registration {
+    closer: Closer,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.closer.open.lock().unwrap().remove(&self.id);
+    }
+}
+
 /// Accepts connections on `listener` until `token` is cancelled and yields
 /// each one whose handshake (TLS with the configuration current when it
 /// connected, if `tls`; then the HTTP/2 preface) completed in time, ready for
 /// `serve_with_incoming`. Connections over `limits.max_connections` and
-/// failed handshakes are closed and counted in `rejected{listener=name,reason}`.
+/// failed handshakes are closed and counted in `rejected{listener=name,reason}`;
+/// `closer` closes the connections handed out.
 pub fn incoming(
     name: &'static str,
     listener: TcpListener,
@@ -54,6 +113,7 @@ pub fn incoming(
     limits: Limits,
     rejected: IntCounterVec,
     token: CancellationToken,
+    closer: Closer,
 ) -> impl futures::Stream<Item = io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -72,6 +132,7 @@ pub fn incoming(
                         slot,
                         tls: tls.as_ref().map(|tls| TlsAcceptor::from(tls.current())),
                         timeout: limits.handshake_timeout,
+                        closer: closer.clone(),
                     };
                     tokio::spawn(accepted.handshake(
                         tcp,
@@ -95,6 +156,7 @@ struct Accepted {
     slot: OwnedSemaphorePermit,
     tls: Option<TlsAcceptor>,
     timeout: Duration,
+    closer: Closer,
 }
 
 impl Accepted {
@@ -114,7 +176,12 @@ impl Accepted {
         let remote = self.remote;
         let reason = match done {
             Ok(Ok(transport)) => {
+                let fd = match &transport {
+                    Transport::Plain(tcp) => tcp.as_raw_fd(),
+                    Transport::Tls(tls) => tls.get_ref().0.as_raw_fd(),
+                };
                 let conn = Conn {
+                    _registration: self.closer.register(fd),
                     transport,
                     preface_replayed: 0,
                     info: ConnInfo::new(Some(remote)),
@@ -310,6 +377,9 @@ impl AsyncWrite for Transport {
 /// preface the handshake read to check.
 #[derive(Debug)]
 pub struct Conn {
+    /// First: fields drop in order, and the connection must leave its
+    /// [`Closer`] before its socket is closed (and its fd number reused).
+    _registration: Registration,
     transport: Transport,
     /// How much of [`PREFACE`] was given back.
     preface_replayed: usize,

@@ -69,7 +69,7 @@ impl LbServer {
             }
             None => None,
         };
-        let store = Store::new();
+        let store = Store::with_coalesce_window(config.coalesce_window);
         let metrics = Arc::new(Metrics::new());
         let source = match config.source {
             SourceKind::File => {
@@ -249,17 +249,17 @@ impl LbServer {
         });
 
         let limits = self.limits;
+        let closer = listener::Closer::default();
         let admin_apart = self.admin.is_some();
         let rejected = &self.metrics.rejected_connections;
+        // One layer for both ports: the request memory is the process's.
+        let request_limits = RequestLimitsLayer::new(&limits, self.metrics.rejected.clone());
         let server = || {
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
                 .max_concurrent_streams(limits.max_streams_per_connection)
-                .layer(RequestLimitsLayer::new(
-                    &limits,
-                    self.metrics.rejected.clone(),
-                ))
+                .layer(request_limits.clone())
         };
 
         if let Some(admin) = self.admin {
@@ -270,6 +270,7 @@ impl LbServer {
                 limits,
                 rejected.clone(),
                 token.clone(),
+                closer.clone(),
             );
             let (v1, v1alpha) = reflection(&["lookaside.v1.Admin"])?;
             let router = server()
@@ -308,6 +309,7 @@ impl LbServer {
             limits,
             rejected.clone(),
             token.clone(),
+            closer.clone(),
         );
         let router = server()
             .add_service(DiscoveryApi::server(shared.clone()))
@@ -340,16 +342,44 @@ impl LbServer {
         tracing::info!("shutting down: ending streams");
         token.cancel();
         tracker.close();
-        let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
-            let _ = grpc.await;
+        // Every stream has been told to end. A client that reads gets the
+        // end at once; one that stopped reading leaves its streams' end
+        // queued behind flow control. The connections still open at half the
+        // deadline are closed, so that such a client cannot hold the process
+        // to its deadline. Closing them cuts short only requests still being
+        // received (a message partly sent): those make the shutdown a failure,
+        // as calls still running at the deadline do.
+        let deadline = self.config.shutdown_timeout;
+        let finished = async {
+            let _ = (&mut grpc).await;
             tracker.wait().await;
-        })
-        .await;
-        if drained.is_err() {
-            anyhow::bail!(
-                "the shutdown deadline ({:?}) passed with calls still in flight",
-                self.config.shutdown_timeout
+        };
+        tokio::pin!(finished);
+        if tokio::time::timeout(deadline / 2, &mut finished)
+            .await
+            .is_err()
+        {
+            let arriving = request_limits.memory_in_use();
+            let closed = closer.close_all();
+            tracing::warn!(
+                connections = closed,
+                request_bytes_arriving = arriving,
+                "closing the connections still open at half the shutdown deadline"
             );
+            if tokio::time::timeout(deadline - deadline / 2, &mut finished)
+                .await
+                .is_err()
+            {
+                anyhow::bail!(
+                    "the shutdown deadline ({deadline:?}) passed with calls still in flight"
+                );
+            }
+            if arriving > 0 {
+                anyhow::bail!(
+                    "requests were still arriving when the connections were closed at half the \
+                     shutdown deadline ({deadline:?})"
+                );
+            }
         }
         Ok(())
     }

@@ -87,7 +87,7 @@ async fn tls_channel(
 
 async fn list_services(channel: Channel) -> Result<usize, tonic::Status> {
     Ok(AdminClient::new(channel)
-        .list_services(ListServicesRequest {})
+        .list_services(ListServicesRequest::default())
         .await?
         .into_inner()
         .services

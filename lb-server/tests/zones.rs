@@ -66,7 +66,7 @@ async fn a_zone_gets_its_shares_and_new_ones_when_another_zone_subscribes() {
 
     // Admin shows each subscriber's zone and the shares it was sent.
     let listed = AdminClient::new(server.channel().await)
-        .list_subscribers(ListSubscribersRequest {})
+        .list_subscribers(ListSubscribersRequest::default())
         .await
         .unwrap()
         .into_inner()

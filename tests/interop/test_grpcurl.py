@@ -109,6 +109,40 @@ def test_admin_shows_the_files_endpoints(start_lb):
     assert other["endpoints"] == [{"address": "10.1.2.3", "port": 8080, "weight": 1, "zone": "zone-b"}]
 
 
+def test_admin_pages_what_grpcurl_could_not_receive_whole(start_lb):
+    """A service whose endpoint list is larger than gRPC's default 4 MiB
+    receive limit (grpcurl's too) is listed in pages that each fit it."""
+    total = 24_000
+    pod = "p" * 200  # long pod names, as StatefulSets with long names have
+    endpoints = [
+        {"address": f"10.{i // 60_000}.{i // 250 % 240}.{i % 250 + 1}:8080", "pod": f"{pod}-{i}"}
+        for i in range(total)
+    ]
+    lb = start_lb(services={"big.default:grpc": endpoints, GREETER: SERVICES[GREETER]})
+    seen, offset, pages = [], 0, 0
+    while True:
+        page = get_service(lb.grpc_addr, "big.default:grpc") if offset == 0 else json.loads(
+            ok(grpcurl(lb.grpc_addr, "lookaside.v1.Admin/GetService", data={"target": "big.default:grpc", "offset": offset}))
+        )
+        pages += 1
+        assert page["totalEndpoints"] == total
+        seen += [e["pod"] for e in page["endpoints"]]
+        offset = page.get("nextOffset", 0)
+        if offset == 0:
+            break
+        assert offset == len(seen)
+    assert pages == 2, pages  # about 5.5 MB in all: two pages of at most 4 MiB
+    assert sorted(seen) == sorted(e["pod"] for e in endpoints)
+    # A limit pages by count; the last page has no nextOffset.
+    limited = json.loads(
+        ok(grpcurl(lb.grpc_addr, "lookaside.v1.Admin/GetService", data={"target": "big.default:grpc", "offset": total - 3, "limit": 5}))
+    )
+    assert len(limited["endpoints"]) == 3 and "nextOffset" not in limited, limited
+    first = json.loads(ok(grpcurl(lb.grpc_addr, "lookaside.v1.Admin/ListServices", data={"limit": 1})))
+    assert first["total"] == 2 and first["nextOffset"] == 1, first
+    assert [s["target"] for s in first["services"]] == ["big.default:grpc"]
+
+
 def test_health_check_serving(start_lb):
     lb = start_lb(services=SERVICES)
     reply = json.loads(ok(grpcurl(lb.grpc_addr, "grpc.health.v1.Health/Check")))

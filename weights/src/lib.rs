@@ -38,11 +38,7 @@ pub const MAX_REPEAT: u32 = 100;
 /// assert_eq!(lookaside_weights::schedule(&[4, 2, 2]), [0, 1, 2, 0]);
 /// ```
 pub fn schedule(weights: &[u32]) -> Vec<u32> {
-    let divisor = weights.iter().fold(0, |g, w| gcd(g, *w)).max(1);
-    let reduced: Vec<u32> = weights
-        .iter()
-        .map(|w| (w / divisor).min(MAX_REPEAT))
-        .collect();
+    let reduced = reduce(weights);
     let rounds = reduced.iter().copied().max().unwrap_or(0);
     let mut order = Vec::with_capacity(reduced.iter().map(|w| *w as usize).sum());
     for round in 0..rounds {
@@ -53,6 +49,23 @@ pub fn schedule(weights: &[u32]) -> Vec<u32> {
         }
     }
     order
+}
+
+/// The weights as the scheduler uses them: divided by their greatest common
+/// divisor, each capped at [`MAX_REPEAT`]. A policy that draws endpoints at
+/// random by weight (lb-client's power of two choices) draws by these, so
+/// that a weight means the same under every policy.
+///
+/// ```
+/// assert_eq!(lookaside_weights::reduce(&[4, 2, 2]), [2, 1, 1]);
+/// assert_eq!(lookaside_weights::reduce(&[1_000_000, 1]), [100, 1]);
+/// ```
+pub fn reduce(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights.iter().fold(0, |g, w| gcd(g, *w)).max(1);
+    weights
+        .iter()
+        .map(|w| (w / divisor).min(MAX_REPEAT))
+        .collect()
 }
 
 /// Whole-number weights for the scheduler from real ones: the largest

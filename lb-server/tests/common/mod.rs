@@ -94,7 +94,7 @@ impl TestServer {
     /// Every open subscriber stream, as Admin lists it.
     pub async fn subscribers(&self) -> Vec<Subscriber> {
         AdminClient::new(self.channel().await)
-            .list_subscribers(ListSubscribersRequest {})
+            .list_subscribers(ListSubscribersRequest::default())
             .await
             .unwrap()
             .into_inner()
