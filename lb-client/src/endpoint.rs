@@ -283,6 +283,21 @@ impl EndpointState {
         backoff
     }
 
+    /// A test fixture: an endpoint on `127.0.0.1:port` of `weight` in
+    /// `zone`, ready without a real connection (picks look at the state only).
+    #[cfg(test)]
+    pub(crate) fn ready_for_test(port: u16, weight: u32, zone: &str) -> Arc<Self> {
+        let e = Self::new(
+            ([127, 0, 0, 1], port).into(),
+            None,
+            weight,
+            zone.into(),
+            String::new(),
+        );
+        e.set_sender(None, Conn::Ready);
+        e
+    }
+
     /// Ends an ejection now (tests that reuse endpoints across rounds).
     #[cfg(test)]
     pub(crate) fn readmit(&self) {

@@ -277,16 +277,7 @@ mod tests {
     use crate::endpoint::{Outcome, now_nanos};
 
     fn ready(port: u16, weight: u32) -> Arc<EndpointState> {
-        let e = EndpointState::new(
-            ([127, 0, 0, 1], port).into(),
-            None,
-            weight,
-            String::new(),
-            String::new(),
-        );
-        // Ready without a real connection: picks only look at the state.
-        e.set_sender(None, Conn::Ready);
-        e
+        EndpointState::ready_for_test(port, weight, "")
     }
 
     fn counts(picker: &Picker, policy: Policy, n: usize) -> HashMap<u16, usize> {

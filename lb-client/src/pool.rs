@@ -464,15 +464,7 @@ mod tests {
     }
 
     fn ready(port: u16) -> Arc<EndpointState> {
-        let e = EndpointState::new(
-            ([127, 0, 0, 1], port).into(),
-            None,
-            1,
-            String::new(),
-            String::new(),
-        );
-        e.set_sender(None, Conn::Ready);
-        e
+        EndpointState::ready_for_test(port, 1, "")
     }
 
     #[test]

@@ -237,15 +237,7 @@ mod tests {
 
     /// A connected endpoint on port `port` in `zone`.
     fn ready(port: u16, zone: &str) -> Arc<EndpointState> {
-        let e = EndpointState::new(
-            ([127, 0, 0, 1], port).into(),
-            None,
-            1,
-            zone.into(),
-            String::new(),
-        );
-        e.set_sender(None, Conn::Ready);
-        e
+        EndpointState::ready_for_test(port, 1, zone)
     }
 
     fn unhinted(endpoints: &[Arc<EndpointState>]) -> Vec<(Arc<EndpointState>, Hints)> {

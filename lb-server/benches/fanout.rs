@@ -50,6 +50,11 @@
 //! The table reports the rate at which they got there and the server's CPU
 //! per connection.
 //!
+//! Churn (issue 14, `support/churn.rs`): `-- scale` compares full snapshots
+//! with incremental updates in services of 10 to 5,000 endpoints, and
+//! `-- restart` a rolling restart of a 1,000-pod service, with coalescing off
+//! and on; see that module for what they measure.
+//!
 //! `FANOUT_DIST=1` also prints more percentiles of both latencies, and each
 //! change's percentiles with the server threads' time on a CPU and waiting
 //! for one (their `schedstat`).
@@ -86,6 +91,8 @@ use connection::Connection;
 #[path = "support/lean_client.rs"]
 mod lean_client;
 use lean_client::{LeanCall, LeanTls};
+#[path = "support/churn.rs"]
+mod churn;
 #[path = "support/server.rs"]
 mod server;
 use server::{ServerProcess, process_cpu};
@@ -175,10 +182,10 @@ impl Certs {
     }
 }
 
-/// lb-server on `file`, with its defaults, serving mTLS with `tls`.
-/// FANOUT_WRAPPER runs it under a tool, e.g. `valgrind --tool=dhat` to see
-/// where its memory goes.
-fn start_server(file: &Path, tls: Option<&Certs>) -> ServerProcess {
+/// lb-server on `file`, with its defaults and `extra` flags, serving mTLS
+/// with `tls`. FANOUT_WRAPPER runs it under a tool, e.g.
+/// `valgrind --tool=dhat` to see where its memory goes.
+fn start_server(file: &Path, tls: Option<&Certs>, extra: &[&str]) -> ServerProcess {
     let wrapper = std::env::var("FANOUT_WRAPPER").unwrap_or_default();
     let mut words = wrapper.split_whitespace();
     let mut command = match words.next() {
@@ -199,7 +206,7 @@ fn start_server(file: &Path, tls: Option<&Certs>) -> ServerProcess {
             .arg("--tls-client-ca")
             .arg(&certs.ca);
     }
-    ServerProcess::start(command, file, &[])
+    ServerProcess::start(command, file, extra)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -237,6 +244,8 @@ struct Tally {
     arrived_at: Vec<AtomicU64>,
     /// When each subscriber read it, in nanoseconds since `base`.
     read_at: Vec<AtomicU64>,
+    /// HTTP/2 bytes the subscribers received after their first snapshot.
+    bytes: AtomicU64,
     done: Notify,
 }
 
@@ -250,6 +259,7 @@ impl Tally {
             remaining: AtomicUsize::new(0),
             arrived_at: slots(),
             read_at: slots(),
+            bytes: AtomicU64::new(0),
             done: Notify::new(),
         }
     }
@@ -297,8 +307,17 @@ struct WatchResponseLite {
     version: u64,
     #[prost(bool, tag = "2")]
     exists: bool,
+    /// Whole (a full snapshot), or added and changed (a diff).
     #[prost(bytes = "bytes", repeated, tag = "3")]
     endpoints: Vec<bytes::Bytes>,
+    /// A diff from `base_version` rather than a full snapshot.
+    #[prost(bool, tag = "5")]
+    incremental: bool,
+    #[prost(uint64, tag = "6")]
+    base_version: u64,
+    /// The endpoints a diff removes (`EndpointKey`s, left encoded).
+    #[prost(bytes = "bytes", repeated, tag = "7")]
+    removed: Vec<bytes::Bytes>,
 }
 
 /// `envoy.service.discovery.v3.DiscoveryResponse` with its resources left encoded.
@@ -343,26 +362,42 @@ enum Client {
     Tonic,
 }
 
-/// A lean Discovery subscriber: reports the endpoint count of every update.
+/// A lean Discovery subscriber: reports the endpoint count of every update,
+/// and the bytes it received. With `incremental` it asks for diffs and
+/// counts from them: the changes these rounds make only add endpoints, so a
+/// diff's endpoints are all new ones (the restart benchmark's subscribers,
+/// in `churn.rs`, hold the whole list instead).
 async fn lean_discovery_subscriber(
     addr: SocketAddr,
     tls: Option<LeanTls>,
     id: usize,
+    incremental: bool,
     ready: impl FnOnce(),
     seen: Arc<Tally>,
 ) {
     let request = WatchRequest {
         target: TARGET.into(),
+        incremental,
         ..Default::default()
     };
     let mut call = LeanCall::start(addr, tls.as_ref(), WATCH_PATH, &request, false)
         .await
         .unwrap();
-    call.next().await.unwrap().expect("the first snapshot");
+    let first = call.next().await.unwrap().expect("the first snapshot");
+    let mut count = WatchResponseLite::decode(first).unwrap().endpoints.len();
+    let mut received = call.received();
     ready();
     while let Ok(Some(message)) = call.next().await {
         let update = WatchResponseLite::decode(message).unwrap();
-        seen.saw(id, update.endpoints.len(), Instant::now(), call.arrived());
+        count = if update.incremental {
+            count + update.endpoints.len() - update.removed.len()
+        } else {
+            update.endpoints.len()
+        };
+        seen.bytes
+            .fetch_add(call.received() - received, Ordering::Relaxed);
+        received = call.received();
+        seen.saw(id, count, Instant::now(), call.arrived());
     }
 }
 
@@ -524,7 +559,15 @@ fn perf_control(command: &str) {
 
 struct Row {
     transport: Transport,
+    service: Service,
     subscribers: usize,
+    /// HTTP/2 bytes each subscriber received per change.
+    bytes_per_push: f64,
+    /// With [`Service::source_cost`]: the server's CPU per change with one
+    /// subscriber (reading the file, publishing, one push).
+    source_cpu_per_change: Option<Duration>,
+    /// The server's CPU per change over the rounds.
+    server_cpu_per_change: Duration,
     server_cpu_per_push: Duration,
     subscriber_cpu_per_push: Duration,
     p50: Duration,
@@ -585,6 +628,27 @@ enum Reads {
     Held(Duration),
 }
 
+/// The service the rounds change, and how subscribers watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Service {
+    /// Its endpoints before the first round (each round adds one).
+    endpoints: usize,
+    /// The subscribers ask for diffs.
+    incremental: bool,
+    /// Before the N subscribers connect, the same changes with one
+    /// subscriber: what a change costs the server besides its pushes.
+    source_cost: bool,
+}
+
+impl Service {
+    /// The fan-out benchmark's own: 10 endpoints, full snapshots.
+    const FANOUT: Self = Self {
+        endpoints: 10,
+        incremental: false,
+        source_cost: false,
+    };
+}
+
 /// How long held subscribers leave the cores to the server after a change:
 /// about three times what the server needs for the whole fan-out.
 fn hold_for(subscribers: usize) -> Duration {
@@ -596,19 +660,33 @@ fn run(
     protocol: Protocol,
     client: Client,
     (transport, certs): (Transport, Option<&Certs>),
-    subscribers: usize,
-    rounds: usize,
-    reads: Reads,
+    (subscribers, rounds, reads): (usize, usize, Reads),
+    service: Service,
 ) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("lb.yaml");
-    let mut endpoints = 10;
+    let mut endpoints = service.endpoints;
     write_atomic(&file, &file_with(endpoints));
     let tls = certs.map(|certs| certs.client.clone());
-    let server = start_server(&file, certs);
+    let server = start_server(&file, certs, &[]);
+    let source_cpu_per_change = service.source_cost.then(|| {
+        runtime.block_on(source_cost(
+            &server,
+            &file,
+            &mut endpoints,
+            rounds,
+            service.incremental,
+        ))
+    });
     let tally = Arc::new(Tally::new(subscribers));
-    let (warm, kib_per_subscriber, storm) =
-        runtime.block_on(subscribe(&server, protocol, client, tls, tally.clone()));
+    let (warm, kib_per_subscriber, storm) = runtime.block_on(subscribe(
+        &server,
+        protocol,
+        client,
+        tls,
+        service.incremental,
+        tally.clone(),
+    ));
 
     let mut latencies = Vec::with_capacity(subscribers * rounds);
     let mut read_latencies = Vec::with_capacity(subscribers * rounds);
@@ -669,7 +747,9 @@ fn run(
     // the cost of the pushes (and of reading ACKs, for ADS).
     perf_control("disable");
     let pushes = (subscribers * rounds) as u32;
-    let server_cpu_per_push = (server.cpu() - cpu_before) / pushes;
+    let server_cpu = server.cpu() - cpu_before;
+    let server_cpu_per_push = server_cpu / pushes;
+    let bytes_per_push = tally.bytes.load(Ordering::Relaxed) as f64 / f64::from(pushes);
     let subscriber_cpu_per_push = (process_cpu(std::process::id()) - own_cpu_before) / pushes;
     latencies.sort();
     read_latencies.sort();
@@ -686,7 +766,11 @@ fn run(
     runtime.block_on(async move { drop(warm) });
     Row {
         transport,
+        service,
         subscribers,
+        bytes_per_push,
+        source_cpu_per_change,
+        server_cpu_per_change: server_cpu / rounds as u32,
         server_cpu_per_push,
         subscriber_cpu_per_push,
         p50: percentile(&latencies, 0.50),
@@ -699,6 +783,44 @@ fn run(
     }
 }
 
+/// The server's CPU per change with one subscriber, over `rounds` changes
+/// that each add an endpoint: reading the file, publishing, one push.
+async fn source_cost(
+    server: &ServerProcess,
+    file: &Path,
+    endpoints: &mut usize,
+    rounds: usize,
+    incremental: bool,
+) -> Duration {
+    let request = WatchRequest {
+        target: TARGET.into(),
+        incremental,
+        ..Default::default()
+    };
+    let mut call = LeanCall::start(server.grpc, None, WATCH_PATH, &request, false)
+        .await
+        .unwrap();
+    let first = call.next().await.unwrap().expect("the first snapshot");
+    let mut count = WatchResponseLite::decode(first).unwrap().endpoints.len();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = server.cpu();
+    for _ in 0..rounds {
+        *endpoints += 1;
+        write_atomic(file, &file_with(*endpoints));
+        while count != *endpoints {
+            let message = call.next().await.unwrap().expect("an update");
+            let update = WatchResponseLite::decode(message).unwrap();
+            count = if update.incremental {
+                count + update.endpoints.len() - update.removed.len()
+            } else {
+                update.endpoints.len()
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (server.cpu() - before) / rounds as u32
+}
+
 /// Warms the server up with one subscriber, then connects N more, each on
 /// its own connection and reporting to `tally` when it sees the endpoint
 /// count it waits for. Returns the warm-up call (kept open), the server's
@@ -708,11 +830,13 @@ async fn subscribe(
     protocol: Protocol,
     client: Client,
     tls: Option<LeanTls>,
+    incremental: bool,
     tally: Arc<Tally>,
 ) -> (LeanCall, f64, Storm) {
     let subscribers = tally.read_at.len();
     let request = WatchRequest {
         target: TARGET.into(),
+        incremental,
         ..Default::default()
     };
     let mut warm = LeanCall::start(server.grpc, tls.as_ref(), WATCH_PATH, &request, false)
@@ -744,7 +868,7 @@ async fn subscribe(
             };
             match (client, protocol) {
                 (Client::Lean, Protocol::Discovery) => {
-                    lean_discovery_subscriber(addr, tls, id, ready, seen).await
+                    lean_discovery_subscriber(addr, tls, id, incremental, ready, seen).await
                 }
                 (Client::Lean, Protocol::Ads) => {
                     lean_ads_subscriber(addr, tls, id, ready, seen).await
@@ -775,6 +899,12 @@ async fn subscribe(
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "scale") {
+        return churn::scale(&args);
+    }
+    if args.iter().any(|a| a == "restart") {
+        return churn::restart(&args);
+    }
     let counts: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let mut protocols: Vec<Protocol> = args
         .iter()
@@ -870,9 +1000,8 @@ fn main() {
                         protocol,
                         client,
                         (transport, tls),
-                        n,
-                        rounds,
-                        reads,
+                        (n, rounds, reads),
+                        Service::FANOUT,
                     ));
                 }
             }

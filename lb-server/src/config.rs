@@ -122,7 +122,8 @@ pub struct Config {
     )]
     pub xds_upstream_sds_dir: PathBuf,
 
-    /// How long to wait for streams to end on SIGTERM/SIGINT.
+    /// How long to wait for streams to end on SIGTERM/SIGINT. Connections whose clients have
+    /// not read the end of their streams by half of it are closed.
     #[arg(long, env = "LB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
@@ -161,7 +162,16 @@ pub struct Config {
     /// connection idle that long is closed.
     #[arg(long, env = "LB_METRICS_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub metrics_header_timeout: Duration,
+
+    /// Bursts of changes to one service go out as at most one version per this window
+    /// (e.g. 50ms); the first change of a burst, and a change after a quiet window, go
+    /// out at once. 0 publishes every change at once.
+    #[arg(long, env = "LB_COALESCE_WINDOW", default_value = DEFAULT_COALESCE_WINDOW, value_parser = parse_duration)]
+    pub coalesce_window: Duration,
 }
+
+/// The default of `--coalesce-window` (BENCHMARKS.md, "Rolling restart", says why).
+pub const DEFAULT_COALESCE_WINDOW: &str = "50ms";
 
 impl Config {
     /// A configuration for the file source on loopback ports the OS picks.
@@ -190,6 +200,7 @@ impl Config {
             request_timeout: limits.request_timeout,
             request_memory: limits.request_memory,
             metrics_header_timeout: limits.metrics_header_timeout,
+            coalesce_window: parse_duration(DEFAULT_COALESCE_WINDOW).expect("a valid default"),
         }
     }
 
@@ -353,6 +364,20 @@ mod tests {
             Limits::default(),
             "tests run with the production limits"
         );
+    }
+
+    #[test]
+    fn coalesce_window_defaults_to_the_documented_value_and_0_turns_it_off() {
+        let config = Config::try_parse_from(["lb-server"]).unwrap();
+        assert_eq!(config.coalesce_window, Duration::from_millis(50));
+        assert_eq!(
+            Config::for_file("a.yaml").coalesce_window,
+            config.coalesce_window
+        );
+        let off = Config::try_parse_from(["lb-server", "--coalesce-window", "0"]).unwrap();
+        assert_eq!(off.coalesce_window, Duration::ZERO);
+        let set = Config::try_parse_from(["lb-server", "--coalesce-window", "20ms"]).unwrap();
+        assert_eq!(set.coalesce_window, Duration::from_millis(20));
     }
 
     #[test]

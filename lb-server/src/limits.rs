@@ -18,6 +18,8 @@
 //! | [`MAX_XDS_NAMES_PER_REQUEST`], [`XDS_REQUESTS_PER_SECOND`] (with the rest of the xDS stream limits in [`crate::api::xds`]) | one ADS stream keeping a core busy |
 //! | the NACK log limits in [`crate::api::xds`], [`crate::api::client_text`] | log floods and forged log lines |
 //! | `lookaside_proto::lookaside::v1::MAX_WATCH_RESPONSE_BYTES` (responses, agreed with lb-client) | a Watch message larger than clients accept |
+//! | [`MAX_ADMIN_RESPONSE_BYTES`](crate::api::admin::MAX_ADMIN_RESPONSE_BYTES) (Admin answers are paged) | an Admin answer larger than grpcurl and stock clients accept |
+//! | [`Closer`](crate::listener::Closer), at half of `--shutdown-timeout` | clients that stop reading holding the process at shutdown |
 //! | [`MAX_FILE_BYTES`](crate::source::file::MAX_FILE_BYTES), [`MAX_NESTING`](crate::source::file::MAX_NESTING) (the file source, parsed off the runtime) | a huge or deeply nested YAML file stalling the APIs or the memory |
 //!
 //! The request limits are enforced by [`RequestLimitsLayer`], which reads the

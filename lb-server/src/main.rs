@@ -41,6 +41,8 @@ fn main() {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Before the ports open: a SIGTERM from then on drains.
+    let shutdown = signal::shutdown();
     let server = LbServer::bind(config).await?;
     tracing::info!(
         grpc = %server.grpc_addr(),
@@ -48,5 +50,5 @@ async fn run(config: Config) -> anyhow::Result<()> {
         admin = ?server.admin_addr(),
         "lb-server listening"
     );
-    server.run(signal::shutdown()).await
+    server.run(shutdown).await
 }

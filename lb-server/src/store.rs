@@ -26,6 +26,18 @@
 //!   service there too. xDS relies on it: a stream that names a service in
 //!   LDS and takes clusters by wildcard must not send the Listener before the
 //!   Cluster it routes to.
+//!
+//! Coalescing ([`Store::with_coalesce_window`]): a burst of changes to one
+//! service is pushed as few versions as it can be without delaying an
+//! isolated change. A change is published at once unless the service's last
+//! version went out less than a window ago; then it waits, merged with any
+//! later change, until that window ends, and goes out as one version carrying
+//! everything since. So versions of one service go out at least a window
+//! apart, the first change of a burst is never delayed, and no change waits
+//! longer than one window. Only endpoint changes of an existing service wait:
+//! a service appearing or disappearing goes out at once (the service-set
+//! ordering above is unchanged). What [`Store::get`] and [`Store::services`]
+//! read is what subscribers were sent, not a change still waiting.
 
 use std::{
     collections::HashMap,
@@ -33,10 +45,11 @@ use std::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::model::{DiffCache, Endpoint, ServiceKey, Services, Snapshot, normalize};
 
@@ -50,6 +63,10 @@ pub struct Store {
     // Bumped whenever a service starts or stops existing, after the entry is
     // updated and before its subscribers are woken.
     service_set: watch::Sender<u64>,
+    // Zero: every change is published at once.
+    coalesce_window: Duration,
+    // This store, for the tasks that publish a change at the end of its window.
+    me: std::sync::Weak<Store>,
 }
 
 /// One service: the snapshot last published, and the channel its subscribers
@@ -59,6 +76,20 @@ pub struct Store {
 struct Entry {
     latest: Arc<Snapshot>,
     tx: watch::Sender<Arc<Snapshot>>,
+    /// When `latest` was made: the start of the current coalescing window.
+    pushed_at: Option<tokio::time::Instant>,
+    /// A change waiting for the end of the window (coalescing only).
+    pending: Option<Pending>,
+    /// A task will publish `pending` at this end of the window.
+    flush_at: Option<tokio::time::Instant>,
+}
+
+/// Endpoint changes merged while they wait for their window to end.
+#[derive(Debug)]
+struct Pending {
+    endpoints: Vec<Endpoint>,
+    /// The first merged change's: push latency counts from the oldest change.
+    event_at: Instant,
 }
 
 impl Entry {
@@ -66,6 +97,9 @@ impl Entry {
         Self {
             latest: Arc::clone(&snapshot),
             tx: watch::Sender::new(snapshot),
+            pushed_at: None,
+            pending: None,
+            flush_at: None,
         }
     }
 }
@@ -105,47 +139,86 @@ pub struct ServiceView {
 }
 
 impl Store {
-    /// An empty store.
+    /// An empty store that publishes every change at once.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Self::with_coalesce_window(Duration::ZERO)
+    }
+
+    /// An empty store that coalesces bursts of changes to one service: at
+    /// most one version per service per `window` while changes keep coming,
+    /// the first change of a burst at once (see the module docs). A zero
+    /// window publishes every change at once. Changes wait only when
+    /// published on a tokio runtime (the task that ends the window runs
+    /// there); elsewhere they are published at once.
+    pub fn with_coalesce_window(window: Duration) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            coalesce_window: window,
+            me: me.clone(),
+            ..Self::default()
+        })
     }
 
     fn next_version(&self) -> u64 {
         self.version.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    fn snapshot(&self, endpoints: Vec<Endpoint>, event_at: Instant) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            version: self.next_version(),
+            exists: true,
+            endpoints,
+            updated: SystemTime::now(),
+            event_at,
+            encoded: OnceLock::new(),
+            diffs: DiffCache::default(),
+        })
+    }
+
     /// Publishes the whole endpoint set of a service. Returns whether anything
-    /// changed (an identical set publishes nothing).
+    /// changed (an identical set publishes nothing). With coalescing, a
+    /// change may wait for the end of its service's window: it is then
+    /// published by a task on the current runtime, merged with later ones.
     pub fn publish(&self, key: &ServiceKey, endpoints: Vec<Endpoint>, event_at: Instant) -> bool {
         let endpoints = normalize(endpoints);
+        let now = tokio::time::Instant::now();
         let (appeared, wake) = {
             let mut services = self.services.lock().unwrap();
-            let entry = services.get_mut(key);
-            let existed = entry.as_ref().is_some_and(|entry| entry.latest.exists);
-            if existed
-                && entry
+            let existed = services.get(key).is_some_and(|entry| entry.latest.exists);
+            if existed {
+                let entry = services.get_mut(key).expect("it exists");
+                // What subscribers will end up with: the waiting change, if any.
+                let upcoming = entry
+                    .pending
                     .as_ref()
-                    .is_some_and(|e| e.latest.endpoints == endpoints)
-            {
-                return false;
+                    .map_or(&entry.latest.endpoints, |p| &p.endpoints);
+                if *upcoming == endpoints {
+                    return false;
+                }
+                if self.must_wait(key, entry, now) {
+                    let event_at = entry
+                        .pending
+                        .as_ref()
+                        .map_or(event_at, |p| p.event_at.min(event_at));
+                    entry.pending = Some(Pending {
+                        endpoints,
+                        event_at,
+                    });
+                    return true;
+                }
             }
-            let snapshot = Arc::new(Snapshot {
-                version: self.next_version(),
-                exists: true,
-                endpoints,
-                updated: SystemTime::now(),
-                event_at,
-                encoded: OnceLock::new(),
-                diffs: DiffCache::default(),
-            });
-            let wake = match entry {
+            let snapshot = self.snapshot(endpoints, event_at);
+            let wake = match services.get_mut(key) {
                 Some(entry) => {
                     entry.latest = Arc::clone(&snapshot);
+                    entry.pushed_at = Some(now);
+                    entry.pending = None;
                     Some((entry.tx.clone(), snapshot))
                 }
                 // Nobody watches a new entry yet: nothing to wake.
                 None => {
-                    services.insert(key.clone(), Entry::new(snapshot));
+                    let mut entry = Entry::new(snapshot);
+                    entry.pushed_at = Some(now);
+                    services.insert(key.clone(), entry);
                     None
                 }
             };
@@ -158,6 +231,70 @@ impl Store {
             deliver(&tx, snapshot);
         }
         true
+    }
+
+    /// Whether a change to the existing service of `entry` must wait for the
+    /// end of its window; arms the task that ends it if none is armed yet.
+    /// Called under the store's lock.
+    fn must_wait(&self, key: &ServiceKey, entry: &mut Entry, now: tokio::time::Instant) -> bool {
+        match entry.flush_at {
+            Some(at) if now < at => return true,
+            // The window has ended and its task is late (a busy runtime, or
+            // one shutting down): this change goes out now, and the task
+            // finds nothing left to do.
+            Some(_) => entry.flush_at = None,
+            None => {}
+        }
+        let window = self.coalesce_window;
+        let Some(ends) = entry.pushed_at.map(|at| at + window) else {
+            return false;
+        };
+        if window.is_zero() || now >= ends {
+            return false;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let (store, key) = (self.me.clone(), key.clone());
+        runtime.spawn(
+            async move {
+                tokio::time::sleep_until(ends).await;
+                if let Some(store) = store.upgrade() {
+                    store.flush(&key, ends);
+                }
+            }
+            .instrument(tracing::debug_span!("coalesce")),
+        );
+        entry.flush_at = Some(ends);
+        true
+    }
+
+    /// Publishes the change that waited for the window ending at `ends`, if
+    /// any (and unless a later window took over while this task was late).
+    fn flush(&self, key: &ServiceKey, ends: tokio::time::Instant) {
+        let wake = {
+            let mut services = self.services.lock().unwrap();
+            let Some(entry) = services.get_mut(key) else {
+                return;
+            };
+            if entry.flush_at != Some(ends) {
+                return;
+            }
+            entry.flush_at = None;
+            let Some(pending) = entry.pending.take() else {
+                return;
+            };
+            // A removal drops what waited; a change back to what subscribers
+            // hold sends nothing.
+            if !entry.latest.exists || entry.latest.endpoints == pending.endpoints {
+                return;
+            }
+            let snapshot = self.snapshot(pending.endpoints, pending.event_at);
+            entry.latest = Arc::clone(&snapshot);
+            entry.pushed_at = Some(tokio::time::Instant::now());
+            (entry.tx.clone(), snapshot)
+        };
+        deliver(&wake.0, wake.1);
     }
 
     /// Marks a service as gone. Subscribers see `exists = false`; returns whether it existed.
@@ -184,6 +321,11 @@ impl Store {
                     diffs: DiffCache::default(),
                 });
                 entry.latest = Arc::clone(&snapshot);
+                entry.pushed_at = Some(tokio::time::Instant::now());
+                // Gone at once: a change that waited for its window goes
+                // with it, and its task finds nothing to do.
+                entry.pending = None;
+                entry.flush_at = None;
                 Some((entry.tx.clone(), snapshot))
             }
         };
@@ -667,5 +809,213 @@ mod tests {
                 draining: 0
             }
         );
+    }
+
+    mod coalescing {
+        use super::*;
+
+        const WINDOW: Duration = Duration::from_millis(100);
+
+        fn paused_runtime() -> tokio::runtime::Runtime {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        }
+
+        /// Change `i`'s endpoint set: one endpoint of its own, so a
+        /// delivered snapshot names the change it carries.
+        fn change(i: usize) -> Vec<Endpoint> {
+            let ip = format!("10.1.{}.{}", i / 250, i % 250);
+            vec![Endpoint::new(ip.parse().unwrap(), 80)]
+        }
+
+        fn change_of(snapshot: &Snapshot) -> usize {
+            let octets = match snapshot.endpoints[0].address {
+                std::net::IpAddr::V4(v4) => v4.octets(),
+                std::net::IpAddr::V6(_) => unreachable!(),
+            };
+            usize::from(octets[2]) * 250 + usize::from(octets[3])
+        }
+
+        /// Every snapshot a subscriber is woken with, and when.
+        type Seen = Arc<Mutex<Vec<(tokio::time::Instant, Arc<Snapshot>)>>>;
+
+        fn spy(store: &Arc<Store>, k: &ServiceKey) -> Seen {
+            let seen = Seen::default();
+            let mut sub = store.subscribe(k);
+            sub.current();
+            let record = Arc::clone(&seen);
+            tokio::spawn(async move {
+                loop {
+                    let snapshot = sub.next().await;
+                    let now = tokio::time::Instant::now();
+                    record.lock().unwrap().push((now, snapshot));
+                }
+            });
+            seen
+        }
+
+        #[test]
+        fn an_isolated_change_is_published_at_once() {
+            paused_runtime().block_on(async {
+                let store = Store::with_coalesce_window(WINDOW);
+                let k = key("a.ns:grpc");
+                store.publish(&k, change(0), Instant::now());
+                let mut sub = store.subscribe(&k);
+                sub.current();
+                tokio::time::sleep(WINDOW).await;
+                // A window after the last version: the change goes out inside publish.
+                assert!(store.publish(&k, change(1), Instant::now()));
+                assert_eq!(store.get(&k).unwrap().endpoints, change(1));
+                assert_eq!(sub.current().endpoints, change(1));
+            });
+        }
+
+        #[test]
+        fn a_burst_is_at_most_one_version_per_window_ending_with_the_last_change() {
+            paused_runtime().block_on(async {
+                let store = Store::with_coalesce_window(WINDOW);
+                let k = key("a.ns:grpc");
+                store.publish(&k, change(0), Instant::now());
+                tokio::time::sleep(WINDOW * 5).await;
+                let seen = spy(&store, &k);
+                // 1,000 changes 1 ms apart: a burst of 999 ms.
+                let started = tokio::time::Instant::now();
+                for i in 1..=1000 {
+                    assert!(store.publish(&k, change(i), Instant::now()));
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let burst = tokio::time::Instant::now() - started - Duration::from_millis(1);
+                tokio::time::sleep(WINDOW * 2).await;
+                let seen = seen.lock().unwrap();
+                let bound = burst.as_millis().div_ceil(WINDOW.as_millis()) as usize + 1;
+                assert!(
+                    seen.len() <= bound,
+                    "{} versions, at most {bound}",
+                    seen.len()
+                );
+                assert!(seen.len() >= 10, "{} versions over a second", seen.len());
+                assert_eq!(seen[0].0, started, "the first change is not delayed");
+                let (at, last) = seen.last().unwrap();
+                assert_eq!(last.endpoints, change(1000));
+                assert!(*at <= started + burst + WINDOW);
+                assert_eq!(store.get(&k).unwrap().endpoints, change(1000));
+            });
+        }
+
+        #[test]
+        fn appearing_and_disappearing_are_never_delayed() {
+            paused_runtime().block_on(async {
+                let store = Store::with_coalesce_window(WINDOW);
+                let k = key("a.ns:grpc");
+                let mut sub = store.subscribe(&k);
+                sub.current();
+                let mut set = store.watch_service_set();
+                store.publish(&k, change(0), Instant::now());
+                assert!(sub.current().exists);
+                // Within the window: this change waits...
+                store.publish(&k, change(1), Instant::now());
+                assert_eq!(sub.current().endpoints, change(0));
+                // ...and a removal does not, and takes the waiting change with it.
+                assert!(store.remove(&k, Instant::now()));
+                assert!(!sub.current().exists);
+                assert!(store.publish(&k, change(2), Instant::now()));
+                let recreated = sub.current();
+                assert_eq!(recreated.endpoints, change(2));
+                assert!(set.has_changed().unwrap());
+                assert_eq!(*set.borrow_and_update(), 3);
+                tokio::time::sleep(WINDOW * 3).await;
+                assert!(
+                    Arc::ptr_eq(&sub.current(), &recreated),
+                    "the removed service's waiting change was published"
+                );
+            });
+        }
+
+        #[test]
+        fn a_change_back_within_the_window_sends_nothing() {
+            paused_runtime().block_on(async {
+                let store = Store::with_coalesce_window(WINDOW);
+                let k = key("a.ns:grpc");
+                store.publish(&k, change(0), Instant::now());
+                let seen = spy(&store, &k);
+                assert!(store.publish(&k, change(1), Instant::now()));
+                assert!(store.publish(&k, change(0), Instant::now()));
+                assert!(!store.publish(&k, change(0), Instant::now()));
+                tokio::time::sleep(WINDOW * 3).await;
+                assert!(seen.lock().unwrap().is_empty());
+                assert_eq!(store.get(&k).unwrap().endpoints, change(0));
+            });
+        }
+
+        /// Random timings: no change is lost or waits more than a window,
+        /// versions go out at least a window apart and only grow, an isolated
+        /// change goes out at once, and the end state is the last change.
+        #[test]
+        fn random_bursts_lose_no_change_and_push_one_version_per_window() {
+            for seed in 0..300 {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let changes = rng.usize(1..80);
+                let delays: Vec<Duration> = (0..changes)
+                    .map(|_| match rng.u8(0..4) {
+                        0 => Duration::ZERO,
+                        1 => Duration::from_millis(rng.u64(0..WINDOW.as_millis() as u64)),
+                        2 => Duration::from_millis(rng.u64(0..3 * WINDOW.as_millis() as u64)),
+                        _ => Duration::from_micros(rng.u64(0..2_000)),
+                    })
+                    .collect();
+                paused_runtime().block_on(check_burst(seed, delays));
+            }
+        }
+
+        async fn check_burst(seed: u64, delays: Vec<Duration>) {
+            let store = Store::with_coalesce_window(WINDOW);
+            let k = key("a.ns:grpc");
+            let base = vec![Endpoint::new("10.9.9.9".parse().unwrap(), 80)];
+            store.publish(&k, base, Instant::now());
+            tokio::time::sleep(WINDOW * 3).await;
+            let seen = spy(&store, &k);
+            let mut times = Vec::new();
+            for (i, delay) in delays.iter().enumerate() {
+                tokio::time::sleep(*delay).await;
+                times.push(tokio::time::Instant::now());
+                assert!(store.publish(&k, change(i), Instant::now()), "seed {seed}");
+            }
+            tokio::time::sleep(WINDOW * 3).await;
+            let seen = seen.lock().unwrap();
+            let last = times.len() - 1;
+            assert!(!seen.is_empty(), "seed {seed}");
+            for pair in seen.windows(2) {
+                assert!(pair[1].1.version > pair[0].1.version, "seed {seed}");
+                assert!(
+                    pair[1].0 - pair[0].0 >= WINDOW,
+                    "seed {seed}: versions {:?} apart",
+                    pair[1].0 - pair[0].0
+                );
+            }
+            for (i, at) in times.iter().enumerate() {
+                // Delivered, or overtaken by a later change, within a window.
+                let by = seen
+                    .iter()
+                    .find(|(_, snapshot)| change_of(snapshot) >= i)
+                    .unwrap_or_else(|| panic!("seed {seed}: change {i} never went out"));
+                assert!(
+                    by.0 <= *at + WINDOW,
+                    "seed {seed}: change {i} waited too long"
+                );
+                let isolated = i == 0 || *at - times[i - 1] >= WINDOW * 2;
+                if isolated {
+                    assert_eq!(by.0, *at, "seed {seed}: isolated change {i} was delayed");
+                }
+            }
+            let (_, newest) = seen.last().unwrap();
+            assert_eq!(change_of(newest), last, "seed {seed}");
+            assert_eq!(store.get(&k).unwrap().endpoints, change(last));
+            let burst = times[last] - times[0];
+            let bound = (burst.as_nanos() / WINDOW.as_nanos()) as usize + 2;
+            assert!(seen.len() <= bound, "seed {seed}: {} > {bound}", seen.len());
+        }
     }
 }

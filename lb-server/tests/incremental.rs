@@ -199,7 +199,12 @@ async fn an_incremental_watch_holds_the_full_list_through_10_000_random_changes(
     // Shown with the test's output when it fails; INCREMENTAL_SEED replays it.
     eprintln!("seed {seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
-    let server = TestServer::start(FILE).await;
+    // Every change its own version (no coalescing), so that the readers go
+    // through thousands of diffs.
+    let server = TestServer::start_with(FILE, |config| {
+        config.coalesce_window = std::time::Duration::ZERO;
+    })
+    .await;
     let store = Arc::clone(&server.store);
     let key = parse_target(TARGET).unwrap();
     let mut newest = store.subscribe(&key);

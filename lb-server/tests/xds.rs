@@ -393,14 +393,35 @@ async fn removed_service_gets_an_empty_assignment_then_its_endpoints_when_back()
 }
 
 #[tokio::test]
-async fn delta_xds_is_unimplemented_and_shutdown_ends_streams() {
+async fn delta_xds_is_served_other_methods_are_not_and_shutdown_ends_streams() {
     let server = TestServer::start(&file_with(&[(GREETER, &[50051])])).await;
+    // Delta ADS on the same port: a wildcard CDS gets the service's cluster
+    // with its own version (the protocol rules are unit-tested in api::xds::delta).
     let mut client = AggregatedDiscoveryServiceClient::new(server.channel().await);
-    let status = client
-        .delta_aggregated_resources(tokio_stream::iter(vec![DeltaDiscoveryRequest::default()]))
+    let (delta_tx, delta_rx) = mpsc::unbounded_channel();
+    delta_tx
+        .send(DeltaDiscoveryRequest {
+            type_url: CDS.into(),
+            ..DeltaDiscoveryRequest::default()
+        })
+        .unwrap();
+    let mut delta = client
+        .delta_aggregated_resources(UnboundedReceiverStream::new(delta_rx))
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
+        .unwrap()
+        .into_inner();
+    let clusters = tokio::time::timeout(WAIT, delta.message())
+        .await
+        .expect("a delta response")
+        .unwrap()
+        .unwrap();
+    assert_eq!(clusters.type_url, CDS);
+    let named: Vec<_> = clusters.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(named, [GREETER]);
+    assert!(
+        clusters.resources[0].version.ends_with(":p"),
+        "{clusters:?}"
+    );
     // A method the ADS service does not have.
     let mut grpc = tonic::client::Grpc::new(server.channel().await);
     grpc.ready().await.unwrap();
@@ -425,6 +446,11 @@ async fn delta_xds_is_unimplemented_and_shutdown_ends_streams() {
         .expect("stream ends");
     // Shutdown ends the stream cleanly: OK trailers, not an error or a cut.
     assert!(matches!(end, Ok(None)), "{end:?}");
+    let end = tokio::time::timeout(WAIT, delta.message())
+        .await
+        .expect("the delta stream ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    drop(delta_tx);
 }
 
 /// A log sink for the in-process server: the `tracing` output of the test's

@@ -41,10 +41,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def envoy_bootstrap(lb_grpc_addr: str, listen_port: int, cluster: str, node_id: str, zone: str | None = None) -> dict:
+def envoy_bootstrap(
+    lb_grpc_addr: str, listen_port: int, cluster: str, node_id: str, zone: str | None = None, delta: bool = False
+) -> dict:
     """A bootstrap with only ADS pointing at lb-server: CDS (and so EDS) over ADS,
     one static listener routing every gRPC call to `cluster` as lb-server names it.
-    With `zone`, the node's locality is that zone."""
+    With `zone`, the node's locality is that zone; with `delta`, ADS is delta xDS
+    (`DELTA_GRPC`, the `DeltaAggregatedResources` RPC)."""
     host, port = lb_grpc_addr.rsplit(":", 1)
     node: dict = {"id": node_id, "cluster": "interop"}
     if zone is not None:
@@ -54,7 +57,7 @@ def envoy_bootstrap(lb_grpc_addr: str, listen_port: int, cluster: str, node_id: 
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "lookaside"}}],
                 "set_node_on_first_message_only": True,

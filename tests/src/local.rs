@@ -14,9 +14,15 @@ use std::{
     time::Duration,
 };
 
-use greeter::server::LocalGreeter;
+use greeter::{
+    load::{self, Counts, Tally},
+    server::LocalGreeter,
+};
+use lb_client::Channel;
 use lb_server::{Config, LbServer, store::Store};
+use lookaside_proto::helloworld::greeter_client::GreeterClient;
 use tokio::{sync::oneshot, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 
 /// The service every scenario balances.
 pub const TARGET: &str = "greeter.default:grpc";
@@ -208,9 +214,9 @@ pub struct LbProcess {
     child: Child,
 }
 
-/// The lb-server binary `cargo build --workspace --bins` produces, in the
+/// The binary `name` that `cargo build --workspace --bins` produces, in the
 /// profile these tests were built with.
-pub fn lb_server_binary() -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
@@ -219,13 +225,91 @@ pub fn lb_server_binary() -> PathBuf {
     } else {
         "release"
     };
-    let binary = target.join(profile).join("lb-server");
+    let binary = target.join(profile).join(name);
     assert!(
         binary.exists(),
         "{} is missing: run `cargo build --workspace --bins` (with --release for release tests) first; scripts/test.sh does",
         binary.display()
     );
     binary
+}
+
+/// The lb-server binary (see [`binary`]).
+pub fn lb_server_binary() -> PathBuf {
+    binary("lb-server")
+}
+
+/// Reads `child`'s stderr log until a line has `key=ADDRESS` and returns the
+/// address; the rest of the log is drained in a thread so the pipe never
+/// fills. The child must have been spawned with `stderr(Stdio::piped())`.
+pub fn logged_addr(child: &mut Child, key: &str) -> SocketAddr {
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+    let key = format!("{key}=");
+    let addr = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the process exited before logging {key}ADDRESS"))
+            .expect("read the process's log");
+        if let Some(rest) = line.split(key.as_str()).nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .expect("address")
+                .parse()
+                .expect("socket address");
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    addr
+}
+
+/// A greeter-server child process, killed on drop (a stopped one too).
+/// Where a backend must be a process of its own: load reports measure the
+/// process's CPU, and a process can be stopped with SIGSTOP.
+#[derive(Debug)]
+pub struct GreeterProcess {
+    /// Its `--name`.
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl GreeterProcess {
+    /// Starts `greeter-server --name NAME` on a port the OS picks, with
+    /// `extra` flags (e.g. `--cpu-work-us=300`).
+    pub fn start(name: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(binary("greeter-server"))
+            .args(["--listen", "127.0.0.1:0", "--name", name])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start greeter-server");
+        let addr = logged_addr(&mut child, "addr");
+        Self {
+            name: name.into(),
+            addr,
+            child,
+        }
+    }
+
+    /// Sends `signal` (as `kill` takes it, e.g. `-STOP`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+}
+
+impl Drop for GreeterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl LbProcess {
@@ -242,23 +326,7 @@ impl LbProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start lb-server");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("lb-server logs its address before exiting")
-                .expect("read lb-server log");
-            if let Some(rest) = line.split("grpc=").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .expect("address")
-                    .parse()
-                    .expect("socket address");
-            }
-        };
-        // Drain the log so the pipe never fills.
-        std::thread::spawn(move || lines.for_each(drop));
+        let addr = logged_addr(&mut child, "grpc");
         Self { addr, child }
     }
 
@@ -278,5 +346,72 @@ impl Drop for LbProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Starts one in-process backend per name.
+pub async fn backends(names: &[&str]) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push(Backend::start(name).await);
+    }
+    out
+}
+
+/// Background traffic through a channel, with a tally readable while it runs.
+#[derive(Debug)]
+pub struct Traffic {
+    /// The calls so far, per backend name, and the failures.
+    pub tally: Arc<Tally>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Traffic {
+    /// Starts `concurrency` callers on `channel`.
+    pub fn start(channel: &Channel, concurrency: usize) -> Self {
+        let tally = Tally::new(concurrency);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(load::run(
+            GreeterClient::new(channel.clone()),
+            None,
+            concurrency,
+            tally.clone(),
+            stop.clone(),
+        ));
+        Self { tally, stop, task }
+    }
+
+    /// Stops the callers; every call they made.
+    pub async fn finish(self) -> Counts {
+        self.stop.cancel();
+        self.task.await.expect("the traffic task");
+        self.tally.counts()
+    }
+}
+
+/// `calls` calls on `channel` at concurrency 4; their counts.
+pub async fn run_calls(channel: &Channel, calls: u64) -> Counts {
+    let tally = Tally::new(4);
+    load::run(
+        GreeterClient::new(channel.clone()),
+        Some(calls),
+        4,
+        tally.clone(),
+        CancellationToken::new(),
+    )
+    .await;
+    tally.counts()
+}
+
+/// Waits until `check` holds, polling every 5 ms, for at most `wait`.
+pub async fn until(what: &str, wait: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + wait;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

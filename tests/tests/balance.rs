@@ -2,26 +2,19 @@
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use greeter::load::{self, Tally};
 use lb_client::{Channel, Policy};
 use lookaside_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
-use lookaside_tests::local::{Backend, InProcessLb, LbProcess, Listed, SourceFile, TARGET};
+use lookaside_tests::local::{
+    self, Backend, InProcessLb, LbProcess, Listed, SourceFile, TARGET, Traffic, backends,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn backends(names: &[&str]) -> Vec<Backend> {
-    let mut out = Vec::new();
-    for name in names {
-        out.push(Backend::start(name).await);
-    }
-    out
-}
 
 fn listed(backends: &[Backend]) -> Vec<Listed> {
     backends.iter().map(Listed::of).collect()
@@ -36,41 +29,9 @@ async fn channel(lb: &str, policy: Policy) -> Channel {
         .expect("channel")
 }
 
-/// Background traffic through a channel, with a tally readable while it runs.
-struct Traffic {
-    tally: Arc<Tally>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(channel: &Channel, concurrency: usize) -> Self {
-        let tally = Tally::new(concurrency);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(load::run(
-            GreeterClient::new(channel.clone()),
-            None,
-            concurrency,
-            tally.clone(),
-            stop.clone(),
-        ));
-        Self { tally, stop, task }
-    }
-
-    async fn finish(self) -> load::Counts {
-        self.stop.cancel();
-        self.task.await.unwrap();
-        self.tally.counts()
-    }
-}
-
-/// Waits until `check` holds, polling every 5 ms, for at most [`WAIT`].
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits until `check` holds, for at most [`WAIT`].
+async fn until(what: &str, check: impl FnMut() -> bool) {
+    local::until(what, WAIT, check).await;
 }
 
 fn sees(channel: &Channel, backend: &Backend, draining: Option<bool>) -> bool {

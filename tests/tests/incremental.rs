@@ -5,15 +5,13 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use greeter::load::{self, Tally};
 use lb_client::{Channel, Policy};
-use lookaside_proto::helloworld::greeter_client::GreeterClient;
-use lookaside_tests::local::{Backend, InProcessLb, LbProcess, Listed, SourceFile, TARGET};
-use tokio_util::sync::CancellationToken;
+use lookaside_tests::local::{
+    self, Backend, InProcessLb, LbProcess, Listed, SourceFile, TARGET, Traffic,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -84,42 +82,6 @@ async fn holds(channel: &Channel, want: &Routing, what: &str) {
     }
 }
 
-/// Background traffic through a channel, with a tally readable while it runs.
-struct Traffic {
-    tally: Arc<Tally>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(channel: &Channel, concurrency: usize) -> Self {
-        let tally = Tally::new(concurrency);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(load::run(
-            GreeterClient::new(channel.clone()),
-            None,
-            concurrency,
-            tally.clone(),
-            stop.clone(),
-        ));
-        Self { tally, stop, task }
-    }
-
-    async fn until(&self, what: &str, check: impl Fn(&load::Counts) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !check(&self.tally.counts()) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn finish(self) -> load::Counts {
-        self.stop.cancel();
-        self.task.await.unwrap();
-        self.tally.counts()
-    }
-}
-
 /// Every backend replaced one by one, as a Deployment's rolling update does
 /// (25% surge: the new pod ready before the old one drains, then goes), each
 /// step one changed endpoint, so one diff: the client holds exactly the
@@ -143,7 +105,7 @@ async fn a_rolling_restart_of_every_backend_fails_no_call_over_incremental_updat
         .unwrap();
     holds(&channel, &want, "the first list").await;
     let traffic = Traffic::start(&channel, 8);
-    traffic.until("traffic", |c| c.ok() > 200).await;
+    local::until("traffic", WAIT, || traffic.tally.counts().ok() > 200).await;
 
     for round in 0..4 {
         // Surge: the new pod is ready.
@@ -161,11 +123,10 @@ async fn a_rolling_restart_of_every_backend_fails_no_call_over_incremental_updat
         holds(&channel, &want, "the old backend removed").await;
         backends.remove(0).stop().await;
         let name = format!("new-{round}");
-        traffic
-            .until("the new backend to serve", |c| {
-                c.backends.contains_key(&name)
-            })
-            .await;
+        local::until("the new backend to serve", WAIT, || {
+            traffic.tally.counts().backends.contains_key(&name)
+        })
+        .await;
     }
     // A weight change alone, on the list of new backends.
     entries[2].weight = 3;
@@ -213,7 +174,7 @@ async fn after_an_lb_server_restart_the_client_holds_the_new_servers_list() {
         holds(&channel, &want, "a weight change").await;
     }
     let traffic = Traffic::start(&channel, 4);
-    traffic.until("traffic", |c| c.ok() > 100).await;
+    local::until("traffic", WAIT, || traffic.tally.counts().ok() > 100).await;
 
     // Changes while lb-server is down: b1 gone, b2 draining, b4 new. The
     // new server numbers its versions from 1 again.

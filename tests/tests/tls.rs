@@ -3,10 +3,8 @@
 //! say which endpoint and why, and deadlines against a backend that stopped.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,7 +16,7 @@ use greeter::{
 use lb_client::{Channel, ClientTls};
 use lb_server::{Config, LbServer};
 use lookaside_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
-use lookaside_tests::local::{Listed, SourceFile, TARGET};
+use lookaside_tests::local::{GreeterProcess, Listed, SourceFile, TARGET};
 use lookaside_tls::{
     Reloading, ServerFiles,
     generate::{Ca, Validity},
@@ -399,62 +397,10 @@ fn expired_config(pki: &Pki, name: &str) -> Result<tokio_rustls::rustls::ServerC
     Ok(config)
 }
 
-/// The greeter-server binary next to the test's lb-server binary.
-fn greeter_server_binary() -> PathBuf {
-    lookaside_tests::local::lb_server_binary().with_file_name("greeter-server")
-}
-
-/// A greeter-server child process, killed on drop (after SIGCONT, so a
-/// stopped one dies too).
-struct GreeterProcess {
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl GreeterProcess {
-    fn start(name: &str) -> Self {
-        let mut child = Command::new(greeter_server_binary())
-            .args(["--listen", "127.0.0.1:0", "--name", name])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start greeter-server");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("greeter-server logs its address")
-                .unwrap();
-            if let Some(rest) = line.split("addr=").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { addr, child }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for GreeterProcess {
-    fn drop(&mut self) {
-        self.signal("-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stops_answering_fails_calls_at_their_deadline_and_is_ejected_after_a_streak()
  {
-    let stopped = GreeterProcess::start("stopped");
+    let stopped = GreeterProcess::start("stopped", &[]);
     let alive = LocalGreeter::start("alive", ([127, 0, 0, 1], 0).into())
         .await
         .unwrap();

@@ -9,106 +9,25 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
     pin::Pin,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use greeter::{
-    load::{self, Tally},
-    server::GreeterService,
-};
+use greeter::server::GreeterService;
 use lb_client::{Channel, Policy, WrrConfig};
 use lookaside_proto::{
-    helloworld::{greeter_client::GreeterClient, greeter_server::GreeterServer},
-    xds::data::orca::v3::OrcaLoadReport,
+    helloworld::greeter_server::GreeterServer, xds::data::orca::v3::OrcaLoadReport,
 };
-use lookaside_tests::local::{InProcessLb, Listed, SourceFile, TARGET};
+use lookaside_tests::local::{
+    GreeterProcess, InProcessLb, Listed, SourceFile, TARGET, Traffic, run_calls, until,
+};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The greeter-server binary `cargo build --workspace --bins` produces, in
-/// the profile these tests were built with.
-fn greeter_server_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    let binary = target.join(profile).join("greeter-server");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (with --release for release tests) first",
-        binary.display()
-    );
-    binary
-}
-
-/// A greeter-server process: its load reports measure its own CPU.
-struct GreeterProcess {
-    name: String,
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl GreeterProcess {
-    fn start(name: &str, cpu_work_us: u64) -> Self {
-        let mut child = Command::new(greeter_server_binary())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--name",
-                name,
-                "--drain-timeout",
-                "1",
-            ])
-            .arg(format!("--cpu-work-us={cpu_work_us}"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start greeter-server");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("greeter-server logs its address before exiting")
-                .expect("read greeter-server log");
-            if let Some(rest) = line.split("addr=").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .expect("address")
-                    .parse()
-                    .expect("socket address");
-            }
-        };
-        // Drain the log so the pipe never fills.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self {
-            name: name.into(),
-            addr,
-            child,
-        }
-    }
-}
-
-impl Drop for GreeterProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The report a crafted backend puts in every trailer (`None`: no trailer).
 type Crafted = Arc<Mutex<Option<OrcaLoadReport>>>;
@@ -275,66 +194,15 @@ fn share(counts: &HashMap<SocketAddr, u64>, addr: SocketAddr) -> f64 {
     counts.get(&addr).copied().unwrap_or(0) as f64 / total.max(1) as f64
 }
 
-/// Background traffic through a channel.
-struct Traffic {
-    tally: Arc<Tally>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(channel: &Channel, concurrency: usize) -> Self {
-        let tally = Tally::new(concurrency);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(load::run(
-            GreeterClient::new(channel.clone()),
-            None,
-            concurrency,
-            tally.clone(),
-            stop.clone(),
-        ));
-        Self { tally, stop, task }
-    }
-
-    async fn finish(self) -> load::Counts {
-        self.stop.cancel();
-        self.task.await.unwrap();
-        self.tally.counts()
-    }
-}
-
-/// `calls` calls at concurrency 4; their counts per backend name.
-async fn run_calls(channel: &Channel, calls: u64) -> load::Counts {
-    let tally = Tally::new(4);
-    load::run(
-        GreeterClient::new(channel.clone()),
-        Some(calls),
-        4,
-        tally.clone(),
-        CancellationToken::new(),
-    )
-    .await;
-    tally.counts()
-}
-
-/// Waits until `check` holds, polling every 20 ms, for at most `wait`.
-async fn until(what: &str, wait: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + wait;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Three greeter-server processes, `slow` spending three times the CPU per
 /// call; under WRR the slow one's share falls well below a third within
 /// 10 s, and stays there.
 async fn a_slow_backend_loses_its_share(out_of_band: Option<Duration>) {
     let fast = [
-        GreeterProcess::start("fast-1", 300),
-        GreeterProcess::start("fast-2", 300),
+        GreeterProcess::start("fast-1", &["--cpu-work-us=300"]),
+        GreeterProcess::start("fast-2", &["--cpu-work-us=300"]),
     ];
-    let slow = GreeterProcess::start("slow", 900);
+    let slow = GreeterProcess::start("slow", &["--cpu-work-us=900"]);
     let listed: Vec<Listed> = fast
         .iter()
         .chain([&slow])
@@ -421,13 +289,11 @@ async fn a_backend_three_times_slower_gets_well_below_a_third_from_out_of_band_r
     a_slow_backend_loses_its_share(Some(Duration::from_millis(200))).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shares_return_to_even_when_reports_stop() {
-    let backends = [
-        CraftedBackend::start("a", Some(report(100.0, 0.3))).await,
-        CraftedBackend::start("b", Some(report(100.0, 0.3))).await,
-        CraftedBackend::start("c", Some(report(100.0, 0.9))).await,
-    ];
+/// lb-server listing the crafted `backends`, and a WRR channel through it.
+async fn serve(
+    backends: &[CraftedBackend],
+    config: WrrConfig,
+) -> (SourceFile, InProcessLb, Channel) {
     let file = SourceFile::new(
         &backends
             .iter()
@@ -435,8 +301,19 @@ async fn shares_return_to_even_when_reports_stop() {
             .collect::<Vec<_>>(),
     );
     let lb = InProcessLb::start(&file).await;
-    let channel = wrr_channel(
-        &lb,
+    let channel = wrr_channel(&lb, config).await;
+    (file, lb, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_return_to_even_when_reports_stop() {
+    let backends = [
+        CraftedBackend::start("a", Some(report(100.0, 0.3))).await,
+        CraftedBackend::start("b", Some(report(100.0, 0.3))).await,
+        CraftedBackend::start("c", Some(report(100.0, 0.9))).await,
+    ];
+    let (_file, lb, channel) = serve(
+        &backends,
         WrrConfig {
             blackout_period: Duration::ZERO,
             weight_update_period: Duration::from_millis(20),
@@ -496,15 +373,8 @@ async fn nonsense_reports_are_clamped_and_no_call_fails() {
         // at ten times the median.
         CraftedBackend::start("flood", Some(report(1e6, 1e-12))).await,
     ];
-    let file = SourceFile::new(
-        &backends
-            .iter()
-            .map(|b| Listed::of_addr(b.addr, &b.name))
-            .collect::<Vec<_>>(),
-    );
-    let lb = InProcessLb::start(&file).await;
-    let channel = wrr_channel(
-        &lb,
+    let (_file, lb, channel) = serve(
+        &backends,
         WrrConfig {
             blackout_period: Duration::ZERO,
             weight_update_period: Duration::from_millis(20),

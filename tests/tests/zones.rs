@@ -6,33 +6,24 @@
 //! Backends are named by zone (`a1` is in zone `a`), so a tally of replies
 //! per backend is a tally per zone.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use greeter::load::{self, Counts, Tally};
+use greeter::load::Counts;
 use lb_client::Channel;
 use lookaside_proto::helloworld::{
     HelloReply, HelloRequest,
     greeter_client::GreeterClient,
     greeter_server::{Greeter, GreeterServer},
 };
-use lookaside_tests::local::{Backend, InProcessLb, Listed, SourceFile, TARGET};
+use lookaside_tests::local::{
+    self, Backend, InProcessLb, Listed, SourceFile, TARGET, Traffic, backends, run_calls,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Starts one backend per name; each is listed in the zone its name starts with.
-async fn backends(names: &[&str]) -> Vec<Backend> {
-    let mut out = Vec::new();
-    for name in names {
-        out.push(Backend::start(name).await);
-    }
-    out
-}
-
+/// Each backend is listed in the zone its name starts with.
 fn zone_of(name: &str) -> &str {
     &name[..1]
 }
@@ -53,13 +44,9 @@ async fn channel(lb: &InProcessLb, zone: &str) -> Channel {
         .expect("channel")
 }
 
-/// Waits until `check` holds, polling every 5 ms, for at most [`WAIT`].
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits until `check` holds, for at most [`WAIT`].
+async fn until(what: &str, check: impl FnMut() -> bool) {
+    local::until(what, WAIT, check).await;
 }
 
 /// Waits until the channel uses these shares (parts per million, each
@@ -81,20 +68,6 @@ async fn until_shares(channel: &Channel, want: &[(&str, u32)]) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// `calls` calls at concurrency 4; the replies per backend and errors.
-async fn run(channel: &Channel, calls: u64) -> Counts {
-    let tally = Tally::new(4);
-    load::run(
-        GreeterClient::new(channel.clone()),
-        Some(calls),
-        4,
-        tally.clone(),
-        CancellationToken::new(),
-    )
-    .await;
-    tally.counts()
 }
 
 /// The fraction of successful calls answered in `zone`.
@@ -125,7 +98,7 @@ async fn with_equal_zones_and_clients_in_both_at_least_95_percent_of_calls_stay_
     until_shares(&in_b, &[("b", 1_000_000)]).await;
 
     for (channel, zone) in [(&in_a, "a"), (&in_b, "b")] {
-        let counts = run(channel, 2_000).await;
+        let counts = run_calls(channel, 2_000).await;
         assert_eq!(counts.failed(), 0, "{counts:?}");
         let local = local_share(&counts, zone);
         assert!(local >= 0.95, "zone {zone}: {local:.3} local: {counts:?}");
@@ -149,7 +122,7 @@ async fn a_zone_short_of_capacity_keeps_its_capacity_share_local_and_spills_the_
     until_shares(&in_a, &[("a", 500_000), ("b", 500_000)]).await;
     until_shares(&in_b, &[("b", 1_000_000)]).await;
 
-    let counts = run(&in_a, 4_000).await;
+    let counts = run_calls(&in_a, 4_000).await;
     assert_eq!(counts.failed(), 0, "{counts:?}");
     let local = local_share(&counts, "a");
     assert!((local - 0.5).abs() <= 0.05, "{local:.3} local: {counts:?}");
@@ -160,38 +133,10 @@ async fn a_zone_short_of_capacity_keeps_its_capacity_share_local_and_spills_the_
             "{counts:?}"
         );
     }
-    let counts = run(&in_b, 2_000).await;
+    let counts = run_calls(&in_b, 2_000).await;
     assert_eq!(counts.failed(), 0, "{counts:?}");
     assert!(local_share(&counts, "b") >= 0.95, "{counts:?}");
     stop_all(lb, backends).await;
-}
-
-/// Background traffic through a channel, with a tally readable while it runs.
-struct Traffic {
-    tally: Arc<Tally>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(channel: &Channel) -> Self {
-        let tally = Tally::new(4);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(load::run(
-            GreeterClient::new(channel.clone()),
-            None,
-            4,
-            tally.clone(),
-            stop.clone(),
-        ));
-        Self { tally, stop, task }
-    }
-
-    async fn finish(self) -> Counts {
-        self.stop.cancel();
-        self.task.await.unwrap();
-        self.tally.counts()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +148,7 @@ async fn when_the_local_zone_drains_its_clients_move_to_the_other_zone_with_no_f
     until_shares(&in_a, &[("a", 1_000_000)]).await;
     until_shares(&in_b, &[("b", 1_000_000)]).await;
 
-    let traffic = Traffic::start(&in_a);
+    let traffic = Traffic::start(&in_a, 4);
     until("traffic", || traffic.tally.done() > 200).await;
     let before = traffic.tally.counts();
     assert!(local_share(&before, "a") >= 0.95, "{before:?}");
@@ -219,6 +164,17 @@ async fn when_the_local_zone_drains_its_clients_move_to_the_other_zone_with_no_f
             .any(|e| e.addr == backends[0].addr && e.draining)
     })
     .await;
+    // Calls picked just before the new list took effect finish first.
+    let settle = traffic.tally.done() + 50;
+    until("the drain to settle", || traffic.tally.done() > settle).await;
+    let sent_to_a1 = |channel: &Channel| {
+        let a1 = channel
+            .endpoints()
+            .into_iter()
+            .find(|e| e.addr == backends[0].addr);
+        a1.map_or(0, |e| e.calls)
+    };
+    let a1_before = sent_to_a1(&in_a);
     let drained = traffic.tally.counts();
     until("calls after the drain", || {
         traffic.tally.done() > drained.ok() + 500
@@ -227,6 +183,11 @@ async fn when_the_local_zone_drains_its_clients_move_to_the_other_zone_with_no_f
     let counts = traffic.finish().await;
     let after = counts.since(&drained);
     assert_eq!(counts.failed(), 0, "no call fails: {counts:?}");
+    assert_eq!(
+        sent_to_a1(&in_a),
+        a1_before,
+        "no call goes to a1 once it drains"
+    );
     assert_eq!(
         after.backends.keys().collect::<Vec<_>>(),
         ["b1"],
@@ -302,7 +263,7 @@ async fn when_every_local_endpoint_is_ejected_calls_move_to_the_other_zone_with_
     until("a1 ejected", || in_a.stats().ejections == 1).await;
 
     // Every later call goes to zone b, although the shares still say a.
-    let counts = run(&in_a, 1_000).await;
+    let counts = run_calls(&in_a, 1_000).await;
     assert_eq!(counts.failed(), 0, "{counts:?}");
     assert_eq!(
         counts.backends.get("b1").copied(),

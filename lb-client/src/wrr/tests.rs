@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::{endpoint::Conn, picker::Picker, picker::Policy};
+use crate::picker::{Picker, Policy};
 
 const SECOND: u64 = 1_000_000_000;
 
@@ -24,15 +24,7 @@ fn config() -> WrrConfig {
 }
 
 fn ready(port: u16, weight: u32) -> Arc<EndpointState> {
-    let e = EndpointState::new(
-        ([127, 0, 0, 1], port).into(),
-        None,
-        weight,
-        String::new(),
-        String::new(),
-    );
-    e.set_sender(None, Conn::Ready);
-    e
+    EndpointState::ready_for_test(port, weight, "")
 }
 
 /// Calls per endpoint (by port) over `n` round-robin picks.

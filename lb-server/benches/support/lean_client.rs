@@ -118,6 +118,8 @@ pub(crate) struct LeanCall {
     out: BytesMut,
     /// When the kernel received the last bytes read.
     arrived: Option<SystemTime>,
+    /// HTTP/2 bytes received so far (decrypted, over TLS).
+    received: u64,
 }
 
 impl LeanCall {
@@ -179,6 +181,7 @@ impl LeanCall {
             messages: BytesMut::new(),
             out,
             arrived: None,
+            received: 0,
         };
         call.flush().await?;
         Ok(call)
@@ -225,6 +228,12 @@ impl LeanCall {
         self.arrived
     }
 
+    /// HTTP/2 bytes this call's connection has received so far (after
+    /// decryption, over TLS): frame headers, gRPC prefixes and messages.
+    pub(crate) fn received(&self) -> u64 {
+        self.received
+    }
+
     /// Reads what the socket has into `read`, with the kernel's receive
     /// time of the last segment; 0 at the end of the connection.
     async fn read_some(&mut self) -> std::io::Result<usize> {
@@ -252,6 +261,7 @@ impl LeanCall {
                     }
                     let Some(session) = &mut self.tls else {
                         self.read.extend_from_slice(&buf[..n]);
+                        self.received += n as u64;
                         return Ok(n);
                     };
                     if n == 0 {
@@ -261,7 +271,10 @@ impl LeanCall {
                         // Only TLS records with no application data (such as
                         // session tickets): read on.
                         Some(0) => continue,
-                        Some(plain) => return Ok(plain),
+                        Some(plain) => {
+                            self.received += plain as u64;
+                            return Ok(plain);
+                        }
                         None => return Ok(0),
                     }
                 }

@@ -1,25 +1,33 @@
-//! xDS: `envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources`
-//! (state of the world), for Envoy and proxyless gRPC clients.
+//! xDS: `envoy.service.discovery.v3.AggregatedDiscoveryService`, both
+//! `StreamAggregatedResources` (state of the world, for proxyless gRPC and
+//! Envoy) and `DeltaAggregatedResources` (incremental, for Envoy's
+//! `DELTA_GRPC`).
 //!
 //! One ADS stream carries LDS, RDS, CDS and EDS for any number of services.
 //! Every resource of a service is named by its target (`greeter.default:grpc`),
 //! so a proxyless gRPC client needs only `xds:///greeter.default:grpc`; see
-//! [`resources`] for what each resource holds and [`session`] for the protocol
-//! rules (versions, nonces, ACK/NACK, wildcards, removal).
+//! [`resources`] for what each resource holds, [`session`] for the protocol
+//! rules of state of the world (versions, nonces, ACK/NACK, wildcards,
+//! removal) and [`delta`] for those of delta xDS (per-resource versions that
+//! never match across a restart, subscribe/unsubscribe, `removed_resources`,
+//! `initial_resource_versions`).
+//!
+//! Both kinds of stream run the one loop below, generic over the session
+//! ([`XdsSession`]): the same store watches, limits and NACK accounting.
 //!
 //! A stream watches the store the way the other APIs do: one subscription per
 //! service it names, plus the store's service-set watch while it has a
 //! wildcard subscription. It builds each response from the newest state when
 //! it is about to send, so a slow client skips intermediate versions. A NACK is
 //! counted (`lookaside_xds_nacks_total`), shown in Admin and logged, the log
-//! rate-limited; it changes nothing for other types or other streams. Delta
-//! xDS is not served.
+//! rate-limited; it changes nothing for other types or other streams.
 //!
 //! # Limits
 //! One stream's work is bounded per request and over time, so a client
 //! cannot keep a core busy or flood the log (each hit is counted):
 //! - a request is at most [`MAX_XDS_REQUEST_BYTES`] and names at most
-//!   [`MAX_XDS_NAMES_PER_REQUEST`] resources; a larger one ends the stream
+//!   [`MAX_XDS_NAMES_PER_REQUEST`] resources (for delta: subscribed,
+//!   unsubscribed and initial versions together); a larger one ends the stream
 //!   with `RESOURCE_EXHAUSTED` (`rejected_requests_total{reason="too_many_names"}`);
 //! - requests are read at most [`XDS_REQUEST_BURST`] at once, then
 //!   [`XDS_REQUESTS_PER_SECOND`] (one that changes the subscription counts
@@ -37,6 +45,7 @@
 //! binary search or a hash lookup, and a store subscription only when it
 //! is new; a store change wakes only the watch of its service.
 
+pub mod delta;
 pub mod resources;
 pub mod session;
 mod sorted_map;
@@ -49,7 +58,9 @@ use std::{
     time::Duration,
 };
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use futures::{
     FutureExt, Stream, StreamExt,
     future::OptionFuture,
@@ -62,8 +73,9 @@ use tonic_prost::ProstDecoder;
 use tracing::Instrument;
 
 use self::{
+    delta::DeltaSession,
     resources::{ResourceType, Resources},
-    session::{Handled, Outgoing, Reply, Session, View},
+    session::{Handled, NodeInfo, Outgoing, Reply, Session, View},
 };
 use super::{
     BoxFuture, Protocol, RawServer, RawService, Shared,
@@ -148,13 +160,13 @@ impl XdsApi {
         })
     }
 
-    /// One `StreamAggregatedResources` stream.
-    fn stream(&self, request: Request<Streaming<DiscoveryRequest>>) -> AdsStream {
+    /// One ADS stream, of state of the world or delta.
+    fn stream<S: XdsSession>(&self, request: Request<Streaming<S::Request>>) -> AdsStream<S> {
         let peer = super::peer(&request);
         // A debug span: enabled, it would cost every stream memory and every
         // wake-up an enter and exit. Warnings carry the peer and node themselves.
         let span = tracing::debug_span!("xds", %peer, node = tracing::field::Empty);
-        span.in_scope(|| tracing::debug!("ADS stream started"));
+        span.in_scope(|| tracing::debug!(method = S::METHOD, "ADS stream started"));
         let guard = self
             .shared
             .subscribers
@@ -162,7 +174,7 @@ impl XdsApi {
         guard.record_xds(|_| {});
         let now = Instant::now();
         let state = StreamState {
-            session: Session::new(),
+            session: S::default(),
             view: View::default(),
             watches: Watches::default(),
             service_set: self.shared.store.watch_service_set(),
@@ -188,6 +200,154 @@ impl XdsApi {
     }
 }
 
+impl XdsApi {
+    fn serve<S: XdsSession>(&self, request: http::Request<Body>) -> http::Response<Body> {
+        let (parts, body) = request.into_parts();
+        // A small first decode buffer: ACKs are small, and it
+        // grows for an Envoy's long list of names.
+        let decoder = ProstDecoder::<S::Request>::new(BufferSettings::new(512, 32 * 1024));
+        let inbound = Streaming::new_request(decoder, body, None, Some(MAX_XDS_REQUEST_BYTES));
+        let request = Request::from_http(http::Request::from_parts(parts, inbound));
+        // Each response encoded into a buffer of its own size,
+        // freed once written: nothing stays with an idle stream.
+        let responses = self
+            .stream::<S>(request)
+            .map(|response| response.map(|response| grpc_frame(&response)));
+        streaming_response(responses)
+    }
+}
+
+/// What the stream loop needs of a protocol session: [`Session`] (state of
+/// the world) or [`DeltaSession`]. One loop, one set of limits, one NACK
+/// accounting for both.
+pub(crate) trait XdsSession: Default + Send + 'static {
+    /// What the client sends.
+    type Request: prost::Message + Default + Send + 'static;
+    /// What the server sends.
+    type Response: prost::Message + Send + 'static;
+    /// The RPC's name, for logs.
+    const METHOD: &'static str;
+    /// How many resource names a request carries.
+    fn names_in(request: &Self::Request) -> usize;
+    /// A request's type URL.
+    fn type_url(request: &Self::Request) -> &str;
+    /// A request's response nonce.
+    fn response_nonce(request: &Self::Request) -> &str;
+    /// A response's version, nonce and number of resources, for logs.
+    fn summary(response: &Self::Response) -> (&str, &str, usize);
+    /// Applies one request.
+    fn handle(&mut self, request: &Self::Request) -> Handled;
+    /// The node of the client's first request that had one.
+    fn node(&self) -> Option<&NodeInfo>;
+    /// See [`Session::view_changed`].
+    fn view_changed(&mut self, existence: bool);
+    /// See [`Session::next_response`].
+    fn next_response(
+        &mut self,
+        view: &View,
+        resources: &Resources,
+    ) -> Option<Outgoing<Self::Response>>;
+    /// See [`Session::named_services`].
+    fn named_services(&self) -> BTreeSet<ServiceKey>;
+    /// See [`Session::has_wildcard`].
+    fn has_wildcard(&self) -> bool;
+    /// See [`Session::subscribed`].
+    fn subscribed(&self, ty: ResourceType) -> Vec<String>;
+    /// See [`Session::record`].
+    fn record(
+        &self,
+        ty: ResourceType,
+        handled: Option<&Reply>,
+        names_changed: bool,
+        status: &mut crate::api::subscribers::XdsStatus,
+    );
+}
+
+/// Implements [`XdsSession`] by the session's inherent methods of the same names.
+macro_rules! xds_session {
+    ($session:ty, $request:ty, $response:ty, $method:literal,
+     names_in: |$request_:ident| $names_in:expr,
+     summary: |$response_:ident| $summary:expr) => {
+        impl XdsSession for $session {
+            type Request = $request;
+            type Response = $response;
+            const METHOD: &'static str = $method;
+            fn names_in($request_: &Self::Request) -> usize {
+                $names_in
+            }
+            fn type_url(request: &Self::Request) -> &str {
+                &request.type_url
+            }
+            fn response_nonce(request: &Self::Request) -> &str {
+                &request.response_nonce
+            }
+            fn summary($response_: &Self::Response) -> (&str, &str, usize) {
+                $summary
+            }
+            fn handle(&mut self, request: &Self::Request) -> Handled {
+                <$session>::handle(self, request)
+            }
+            fn node(&self) -> Option<&NodeInfo> {
+                <$session>::node(self)
+            }
+            fn view_changed(&mut self, existence: bool) {
+                <$session>::view_changed(self, existence)
+            }
+            fn next_response(
+                &mut self,
+                view: &View,
+                resources: &Resources,
+            ) -> Option<Outgoing<Self::Response>> {
+                <$session>::next_response(self, view, resources)
+            }
+            fn named_services(&self) -> BTreeSet<ServiceKey> {
+                <$session>::named_services(self)
+            }
+            fn has_wildcard(&self) -> bool {
+                <$session>::has_wildcard(self)
+            }
+            fn subscribed(&self, ty: ResourceType) -> Vec<String> {
+                <$session>::subscribed(self, ty)
+            }
+            fn record(
+                &self,
+                ty: ResourceType,
+                handled: Option<&Reply>,
+                names_changed: bool,
+                status: &mut crate::api::subscribers::XdsStatus,
+            ) {
+                <$session>::record(self, ty, handled, names_changed, status)
+            }
+        }
+    };
+}
+
+xds_session!(
+    Session,
+    DiscoveryRequest,
+    DiscoveryResponse,
+    "StreamAggregatedResources",
+    names_in: |request| request.resource_names.len(),
+    summary: |response| (
+        response.version_info.as_str(),
+        response.nonce.as_str(),
+        response.resources.len()
+    )
+);
+
+xds_session!(
+    DeltaSession,
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    "DeltaAggregatedResources",
+    names_in: |request| DeltaSession::names_in(request),
+    summary: |response| (
+        response.system_version_info.as_str(),
+        response.nonce.as_str(),
+        response.resources.len() + response.removed_resources.len()
+    )
+);
+
 impl NamedService for XdsApi {
     const NAME: &'static str = SERVICE;
 }
@@ -197,44 +357,26 @@ impl RawService for XdsApi {
         Box::pin(async move {
             let path = request.uri().path();
             match path.strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE)) {
-                Some("/StreamAggregatedResources") => {
-                    let (parts, body) = request.into_parts();
-                    // A small first decode buffer: ACKs are small, and it
-                    // grows for an Envoy's long list of names.
-                    let decoder =
-                        ProstDecoder::<DiscoveryRequest>::new(BufferSettings::new(512, 32 * 1024));
-                    let inbound =
-                        Streaming::new_request(decoder, body, None, Some(MAX_XDS_REQUEST_BYTES));
-                    let request = Request::from_http(http::Request::from_parts(parts, inbound));
-                    // Each response encoded into a buffer of its own size,
-                    // freed once written: nothing stays with an idle stream.
-                    let responses = self
-                        .stream(request)
-                        .map(|response| response.map(|response| grpc_frame(&response)));
-                    streaming_response(responses)
-                }
-                Some("/DeltaAggregatedResources") => Status::unimplemented(
-                    "lb-server serves state-of-the-world ADS only (StreamAggregatedResources)",
-                )
-                .into_http(),
+                Some("/StreamAggregatedResources") => self.serve::<Session>(request),
+                Some("/DeltaAggregatedResources") => self.serve::<DeltaSession>(request),
                 _ => Status::unimplemented(format!("no such method in {SERVICE}")).into_http(),
             }
         })
     }
 }
 
-type AdsStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type AdsStream<S> = Pin<Box<dyn Stream<Item = Result<<S as XdsSession>::Response, Status>> + Send>>;
 
 /// Everything one ADS stream owns.
-struct StreamState {
-    session: Session,
+struct StreamState<S: XdsSession> {
+    session: S,
     view: View,
     /// One store subscription per service the client names.
     watches: Watches,
     /// The store's service-set changes, polled while a wildcard subscription exists.
     service_set: watch::Receiver<u64>,
     watching_set: bool,
-    inbound: Streaming<DiscoveryRequest>,
+    inbound: Streaming<S::Request>,
     inbound_open: bool,
     /// Requests read, against [`XDS_REQUESTS_PER_SECOND`].
     requests: TokenBucket,
@@ -254,9 +396,9 @@ struct StreamState {
 
 /// Sends what is owed or changed; otherwise waits for a request, a store
 /// change or shutdown.
-async fn next_response(
-    mut s: Box<StreamState>,
-) -> Option<(Result<DiscoveryResponse, Status>, Box<StreamState>)> {
+async fn next_response<S: XdsSession>(
+    mut s: Box<StreamState<S>>,
+) -> Option<(Result<S::Response, Status>, Box<StreamState<S>>)> {
     loop {
         if let Some(outgoing) = s.session.next_response(&s.view, &s.resources) {
             s.sent(&outgoing);
@@ -307,12 +449,12 @@ async fn next_response(
     }
 }
 
-impl StreamState {
+impl<S: XdsSession> StreamState<S> {
     /// Acts on what reading the next request gave; `Err` ends the stream,
     /// with a status to send or none.
     fn received(
         &mut self,
-        message: Result<Option<DiscoveryRequest>, Status>,
+        message: Result<Option<S::Request>, Status>,
     ) -> Result<(), Option<Status>> {
         match message {
             Ok(Some(request)) => {
@@ -332,9 +474,9 @@ impl StreamState {
         }
     }
 
-    fn handle(&mut self, request: &DiscoveryRequest) -> Result<(), Status> {
+    fn handle(&mut self, request: &S::Request) -> Result<(), Status> {
         // Checked before any work: the cost of a request grows with its names.
-        let names = request.resource_names.len();
+        let names = S::names_in(request);
         if names > MAX_XDS_NAMES_PER_REQUEST {
             self.shared
                 .metrics
@@ -343,7 +485,7 @@ impl StreamState {
                 .inc();
             tracing::debug!(
                 names,
-                type_url = %loggable(&request.type_url),
+                type_url = %loggable(S::type_url(request)),
                 "xDS request with too many names; ending the stream"
             );
             return Err(Status::resource_exhausted(format!(
@@ -362,7 +504,7 @@ impl StreamState {
         match &handled {
             Handled::UnknownType => {
                 tracing::debug!(
-                    type_url = %loggable(&request.type_url),
+                    type_url = %loggable(S::type_url(request)),
                     "ignoring a type lb-server does not serve"
                 );
                 self.shared
@@ -374,7 +516,7 @@ impl StreamState {
             Handled::Stale { ty } => {
                 tracing::debug!(
                     r#type = ty.short(),
-                    nonce = %loggable(&request.response_nonce),
+                    nonce = %loggable(S::response_nonce(request)),
                     "ignoring a request with a stale nonce"
                 );
             }
@@ -511,13 +653,14 @@ impl StreamState {
     }
 
     /// Accounts for a response about to be written.
-    fn sent(&self, outgoing: &Outgoing) {
+    fn sent(&self, outgoing: &Outgoing<S::Response>) {
         let ty = outgoing.ty;
+        let (version, nonce, resources) = S::summary(&outgoing.response);
         tracing::debug!(
             r#type = ty.short(),
-            version = %outgoing.response.version_info,
-            nonce = %outgoing.response.nonce,
-            resources = outgoing.response.resources.len(),
+            %version,
+            %nonce,
+            resources,
             "sending"
         );
         if outgoing.push {

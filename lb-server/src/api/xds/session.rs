@@ -37,7 +37,7 @@ use std::{
 };
 
 use envoy_types::pb::envoy::{
-    config::core::v3::ControlPlane,
+    config::core::v3::{ControlPlane, Node},
     service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
 };
 
@@ -63,7 +63,7 @@ pub struct View {
 }
 
 impl View {
-    fn exists(&self, key: &ServiceKey) -> bool {
+    pub(super) fn exists(&self, key: &ServiceKey) -> bool {
         match self.snapshots.get(key) {
             Some(snapshot) => snapshot.exists,
             None => self.existing.contains(key),
@@ -137,11 +137,12 @@ pub enum Reply {
     Nack(XdsNack),
 }
 
-/// A response ready to send, with what the stream needs for metrics and Admin.
+/// A response ready to send, with what the stream needs for metrics and Admin:
+/// a [`DiscoveryResponse`] of state of the world, or a delta one.
 #[derive(Debug)]
-pub struct Outgoing {
+pub struct Outgoing<R = DiscoveryResponse> {
     /// The message.
-    pub response: DiscoveryResponse,
+    pub response: R,
     /// Its type.
     pub ty: ResourceType,
     /// True when a store change caused it, false when it answers a request.
@@ -168,6 +169,34 @@ pub struct NodeInfo {
     /// `node.locality.zone`, empty if none: its locality is priority 0 in
     /// every assignment that has a serving endpoint there.
     pub zone: String,
+}
+
+impl NodeInfo {
+    /// What is kept of `node`, and the kind of client it describes.
+    pub(super) fn of(node: &Node) -> (ClientKind, Self) {
+        // The whole user agent, not the kept one, decides the kind.
+        let kind = ClientKind::of(&node.user_agent_name);
+        let info = NodeInfo {
+            id: kept(&node.id),
+            cluster: kept(&node.cluster),
+            user_agent: kept(&node.user_agent_name),
+            zone: node
+                .locality
+                .as_ref()
+                .map(|locality| kept(&locality.zone))
+                .unwrap_or_default(),
+        };
+        (kind, info)
+    }
+
+    /// Copies the node's fields into Admin's `status`, once.
+    pub(super) fn record(&self, status: &mut XdsStatus) {
+        if status.node_id.is_empty() {
+            status.node_id.clone_from(&self.id);
+            status.node_cluster.clone_from(&self.cluster);
+            status.user_agent.clone_from(&self.user_agent);
+        }
+    }
 }
 
 /// The state of one ADS stream.
@@ -219,18 +248,9 @@ impl Session {
         if self.node.is_none()
             && let Some(node) = &request.node
         {
-            // The whole user agent, not the kept one, decides the kind.
-            self.kind = ClientKind::of(&node.user_agent_name);
-            self.node = Some(Box::new(NodeInfo {
-                id: kept(&node.id),
-                cluster: kept(&node.cluster),
-                user_agent: kept(&node.user_agent_name),
-                zone: node
-                    .locality
-                    .as_ref()
-                    .map(|locality| kept(&locality.zone))
-                    .unwrap_or_default(),
-            }));
+            let (kind, info) = NodeInfo::of(node);
+            self.kind = kind;
+            self.node = Some(Box::new(info));
         }
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             return Handled::UnknownType;
@@ -443,29 +463,41 @@ impl Session {
         names_changed: bool,
         status: &mut XdsStatus,
     ) {
-        if let Some(node) = &self.node
-            && status.node_id.is_empty()
-        {
-            status.node_id.clone_from(&node.id);
-            status.node_cluster.clone_from(&node.cluster);
-            status.user_agent.clone_from(&node.user_agent);
+        if let Some(node) = &self.node {
+            node.record(status);
         }
-        let state = &self.types[ty.index()];
-        let entry = status.type_mut(ty.type_url());
-        if names_changed {
-            entry.names = self.subscribed(ty);
+        record_type(
+            status,
+            ty,
+            self.types[ty.index()].version,
+            names_changed.then(|| self.subscribed(ty)),
+            handled,
+        );
+    }
+}
+
+/// Copies what Admin shows of one type into `status` (both kinds of session).
+pub(super) fn record_type(
+    status: &mut XdsStatus,
+    ty: ResourceType,
+    version: u64,
+    names: Option<Vec<String>>,
+    handled: Option<&Reply>,
+) {
+    let entry = status.type_mut(ty.type_url());
+    if let Some(names) = names {
+        entry.names = names;
+    }
+    if version > 0 {
+        entry.version_sent = version.to_string();
+    }
+    match handled {
+        Some(Reply::Ack { version }) => entry.acked_version.clone_from(version),
+        Some(Reply::Nack(nack)) => {
+            entry.nacks += 1;
+            entry.last_nack = Some(nack.clone());
         }
-        if state.version > 0 {
-            entry.version_sent = state.version.to_string();
-        }
-        match handled {
-            Some(Reply::Ack { version }) => entry.acked_version.clone_from(version),
-            Some(Reply::Nack(nack)) => {
-                entry.nacks += 1;
-                entry.last_nack = Some(nack.clone());
-            }
-            Some(Reply::Subscribe) | None => {}
-        }
+        Some(Reply::Subscribe) | None => {}
     }
 }
 

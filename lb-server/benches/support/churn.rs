@@ -1,0 +1,682 @@
+//! The fan-out benchmark's churn modes (issue 14), on its own machinery
+//! (lb-server as a process on a file source, lean subscribers, kernel
+//! receive timestamps):
+//!
+//! - `scale [SIZES...]`: one changed endpoint (one added per round) in a
+//!   service of 10, 100, 1,000 and 5,000 endpoints (or SIZES), watched by
+//!   `FANOUT_SUBSCRIBERS` (default 1,000) Discovery subscribers, with full
+//!   snapshots and with incremental updates, each on a fresh server: bytes per
+//!   subscriber per change, server CPU per push net of what the change costs
+//!   with one subscriber (reading the file, publishing), p99 to all.
+//! - `restart [PODS]`: a rolling restart of a PODS-pod service (default
+//!   1,000; 25% surge: a quarter of the pods are replaced at once), watched
+//!   by `FANOUT_SUBSCRIBERS` subscribers that read live and hold the whole
+//!   list; full vs incremental, with each coalescing window of
+//!   `FANOUT_WINDOWS` (default `0,` and lb-server's default). The file is
+//!   rewritten with every event due, at most every `FANOUT_TICK` (default
+//!   10ms): lb-server parses the whole file each time. Server CPU per pod
+//!   replaced, bytes, versions, p99 time from a change to every subscriber,
+//!   and the fewest ready pods any subscriber held.
+//!
+//! `FANOUT_REPEAT=N` runs every case N times, in turn.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::{Buf, Bytes};
+use lookaside_proto::lookaside::v1::WatchRequest;
+use prost::Message;
+use tokio::sync::Semaphore;
+
+use super::{
+    Client, LeanCall, Protocol, Reads, Row, Service, TARGET, Transport, WATCH_PATH,
+    WatchResponseLite, hold_for, ms, percentile, process_cpu, run, start_server, write_atomic,
+};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The 1-minute load average, to show what else ran on the machine.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_owned()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    let subscribers: usize = env_or("FANOUT_SUBSCRIBERS", 1_000);
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    assert!(
+        limit as usize > subscribers + 100,
+        "open-file limit {limit} is too low"
+    );
+    // One thread, as the fan-out benchmark's subscribers: the least CPU taken
+    // from the server on this machine.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Benchmark 1: bytes and CPU per change against the service's size.
+pub(crate) fn scale(args: &[String]) {
+    let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    if sizes.is_empty() {
+        sizes = vec![10, 100, 1_000, 5_000];
+    }
+    let subscribers: usize = env_or("FANOUT_SUBSCRIBERS", 1_000);
+    let rounds: usize = env_or("FANOUT_ROUNDS", 5);
+    let repeat: usize = env_or("FANOUT_REPEAT", 1);
+    let live = std::env::var("FANOUT_READS").as_deref() == Ok("live");
+    let runtime = runtime();
+    let mut rows: Vec<(Row, String)> = Vec::new();
+    for _ in 0..repeat {
+        for &endpoints in &sizes {
+            for incremental in [false, true] {
+                let before = load();
+                let reads = if live {
+                    Reads::Live
+                } else {
+                    Reads::Held(hold_for(subscribers))
+                };
+                let service = Service {
+                    endpoints,
+                    incremental,
+                    source_cost: true,
+                };
+                let row = run(
+                    &runtime,
+                    Protocol::Discovery,
+                    Client::Lean,
+                    (Transport::Plain, None),
+                    (subscribers, rounds, reads),
+                    service,
+                );
+                rows.push((row, format!("{before} / {}", load())));
+            }
+        }
+    }
+    let reads = if live {
+        "live reads"
+    } else {
+        "reads held during the fan-out"
+    };
+    println!(
+        "\nscale: one endpoint added to a service of N endpoints, {subscribers} lean Discovery subscribers on 1 thread ({reads}), {rounds} changes each, a fresh server per row\n"
+    );
+    println!(
+        "| endpoints | updates | bytes / subscriber / change | server CPU µs / push (net of source) | server CPU ms / change | of which source (1 subscriber) ms | p50 ms | p99 ms | max ms | arrived after hold | load 1m before / after |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let net = |row: &Row| {
+        let source = row.source_cpu_per_change.unwrap_or_default();
+        row.server_cpu_per_change
+            .saturating_sub(source)
+            .as_secs_f64()
+            * 1e6
+            / row.subscribers as f64
+    };
+    for (row, load) in &rows {
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            row.service.endpoints,
+            if row.service.incremental {
+                "incremental"
+            } else {
+                "full"
+            },
+            row.bytes_per_push,
+            net(row),
+            ms(row.server_cpu_per_change),
+            ms(row.source_cpu_per_change.unwrap_or_default()),
+            ms(row.p50),
+            ms(row.p99),
+            ms(row.max),
+            row.after_hold
+                .map_or_else(|| "–".to_owned(), |n| n.to_string()),
+            load,
+        );
+    }
+    // Goals, per repeat: incremental bytes ≤ 1 KiB at every size; net CPU per
+    // push at the largest size within 1.5× of the smallest.
+    let (small, large) = (sizes[0], *sizes.last().unwrap());
+    for turn in rows.chunks(sizes.len() * 2) {
+        let find = |endpoints: usize, incremental: bool| {
+            turn.iter()
+                .map(|(row, _)| row)
+                .find(|r| r.service.endpoints == endpoints && r.service.incremental == incremental)
+                .unwrap()
+        };
+        let most_bytes = turn
+            .iter()
+            .filter(|(r, _)| r.service.incremental)
+            .map(|(r, _)| r.bytes_per_push)
+            .fold(0.0, f64::max);
+        let cpu_ratio = net(find(large, true)) / net(find(small, true));
+        println!(
+            "\nincremental: most bytes / change {most_bytes:.0} (goal ≤ 1024: {}); net CPU / push at {large} / at {small} = {:.2} / {:.2} = {cpu_ratio:.2}× (goal ≤ 1.5×: {}); full / incremental bytes at {large}: {:.0}×",
+            if most_bytes <= 1024.0 {
+                "met"
+            } else {
+                "missed"
+            },
+            net(find(large, true)),
+            net(find(small, true)),
+            if cpu_ratio <= 1.5 { "met" } else { "missed" },
+            find(large, false).bytes_per_push / find(large, true).bytes_per_push,
+        );
+    }
+}
+
+/// The rolling restart's address of the old (`generation` 0) or new pod `i`.
+fn pod_address(generation: u8, i: usize) -> String {
+    format!("10.{generation}.{}.{}", i / 250, i % 250)
+}
+
+/// An endpoint outside the restart whose weight numbers the file writes, so
+/// that a subscriber knows which writes its list holds.
+const MARKER: &str = "10.255.255.254";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Old {
+    Ready,
+    Draining,
+    Gone,
+}
+
+/// What happens to pod `pod` at `at` after the restart starts.
+#[derive(Debug, Clone, Copy)]
+struct Event {
+    at: Duration,
+    pod: usize,
+    what: What,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum What {
+    NewReady,
+    OldDraining,
+    OldGone,
+}
+
+/// The restart as a Deployment with maxSurge 25% and maxUnavailable 0 does
+/// it: a quarter of the pods at a time get a new pod, which becomes ready
+/// after 0.5 to 1.5 s; then the old one drains (20 ms later, as the
+/// controller and kubelet react) and goes a second after that; a freed surge
+/// slot starts the next pod when the new one is ready.
+fn schedule(pods: usize, seed: u64) -> Vec<Event> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let surge = pods.div_ceil(4);
+    let mut events = Vec::with_capacity(pods * 3);
+    for slot in 0..surge {
+        let mut at = Duration::ZERO;
+        for pod in (slot..pods).step_by(surge) {
+            at += Duration::from_millis(rng.u64(500..1_500));
+            let drain = at + Duration::from_millis(20);
+            events.push(Event {
+                at,
+                pod,
+                what: What::NewReady,
+            });
+            events.push(Event {
+                at: drain,
+                pod,
+                what: What::OldDraining,
+            });
+            events.push(Event {
+                at: drain + Duration::from_secs(1),
+                pod,
+                what: What::OldGone,
+            });
+        }
+    }
+    events.sort_by_key(|e| e.at);
+    events
+}
+
+/// The service's file: old pods (draining or not), ready new pods, and the
+/// marker weighted `write` (from 1).
+fn restart_file(old: &[Old], new: &[bool], write: usize) -> String {
+    let mut yaml = format!("services:\n  {TARGET}:\n");
+    for (i, state) in old.iter().enumerate() {
+        if *state == Old::Gone {
+            continue;
+        }
+        yaml += &format!(
+            "    - address: {}:8080\n      zone: zone-{}\n",
+            pod_address(0, i),
+            i % 3
+        );
+        if *state == Old::Draining {
+            yaml += "      draining: true\n";
+        }
+    }
+    for (i, _) in new.iter().enumerate().filter(|(_, ready)| **ready) {
+        yaml += &format!(
+            "    - address: {}:8080\n      zone: zone-{}\n",
+            pod_address(1, i),
+            i % 3
+        );
+    }
+    yaml += &format!("    - address: {MARKER}:1\n      weight: {write}\n");
+    yaml
+}
+
+/// What the subscribers share during a restart.
+struct Restart {
+    base: Instant,
+    base_wall: SystemTime,
+    pods: usize,
+    /// Per file write: when the last subscriber's socket received a list
+    /// holding it, in nanoseconds since `base`.
+    all_arrived: Vec<AtomicU64>,
+    /// Per subscriber: the marker of the newest write its list holds, and
+    /// how many messages it received after its first snapshot.
+    held: Vec<AtomicU64>,
+    messages: Vec<AtomicU64>,
+    /// Bytes, and full snapshots after the first, over all subscribers.
+    bytes: AtomicU64,
+    resyncs: AtomicU64,
+    /// The fewest ready (not draining) pods any subscriber held.
+    fewest_ready: AtomicUsize,
+}
+
+/// The fields of a `lookaside.v1.Endpoint` (or `EndpointKey`) this
+/// benchmark needs, read without allocating.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct EndpointFields<'a> {
+    address: &'a [u8],
+    port: u64,
+    weight: u64,
+    draining: bool,
+}
+
+fn varint(buf: &mut &[u8]) -> u64 {
+    prost::encoding::decode_varint(buf).expect("a varint")
+}
+
+fn endpoint_fields(mut buf: &[u8]) -> EndpointFields<'_> {
+    let mut fields = EndpointFields::default();
+    while !buf.is_empty() {
+        let key = varint(&mut buf);
+        match (key >> 3, key & 7) {
+            (1, 2) => {
+                let len = varint(&mut buf) as usize;
+                fields.address = &buf[..len];
+                buf = &buf[len..];
+            }
+            (2, 0) => fields.port = varint(&mut buf),
+            (3, 0) => fields.weight = varint(&mut buf),
+            (7, 0) => fields.draining = varint(&mut buf) != 0,
+            (_, 0) => {
+                varint(&mut buf);
+            }
+            (_, 2) => {
+                let len = varint(&mut buf) as usize;
+                buf.advance(len);
+            }
+            other => panic!("unexpected wire type {other:?}"),
+        }
+    }
+    fields
+}
+
+/// One restart subscriber: holds the whole list (from full snapshots, or by
+/// applying diffs), checks its ready pods after every message, and notes
+/// which writes its list holds.
+async fn restart_subscriber(
+    addr: std::net::SocketAddr,
+    id: usize,
+    incremental: bool,
+    ready: impl FnOnce(),
+    shared: Arc<Restart>,
+) {
+    let request = WatchRequest {
+        target: TARGET.into(),
+        incremental,
+        ..Default::default()
+    };
+    let mut call = LeanCall::start(addr, None, WATCH_PATH, &request, false)
+        .await
+        .unwrap();
+    // (address, port) -> (weight, draining); only on incremental streams.
+    let mut list: HashMap<(Bytes, u64), (u64, bool)> = HashMap::new();
+    let (mut list_ready, mut list_marker) = (0usize, 0u64);
+    let mut held_write = 0u64;
+    let mut received = 0u64;
+    let mut ready = Some(ready);
+    while let Ok(Some(message)) = call.next().await {
+        let update = WatchResponseLite::decode(message).unwrap();
+        let (ready_pods, marker) = if incremental {
+            if !update.incremental {
+                list.clear();
+                (list_ready, list_marker) = (0, 0);
+            }
+            // Ready pods and the marker kept up to date as the diff applies.
+            let unset = |old: Option<(u64, bool)>, ready: &mut usize| {
+                if let Some((_, false)) = old {
+                    *ready -= 1;
+                }
+            };
+            for key in &update.removed {
+                let key = endpoint_fields(key);
+                let old = list.remove(&(Bytes::copy_from_slice(key.address), key.port));
+                unset(old, &mut list_ready);
+            }
+            for endpoint in &update.endpoints {
+                let e = endpoint_fields(endpoint);
+                if e.address == MARKER.as_bytes() {
+                    list_marker = e.weight;
+                    continue;
+                }
+                let address = endpoint.slice_ref(e.address);
+                let old = list.insert((address, e.port), (e.weight, e.draining));
+                unset(old, &mut list_ready);
+                if !e.draining {
+                    list_ready += 1;
+                }
+            }
+            (list_ready, list_marker)
+        } else {
+            let mut ready_pods = 0;
+            let mut marker = 0;
+            for endpoint in &update.endpoints {
+                let e = endpoint_fields(endpoint);
+                if e.address == MARKER.as_bytes() {
+                    marker = e.weight;
+                } else if !e.draining {
+                    ready_pods += 1;
+                }
+            }
+            (ready_pods, marker)
+        };
+        let Some(first) = ready.take() else {
+            // After the first snapshot: count and time it.
+            shared.messages[id].fetch_add(1, Ordering::Relaxed);
+            if incremental && !update.incremental {
+                shared.resyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            shared
+                .bytes
+                .fetch_add(call.received() - received, Ordering::Relaxed);
+            received = call.received();
+            shared.fewest_ready.fetch_min(ready_pods, Ordering::Relaxed);
+            if marker > held_write {
+                let arrived = call
+                    .arrived()
+                    .and_then(|at| at.duration_since(shared.base_wall).ok())
+                    .unwrap_or_else(|| shared.base.elapsed())
+                    .as_nanos() as u64;
+                for write in held_write + 1..=marker {
+                    shared.all_arrived[write as usize].fetch_max(arrived, Ordering::Relaxed);
+                }
+                held_write = marker;
+                shared.held[id].store(marker, Ordering::Release);
+            }
+            continue;
+        };
+        assert!(
+            ready_pods >= shared.pods && marker > 0,
+            "the first snapshot"
+        );
+        held_write = marker;
+        shared.held[id].store(marker, Ordering::Release);
+        received = call.received();
+        first();
+    }
+}
+
+/// One restart case's outcome.
+struct RestartRow {
+    incremental: bool,
+    window: Duration,
+    pods: usize,
+    subscribers: usize,
+    writes: usize,
+    duration: Duration,
+    server_cpu: Duration,
+    bench_cpu: Duration,
+    bytes: u64,
+    messages: u64,
+    most_messages: u64,
+    resyncs: u64,
+    fewest_ready: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    load: String,
+}
+
+fn restart_case(
+    runtime: &tokio::runtime::Runtime,
+    pods: usize,
+    subscribers: usize,
+    incremental: bool,
+    window: Duration,
+    seed: u64,
+    tick: Duration,
+) -> RestartRow {
+    let load_before = load();
+    let events = schedule(pods, seed);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.yaml");
+    let mut old = vec![Old::Ready; pods];
+    let mut new = vec![false; pods];
+    write_atomic(&file, &restart_file(&old, &new, 1));
+    let window_flag = format!("{}ms", window.as_millis());
+    let server = start_server(&file, None, &["--coalesce-window", &window_flag]);
+    // Writes are at most one per event, plus the first.
+    let shared = Arc::new(Restart {
+        base: Instant::now(),
+        base_wall: SystemTime::now(),
+        pods,
+        all_arrived: (0..events.len() + 2).map(|_| AtomicU64::new(0)).collect(),
+        held: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
+        messages: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
+        bytes: AtomicU64::new(0),
+        resyncs: AtomicU64::new(0),
+        fewest_ready: AtomicUsize::new(usize::MAX),
+    });
+    runtime.block_on(async {
+        let connecting = Arc::new(Semaphore::new(256));
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        for id in 0..subscribers {
+            let permit = connecting.clone().acquire_owned().await.unwrap();
+            let ready_tx = ready_tx.clone();
+            let shared = shared.clone();
+            let addr = server.grpc;
+            tokio::spawn(async move {
+                let ready = move || {
+                    drop(permit);
+                    ready_tx.send(()).unwrap();
+                };
+                restart_subscriber(addr, id, incremental, ready, shared).await;
+            });
+        }
+        for _ in 0..subscribers {
+            ready_rx.recv().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+
+    let cpu_before = server.cpu();
+    let own_before = process_cpu(std::process::id());
+    let started = Instant::now();
+    let writer = {
+        let shared = shared.clone();
+        let file = file.clone();
+        std::thread::spawn(move || {
+            // When each file was written, by its marker: 1 is the file
+            // before the restart (0 is unused).
+            let mut written = vec![Duration::ZERO, Duration::ZERO];
+            let mut next = 0;
+            let mut last_write = started;
+            while next < events.len() {
+                let due = (started + events[next].at).max(last_write + tick);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let now = started.elapsed();
+                while next < events.len() && events[next].at <= now {
+                    let Event { pod, what, .. } = events[next];
+                    match what {
+                        What::NewReady => new[pod] = true,
+                        What::OldDraining => old[pod] = Old::Draining,
+                        What::OldGone => old[pod] = Old::Gone,
+                    }
+                    next += 1;
+                }
+                let text = restart_file(&old, &new, written.len());
+                written.push(shared.base.elapsed());
+                write_atomic(&file, &text);
+                last_write = Instant::now();
+            }
+            assert!(old.iter().all(|o| *o == Old::Gone) && new.iter().all(|n| *n));
+            written
+        })
+    };
+    // The subscribers run while this thread waits in `block_on`.
+    let written = runtime.block_on(async {
+        while !writer.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let written = writer.join().unwrap();
+        // The file's marker is its write's number: the first file is 1.
+        let last = written.len() as u64 - 1;
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while shared.held.iter().any(|h| h.load(Ordering::Acquire) < last) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every subscriber holds the last write within 60 s");
+        written
+    });
+    let duration = started.elapsed();
+    let server_cpu = server.cpu() - cpu_before;
+    let bench_cpu = process_cpu(std::process::id()) - own_before;
+    // Write w (marker w, from 2: 1 is the file before the restart) reached
+    // its last subscriber at all_arrived[w].
+    let mut latencies: Vec<Duration> = written
+        .iter()
+        .enumerate()
+        .skip(2)
+        .map(|(w, at)| {
+            let arrived = shared.all_arrived[w].load(Ordering::Relaxed);
+            Duration::from_nanos(arrived).saturating_sub(*at)
+        })
+        .collect();
+    latencies.sort();
+    drop(server);
+    RestartRow {
+        incremental,
+        window,
+        pods,
+        subscribers,
+        writes: written.len() - 2,
+        duration,
+        server_cpu,
+        bench_cpu,
+        bytes: shared.bytes.load(Ordering::Relaxed),
+        messages: shared
+            .messages
+            .iter()
+            .map(|m| m.load(Ordering::Relaxed))
+            .sum(),
+        most_messages: shared
+            .messages
+            .iter()
+            .map(|m| m.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0),
+        resyncs: shared.resyncs.load(Ordering::Relaxed),
+        fewest_ready: shared.fewest_ready.load(Ordering::Relaxed),
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        max: *latencies.last().unwrap(),
+        load: format!("{load_before} / {}", load()),
+    }
+}
+
+/// Benchmark 2: a rolling restart.
+pub(crate) fn restart(args: &[String]) {
+    let pods = args
+        .iter()
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000usize);
+    let subscribers: usize = env_or("FANOUT_SUBSCRIBERS", 1_000);
+    let repeat: usize = env_or("FANOUT_REPEAT", 1);
+    let windows: Vec<Duration> = std::env::var("FANOUT_WINDOWS")
+        .unwrap_or_else(|_| format!("0,{}", lb_server::config::DEFAULT_COALESCE_WINDOW))
+        .split(',')
+        .map(|w| lb_server::config::parse_duration(w).unwrap())
+        .collect();
+    let tick = lb_server::config::parse_duration(
+        &std::env::var("FANOUT_TICK").unwrap_or_else(|_| "10ms".into()),
+    )
+    .unwrap();
+    let runtime = runtime();
+    let mut rows = Vec::new();
+    for turn in 0..repeat {
+        for &coalesce in &windows {
+            for incremental in [false, true] {
+                rows.push(restart_case(
+                    &runtime,
+                    pods,
+                    subscribers,
+                    incremental,
+                    coalesce,
+                    turn as u64,
+                    tick,
+                ));
+            }
+        }
+    }
+    println!(
+        "\nrolling restart: {pods} pods (25% surge), {subscribers} lean Discovery subscribers on 1 thread reading live and holding the whole list, the file rewritten at most every {} ms, a fresh server per row\n",
+        tick.as_millis()
+    );
+    println!(
+        "| updates | coalesce window | restart s | file writes | versions (most one subscriber got) | messages / subscriber | full resyncs | bytes / subscriber | server CPU s | server CPU ms / pod replaced | bench process CPU s | p50 ms | p99 ms | max ms | fewest ready pods held | load 1m before / after |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for row in &rows {
+        println!(
+            "| {} | {} ms | {:.1} | {} | {} | {:.0} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {} ({:.0}%) | {} |",
+            if row.incremental {
+                "incremental"
+            } else {
+                "full"
+            },
+            row.window.as_millis(),
+            row.duration.as_secs_f64(),
+            row.writes,
+            row.most_messages,
+            row.messages as f64 / row.subscribers as f64,
+            row.resyncs,
+            row.bytes as f64 / row.subscribers as f64,
+            row.server_cpu.as_secs_f64(),
+            ms(row.server_cpu) / row.pods as f64,
+            row.bench_cpu.as_secs_f64(),
+            ms(row.p50),
+            ms(row.p99),
+            ms(row.max),
+            row.fewest_ready,
+            100.0 * row.fewest_ready as f64 / row.pods as f64,
+            row.load,
+        );
+    }
+}
