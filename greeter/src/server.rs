@@ -30,6 +30,19 @@ use tonic::{Request, Response, Status};
 pub struct GreeterService {
     name: String,
     cpu_work: Duration,
+    zone: Option<CrossZone>,
+}
+
+/// The metadata key a caller names its zone with, for
+/// [`GreeterService::with_cross_zone_delay`]: an emulated cross-zone hop for
+/// experiments, not something production clients send.
+pub const CLIENT_ZONE_HEADER: &str = "x-client-zone";
+
+/// The zone a greeter is in and the delay calls from other zones get.
+#[derive(Debug, Clone)]
+struct CrossZone {
+    zone: String,
+    delay: Duration,
 }
 
 impl GreeterService {
@@ -38,7 +51,20 @@ impl GreeterService {
         Self {
             name: name.into(),
             cpu_work: Duration::ZERO,
+            zone: None,
         }
+    }
+
+    /// Places this greeter in `zone` and delays (in wall time, without
+    /// using CPU) each call whose [`CLIENT_ZONE_HEADER`] names another zone
+    /// by `delay`: a cross-zone network hop, emulated on loopback for
+    /// benchmarks. Calls without the header are not delayed.
+    pub fn with_cross_zone_delay(mut self, zone: impl Into<String>, delay: Duration) -> Self {
+        self.zone = Some(CrossZone {
+            zone: zone.into(),
+            delay,
+        });
+        self
     }
 
     /// Makes each call spend `work` of CPU before it answers, so that a
@@ -71,6 +97,13 @@ impl Greeter for GreeterService {
         &self,
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
+        if let Some(cross) = &self.zone
+            && let Some(from) = request.metadata().get(CLIENT_ZONE_HEADER)
+            && from.as_bytes() != cross.zone.as_bytes()
+            && !cross.delay.is_zero()
+        {
+            tokio::time::sleep(cross.delay).await;
+        }
         let who = request.into_inner().name;
         if !self.cpu_work.is_zero() {
             spend_cpu(self.cpu_work);
@@ -102,6 +135,9 @@ pub struct ServerOptions {
     pub tls: Option<ServerTls>,
     /// CPU each call spends before answering (zero: none).
     pub cpu_work: Duration,
+    /// The zone this backend is in and the delay calls from other zones get
+    /// (see [`GreeterService::with_cross_zone_delay`]); `None`: no delay.
+    pub cross_zone: Option<(String, Duration)>,
 }
 
 /// A TLS server configuration that rotates (see `lookaside_tls::Reloading`).
@@ -233,7 +269,10 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_timeout = options.drain_timeout;
     let shutdown_delay = options.shutdown_delay;
-    let greeter = GreeterService::new(options.name).with_cpu_work(options.cpu_work);
+    let mut greeter = GreeterService::new(options.name).with_cpu_work(options.cpu_work);
+    if let Some((zone, delay)) = options.cross_zone {
+        greeter = greeter.with_cross_zone_delay(zone, delay);
+    }
     let router = builder
         .layer(load.layer())
         .add_service(GreeterServer::new(greeter))
@@ -323,6 +362,7 @@ impl LocalGreeter {
             drain_timeout: Duration::from_secs(5),
             tls,
             cpu_work: Duration::ZERO,
+            cross_zone: None,
         };
         let task = tokio::spawn(serve(listener, options, async {
             let _ = stopped.await;

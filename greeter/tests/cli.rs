@@ -506,3 +506,34 @@ async fn the_tls_demo_balances_over_mtls_and_removes_its_certificates_at_the_end
     let dir = std::path::Path::new(ca).parent().unwrap();
     assert!(!dir.exists(), "{} is still there", dir.display());
 }
+
+#[tokio::test]
+async fn cross_zone_delay_applies_only_to_calls_that_name_another_zone() {
+    use lookaside_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
+    const DELAY: Duration = Duration::from_millis(300);
+    let server = Server::start_with("z", &["--zone", "a", "--cross-zone-delay-us", "300000"]);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut greeter = GreeterClient::new(channel);
+    let mut timed = async |zone: Option<&'static str>| {
+        let mut request = tonic::Request::new(HelloRequest::default());
+        if let Some(zone) = zone {
+            request.metadata_mut().insert(
+                greeter::server::CLIENT_ZONE_HEADER,
+                tonic::metadata::MetadataValue::from_static(zone),
+            );
+        }
+        let started = std::time::Instant::now();
+        greeter.say_hello(request).await.unwrap();
+        started.elapsed()
+    };
+    let from_b = timed(Some("b")).await;
+    let from_a = timed(Some("a")).await;
+    let unnamed = timed(None).await;
+    assert!(from_b >= DELAY, "a call from zone b took {from_b:?}");
+    assert!(from_a < DELAY, "a call from zone a took {from_a:?}");
+    assert!(unnamed < DELAY, "a call naming no zone took {unnamed:?}");
+}

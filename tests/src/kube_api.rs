@@ -195,6 +195,24 @@ impl KubeApi {
         kube::Client::try_from(kube::Config::new(url)).expect("a client for the stand-in")
     }
 
+    /// Writes a kubeconfig that points at this server (no credentials) to
+    /// `dir/kubeconfig` and returns its path: what a program run with
+    /// `KUBECONFIG` (lb-server `--source kube`) needs to use the stand-in.
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {}\n\
+                 users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: stand-in\n    user: test\n\
+                 current-context: test\n",
+                self.url()
+            ),
+        )
+        .expect("write the kubeconfig");
+        path
+    }
+
     /// Creates or replaces a slice (namespace `default` if unset), bumping the
     /// resource version; open watches see `ADDED` or `MODIFIED`. Returns the
     /// object's new resource version.

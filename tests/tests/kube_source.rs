@@ -737,3 +737,201 @@ async fn after_an_outage_a_resumed_watch_delivers_the_next_change_within_the_bou
 async fn after_an_outage_that_expired_the_history_a_relist_delivers_within_the_bound() {
     a_change_after_an_outage_arrives_within_the_bound(true).await;
 }
+
+/// lb-server (the real binary, `--source kube` with a kubeconfig for the
+/// stand-in) in a child process, killed on drop.
+struct KubeLbProcess {
+    url: String,
+    child: std::process::Child,
+}
+
+impl KubeLbProcess {
+    fn start(kubeconfig: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(lookaside_tests::local::lb_server_binary())
+            .args(["--source", "kube", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("KUBECONFIG", kubeconfig)
+            .env("LB_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start lb-server");
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("lb-server logs its address before exiting")
+                .expect("read lb-server log");
+            if let Some(rest) = line.split("grpc=").nth(1) {
+                break rest.split_whitespace().next().expect("address").to_owned();
+            }
+        };
+        // Drain the log so the pipe never fills.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self {
+            url: format!("http://{addr}"),
+            child,
+        }
+    }
+}
+
+impl Drop for KubeLbProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One slice per backend (each backend has a port of its own): `name`'s
+/// endpoint in `zone`, hinted for `for_zones` and, if given, `for_nodes`.
+fn hinted(
+    backend: &lookaside_tests::local::Backend,
+    zone: &str,
+    for_zones: &[&str],
+    for_nodes: Option<&[&str]>,
+) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let mut endpoint = ep(&backend.addr.ip().to_string())
+        .zone(zone)
+        .pod(&backend.name)
+        .for_zones(for_zones);
+    if let Some(nodes) = for_nodes {
+        endpoint = endpoint.for_nodes(nodes);
+    }
+    slice("default", &format!("greeter-{}", backend.name), "greeter")
+        .port("grpc", backend.addr.port())
+        .endpoint(endpoint)
+        .build()
+}
+
+/// Calls per backend over `calls` calls through `channel`.
+async fn spread(channel: &lb_client::Channel, calls: u64) -> BTreeMap<String, u64> {
+    let tally = greeter::load::Tally::new(4);
+    greeter::load::run(
+        lookaside_proto::helloworld::greeter_client::GreeterClient::new(channel.clone()),
+        Some(calls),
+        4,
+        tally.clone(),
+        CancellationToken::new(),
+    )
+    .await;
+    let counts = tally.counts();
+    assert_eq!(counts.failed(), 0, "{counts:?}");
+    counts.backends
+}
+
+/// Makes calls until all of a batch go to `only`, for at most [`WAIT`];
+/// then checks a larger batch.
+async fn calls_go_only_to(channel: &lb_client::Channel, only: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let batch = spread(channel, 40).await;
+        if batch.keys().all(|b| b == only) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "calls still reach {batch:?}, not only {only}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let batch = spread(channel, 300).await;
+    assert_eq!(
+        batch.keys().collect::<Vec<_>>(),
+        vec![only],
+        "every call to the endpoint hinted for this client: {batch:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slice_hints_from_the_api_reach_a_zoned_client_which_follows_them_as_they_change() {
+    use lookaside_tests::local::{Backend, TARGET};
+    let api = KubeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut backends = Vec::new();
+    for name in ["a1", "a2", "b1", "b2"] {
+        backends.push(Backend::start(name).await);
+    }
+    let [a1, a2, b1, b2] = &backends[..] else {
+        unreachable!()
+    };
+    // Zone hints as the EndpointSlice controller might set them: a2 is in
+    // zone a but lent to zone b, so only the hints (not the zones) say that
+    // zone a's clients use a1 alone.
+    api.apply(hinted(a1, "a", &["a"], None));
+    api.apply(hinted(a2, "a", &["b"], None));
+    api.apply(hinted(b1, "b", &["b"], None));
+    api.apply(hinted(b2, "b", &["b"], None));
+    let lb = KubeLbProcess::start(&api.kubeconfig(dir.path()));
+    let channel = lb_client::Channel::builder(TARGET)
+        .lb(&lb.url)
+        .zone("a")
+        .node("node-1")
+        .connect()
+        .await
+        .expect("channel");
+    // lb-server answers before its first list arrives (the service is
+    // unknown until then): wait for the first answered call.
+    let deadline = Instant::now() + WAIT;
+    let mut client =
+        lookaside_proto::helloworld::greeter_client::GreeterClient::new(channel.clone());
+    while client
+        .say_hello(lookaside_proto::helloworld::HelloRequest::default())
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "no call answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // All four endpoints are known (the channel balances over them all
+    // when no hint applies), yet zone a's calls go to a1 only.
+    calls_go_only_to(&channel, "a1").await;
+
+    // The hints change: zone a now gets a2, and a1 goes to zone b.
+    api.apply(hinted(a1, "a", &["b"], None));
+    api.apply(hinted(a2, "a", &["a"], None));
+    calls_go_only_to(&channel, "a2").await;
+
+    // Node hints on every endpoint (`trafficDistribution: PreferSameNode`)
+    // come before zone hints: node-1's client goes to b2, in another zone.
+    api.apply(hinted(a1, "a", &["b"], Some(&["node-2"])));
+    api.apply(hinted(a2, "a", &["a"], Some(&["node-2"])));
+    api.apply(hinted(b1, "b", &["b"], Some(&["node-3"])));
+    api.apply(hinted(b2, "b", &["b"], Some(&["node-1"])));
+    calls_go_only_to(&channel, "b2").await;
+
+    // Hints gone: the zone shares decide again, and calls spread beyond one
+    // endpoint (zone a's clients are all the clients lb-server knows, so
+    // about half of their calls spill to zone b).
+    for backend in &backends {
+        let zone = &backend.name[..1];
+        api.apply(
+            slice("default", &format!("greeter-{}", backend.name), "greeter")
+                .port("grpc", backend.addr.port())
+                .endpoint(
+                    ep(&backend.addr.ip().to_string())
+                        .zone(zone)
+                        .pod(&backend.name),
+                )
+                .build(),
+        );
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let batch = spread(&channel, 200).await;
+        if batch.len() > 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "calls stay on {batch:?} with no hints"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(channel);
+    drop(lb);
+    for backend in backends {
+        backend.stop().await;
+    }
+    api.shutdown().await;
+}

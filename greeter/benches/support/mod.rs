@@ -2,7 +2,12 @@
 //! processes, the measured load, and how rounds of one transport combine
 //! into one row. `client.rs` (plaintext transports) and `client_tls.rs`
 //! (lb-client over mTLS against Envoy terminating and originating TLS) use
-//! it, so both measure the same load the same way.
+//! it, so both measure the same load the same way; `skew.rs` and `zones.rs`
+//! add an open-loop load (calls at a fixed rate) for balancers compared on
+//! latency.
+
+// Each benchmark uses a part of what is here.
+#![allow(dead_code)]
 
 use std::{
     io::{BufRead, BufReader},
@@ -34,9 +39,21 @@ impl Drop for Proc {
 /// Starts a greeter-server named `name` on a loopback port with `extra`
 /// flags (e.g. `--tls-cert`) and returns it with its address.
 pub(crate) fn start_backend(name: &str, extra: &[&std::ffi::OsStr]) -> (Proc, SocketAddr) {
+    start_backend_with(name, extra, &[])
+}
+
+/// [`start_backend`] with environment variables `envs` (e.g.
+/// `TOKIO_WORKER_THREADS=1`: one worker thread, so a backend serves one call
+/// at a time and its capacity is one over its service time).
+pub(crate) fn start_backend_with(
+    name: &str,
+    extra: &[&std::ffi::OsStr],
+    envs: &[(&str, &str)],
+) -> (Proc, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_greeter-server"))
         .args(["--listen", "127.0.0.1:0", "--name", name])
         .args(extra)
+        .envs(envs.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .expect("greeter-server starts");
@@ -92,6 +109,18 @@ pub(crate) fn start_envoy(
     backends: &[SocketAddr],
     dir: &Path,
     tls: Option<&EnvoyTls<'_>>,
+) -> (Proc, SocketAddr) {
+    start_envoy_with(binary, name, backends, dir, tls, "ROUND_ROBIN")
+}
+
+/// [`start_envoy`] with the cluster's `lb_policy` (e.g. `LEAST_REQUEST`).
+pub(crate) fn start_envoy_with(
+    binary: &Path,
+    name: &str,
+    backends: &[SocketAddr],
+    dir: &Path,
+    tls: Option<&EnvoyTls<'_>>,
+    lb_policy: &str,
 ) -> (Proc, SocketAddr) {
     let port = free_port();
     let endpoints: String = backends
@@ -171,7 +200,7 @@ pub(crate) fn start_envoy(
   clusters:
   - name: greeter
     type: STATIC
-    lb_policy: ROUND_ROBIN
+    lb_policy: {lb_policy}
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -240,13 +269,31 @@ where
     <T::ResponseBody as http_body::Body>::Error:
         Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
+    measure_with(name, client, 5_000, calls).await
+}
+
+/// [`measure`] with `warm` warm-up calls.
+pub(crate) async fn measure_with<T>(
+    name: &'static str,
+    client: GreeterClient<T>,
+    warm: u64,
+    calls: u64,
+) -> Row
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
     // Warm up: connections, HTTP/2 windows, latency estimates.
-    let warm = Tally::new(CONCURRENCY);
+    let tally = Tally::new(CONCURRENCY);
     load::run(
         client.clone(),
-        Some(5_000),
+        Some(warm),
         CONCURRENCY,
-        warm,
+        tally,
         CancellationToken::new(),
     )
     .await;
@@ -331,4 +378,83 @@ pub(crate) fn calls_per_transport() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000)
+}
+
+/// Calls at a fixed `rate` (per second) for `duration`, each on a task of
+/// its own however many are still in flight (an open loop: arrivals do not
+/// wait for answers, as a service's users do not, so a slow backend cannot
+/// hold the arrivals back). A call's latency counts from when it is sent:
+/// tokio's timer ticks in milliseconds, so calls due within one tick leave
+/// together, and counting from when each was due would add the tick to
+/// every call. Throughput is the calls answered over the time until the
+/// last answer: below `rate` when the calls pile up.
+pub(crate) async fn open_loop<T>(client: GreeterClient<T>, rate: f64, duration: Duration) -> Summary
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    use std::collections::BTreeMap;
+    let calls = (rate * duration.as_secs_f64()).round() as u64;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..calls {
+        tokio::time::sleep_until(start + period * u32::try_from(i).unwrap()).await;
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            let sent = tokio::time::Instant::now();
+            let reply = client
+                .say_hello(lookaside_proto::helloworld::HelloRequest {
+                    name: "bench".into(),
+                })
+                .await;
+            let micros = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
+            (micros, reply.map(|r| r.into_inner().backend))
+        });
+    }
+    let mut latencies = Vec::with_capacity(calls as usize);
+    let mut backends: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (micros, reply) = joined.expect("a call task does not panic");
+        latencies.push(micros);
+        match reply {
+            Ok(backend) => *backends.entry(backend).or_default() += 1,
+            Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[i]) / 1000.0
+    };
+    let ok = backends.values().sum();
+    Summary {
+        calls,
+        ok,
+        errors,
+        backends,
+        latency_ms: load::Latency {
+            p50: pct(0.50),
+            p90: pct(0.90),
+            p99: pct(0.99),
+            max: pct(1.0),
+        },
+        rps: calls as f64 / elapsed,
+        elapsed_s: elapsed,
+    }
+}
+
+/// The load average over the last minute (`/proc/loadavg`), for a
+/// benchmark to print before and after it runs: other work on the machine
+/// shows in its numbers.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }

@@ -40,6 +40,14 @@ struct Args {
     /// backend slow in a way its load reports (ORCA) show.
     #[arg(long, env = "GREETER_CPU_WORK_US", default_value = "0")]
     cpu_work_us: u64,
+    /// The zone this backend is in, for --cross-zone-delay-us.
+    #[arg(long, env = "GREETER_ZONE", requires = "cross_zone_delay_us")]
+    zone: Option<String>,
+    /// Microseconds to delay each call whose `x-client-zone` metadata names a
+    /// zone other than --zone: a cross-zone hop emulated on one machine, for
+    /// benchmarks (calls without that metadata are not delayed).
+    #[arg(long, env = "GREETER_CROSS_ZONE_DELAY_US", requires = "zone")]
+    cross_zone_delay_us: Option<u64>,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -100,6 +108,8 @@ async fn main() -> anyhow::Result<ExitCode> {
             },
         )
     });
+    // Before the port opens: a SIGTERM from then on drains.
+    let shutdown = shutdown();
     let (listener, addr) = server::bind(args.listen).await?;
     tracing::info!(%addr, %name, "greeter-server listening");
     let options = ServerOptions {
@@ -109,17 +119,26 @@ async fn main() -> anyhow::Result<ExitCode> {
         drain_timeout: args.drain_timeout,
         tls,
         cpu_work: Duration::from_micros(args.cpu_work_us),
+        cross_zone: args
+            .zone
+            .zip(args.cross_zone_delay_us)
+            .map(|(zone, us)| (zone, Duration::from_micros(us))),
     };
-    server::serve(listener, options, shutdown()).await?;
+    server::serve(listener, options, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Installs the SIGTERM and SIGINT handlers now (until then a signal kills
+/// the process undrained) and returns a future that completes on the first.
+fn shutdown() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutdown signal received; draining");
     }
-    tracing::info!("shutdown signal received; draining");
 }
