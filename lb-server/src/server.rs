@@ -166,14 +166,14 @@ impl LbServer {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let subscribers = Subscribers::new();
+        let (synced_tx, synced_rx) = watch::channel(false);
         let shared = Shared::new(
             self.store.clone(),
             self.metrics.clone(),
             subscribers.clone(),
             token.clone(),
+            synced_rx.clone(),
         );
-
-        let (synced_tx, synced_rx) = watch::channel(false);
         let source_token = token.clone();
         match self.source {
             Source::File(file) => tracker.spawn(

@@ -747,7 +747,6 @@ struct KubeLbProcess {
 
 impl KubeLbProcess {
     fn start(kubeconfig: &std::path::Path) -> Self {
-        use std::io::BufRead as _;
         let mut child = std::process::Command::new(lookaside_tests::local::lb_server_binary())
             .args(["--source", "kube", "--listen", "127.0.0.1:0"])
             .args(["--metrics-listen", "127.0.0.1:0"])
@@ -757,18 +756,7 @@ impl KubeLbProcess {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start lb-server");
-        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("lb-server logs its address before exiting")
-                .expect("read lb-server log");
-            if let Some(rest) = line.split("grpc=").nth(1) {
-                break rest.split_whitespace().next().expect("address").to_owned();
-            }
-        };
-        // Drain the log so the pipe never fills.
-        std::thread::spawn(move || lines.for_each(drop));
+        let addr = lookaside_tests::local::logged_addr(&mut child, "grpc");
         Self {
             url: format!("http://{addr}"),
             child,
@@ -870,8 +858,7 @@ async fn slice_hints_from_the_api_reach_a_zoned_client_which_follows_them_as_the
         .connect()
         .await
         .expect("channel");
-    // lb-server answers before its first list arrives (the service is
-    // unknown until then): wait for the first answered call.
+    // lb-server answers once its first list is in: wait for the first answered call.
     let deadline = Instant::now() + WAIT;
     let mut client =
         lookaside_proto::helloworld::greeter_client::GreeterClient::new(channel.clone());
@@ -934,4 +921,115 @@ async fn slice_hints_from_the_api_reach_a_zoned_client_which_follows_them_as_the
         backend.stop().await;
     }
     api.shutdown().await;
+}
+
+/// Until its first list, lb-server knows no service. A Watch, a grpclb
+/// stream or an ADS stream opened then is not answered (an answer would say
+/// the service does not exist, and a client would drop the list it holds,
+/// as lb-client does when it reconnects to a restarted lb-server); each is
+/// answered with the listed endpoints as soon as the list arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_opened_before_the_first_list_are_answered_with_it() {
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    };
+    use lookaside_proto::{
+        grpclb::v1::{
+            InitialLoadBalanceRequest, LoadBalanceRequest,
+            load_balance_request::LoadBalanceRequestType, load_balancer_client::LoadBalancerClient,
+        },
+        lookaside::v1::{WatchRequest, discovery_client::DiscoveryClient},
+    };
+    let api = KubeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    api.apply(
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1")),
+    );
+    api.set_failing(true);
+    let lb = KubeLbProcess::start(&api.kubeconfig(dir.path()));
+    let channel = tonic::transport::Channel::from_shared(lb.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let watch = {
+        let mut client = DiscoveryClient::new(channel.clone());
+        tokio::spawn(async move {
+            let request = WatchRequest {
+                target: "greeter.default:grpc".into(),
+                ..Default::default()
+            };
+            client.watch(request).await?.into_inner().message().await
+        })
+    };
+    let grpclb = {
+        let mut client = LoadBalancerClient::new(channel.clone());
+        tokio::spawn(async move {
+            let initial = LoadBalanceRequest {
+                load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
+                    InitialLoadBalanceRequest {
+                        name: "greeter.default:grpc".into(),
+                    },
+                )),
+            };
+            let requests = futures::StreamExt::chain(
+                futures::stream::iter([initial]),
+                futures::stream::pending(),
+            );
+            let mut responses = client.balance_load(requests).await?.into_inner();
+            // The initial response, then the first server list (or fallback).
+            responses.message().await?;
+            responses.message().await
+        })
+    };
+    let ads = {
+        let mut client = AggregatedDiscoveryServiceClient::new(channel.clone());
+        tokio::spawn(async move {
+            let request = DiscoveryRequest {
+                type_url: "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+                    .into(),
+                resource_names: vec!["greeter.default:grpc".into()],
+                ..Default::default()
+            };
+            let requests = futures::StreamExt::chain(
+                futures::stream::iter([request]),
+                futures::stream::pending(),
+            );
+            client
+                .stream_aggregated_resources(requests)
+                .await?
+                .into_inner()
+                .message()
+                .await
+        })
+    };
+    // lb-server keeps trying to list; every stream stays unanswered meanwhile.
+    api.until(|c| c.failed >= 3).await;
+    assert!(!watch.is_finished(), "Watch answered before the first list");
+    assert!(
+        !grpclb.is_finished(),
+        "grpclb answered before the first list"
+    );
+    assert!(!ads.is_finished(), "ADS answered before the first list");
+
+    api.set_failing(false);
+    let watched = tokio::time::timeout(WAIT, watch).await.unwrap().unwrap();
+    let watched = watched.unwrap().expect("a Watch response");
+    assert!(watched.exists);
+    assert_eq!(watched.endpoints.len(), 1, "{watched:?}");
+    let listed = tokio::time::timeout(WAIT, grpclb).await.unwrap().unwrap();
+    let listed = listed.unwrap().expect("a grpclb response");
+    assert!(
+        matches!(
+            listed.load_balance_response_type,
+            Some(lookaside_proto::grpclb::v1::load_balance_response::LoadBalanceResponseType::ServerList(ref list))
+                if list.servers.len() == 1
+        ),
+        "{listed:?}"
+    );
+    let assigned = tokio::time::timeout(WAIT, ads).await.unwrap().unwrap();
+    let assigned = assigned.unwrap().expect("an EDS response");
+    assert_eq!(assigned.resources.len(), 1, "{assigned:?}");
 }

@@ -222,6 +222,9 @@ impl DiscoveryApi {
             .ok_or_else(|| Status::invalid_argument("Watch needs a WatchRequest message"))?;
         let key = self.shared.parse_target("discovery", &request.target)?;
         check_topology(&self.shared, &request)?;
+        if !self.shared.synced().await {
+            return Err(Shared::not_synced());
+        }
         let mut subscription = self.shared.store.subscribe(&key);
         let guard = self
             .shared

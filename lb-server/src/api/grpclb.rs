@@ -101,6 +101,9 @@ impl LoadBalancer for GrpclbApi {
             )));
         }
         let key = self.shared.parse_target("grpclb", &name)?;
+        if !self.shared.synced().await {
+            return Err(Shared::not_synced());
+        }
         tracing::debug!(target_key = %key, %peer, "grpclb stream started");
         let state = StreamState {
             phase: Phase::Initial,

@@ -50,6 +50,8 @@ pub struct Shared {
     pub subscribers: Arc<Subscribers>,
     /// Cancelled when the server shuts down: every stream ends cleanly.
     pub shutdown: CancellationToken,
+    /// True once the source has synced: its first full list is in the store.
+    synced: tokio::sync::watch::Receiver<bool>,
     /// Push metrics by protocol, in [`Protocol::ALL`] order.
     push_metrics: Arc<[PushMetrics; 3]>,
 }
@@ -61,6 +63,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         subscribers: Arc<Subscribers>,
         shutdown: CancellationToken,
+        synced: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let push_metrics = Arc::new(Protocol::ALL.map(|p| metrics.push_metrics(p.as_str())));
         Self {
@@ -68,8 +71,32 @@ impl Shared {
             metrics,
             subscribers,
             shutdown,
+            synced,
             push_metrics,
         }
+    }
+
+    /// Whether the source has synced.
+    pub(crate) fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits until the source has synced; false if the server stops first.
+    /// Until then the store knows no service: an answer would tell a client
+    /// that the service it watches does not exist, and the client would drop
+    /// the list it holds (lb-client riding out an lb-server restart on its
+    /// cached list, Envoy its clusters). So every API answers only after it.
+    pub(crate) async fn synced(&self) -> bool {
+        let mut synced = self.synced.clone();
+        tokio::select! {
+            ok = synced.wait_for(|s| *s) => ok.is_ok(),
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// The status of a call that ended before the source synced.
+    pub(crate) fn not_synced() -> Status {
+        Status::unavailable("lb-server stopped before its source had synced")
     }
 
     /// Parses a client's target, counting and converting a bad one into `InvalidArgument`.

@@ -179,6 +179,7 @@ impl XdsApi {
             watches: Watches::default(),
             service_set: self.shared.store.watch_service_set(),
             watching_set: false,
+            synced: self.shared.is_synced(),
             inbound: request.into_inner(),
             inbound_open: true,
             requests: TokenBucket::new(XDS_REQUEST_BURST, XDS_REQUESTS_PER_SECOND, now),
@@ -376,6 +377,10 @@ struct StreamState<S: XdsSession> {
     /// The store's service-set changes, polled while a wildcard subscription exists.
     service_set: watch::Receiver<u64>,
     watching_set: bool,
+    /// Whether the source had synced when last looked at: until it has, the
+    /// stream reads requests and follows the store but sends nothing (see
+    /// [`Shared::synced`]).
+    synced: bool,
     inbound: Streaming<S::Request>,
     inbound_open: bool,
     /// Requests read, against [`XDS_REQUESTS_PER_SECOND`].
@@ -400,7 +405,9 @@ async fn next_response<S: XdsSession>(
     mut s: Box<StreamState<S>>,
 ) -> Option<(Result<S::Response, Status>, Box<StreamState<S>>)> {
     loop {
-        if let Some(outgoing) = s.session.next_response(&s.view, &s.resources) {
+        if s.synced
+            && let Some(outgoing) = s.session.next_response(&s.view, &s.resources)
+        {
             s.sent(&outgoing);
             return Some((Ok(outgoing.response), s));
         }
@@ -411,9 +418,24 @@ async fn next_response<S: XdsSession>(
         } else {
             None
         };
+        let syncing = (!s.synced).then(|| {
+            let shared = s.shared.clone();
+            async move { shared.synced().await }
+        });
         tokio::select! {
             biased;
             _ = &mut s.stopped => return None,
+            Some(synced) = OptionFuture::from(syncing) => {
+                if !synced {
+                    return None;
+                }
+                // What the stream saw before is the store before its first
+                // list: read it all again.
+                s.synced = true;
+                s.refresh_existing();
+                s.catch_up();
+                s.session.view_changed(true);
+            }
             message = s.inbound.message(), if s.inbound_open && budget_back.is_none() => {
                 if let Err(end) = s.received(message) {
                     return end.map(|status| (Err(status), s));
