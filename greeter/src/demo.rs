@@ -4,6 +4,13 @@
 //! It first shows the problem (one direct channel pins every call to one
 //! backend), then lookaside's spread, then a scale-up and a drain while
 //! traffic runs, with each phase's distribution and the failed-call count.
+//! Last, one backend is slow: round-robin and weighted round robin (WRR,
+//! from the backends' ORCA load reports) side by side, distribution and
+//! latency. That phase runs its three backends as `greeter-server`
+//! processes ([`DemoOptions::greeter_server`]), because a backend reports
+//! its *process's* CPU: in-process backends would all report the same load.
+//! Without the executable the phase is skipped, with a line saying how to
+//! build it.
 //!
 //! With [`DemoOptions::tls`] every connection is mutual TLS: lb-server's gRPC
 //! port, every backend, and both clients, on certificates from a CA made for
@@ -14,27 +21,50 @@
 //! `localhost` and `127.0.0.1`.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
+    process::Stdio,
     time::Duration,
 };
 
 use anyhow::Context;
+use lb_client::{Policy, WrrConfig};
 use lb_server::{Config, LbServer};
-use lookaside_proto::helloworld::greeter_client::GreeterClient;
+use lookaside_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use lookaside_tls::{ClientFiles, Reloading, Roots, ServerFiles, generate::Ca};
-use tokio::sync::oneshot;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::oneshot,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     client,
-    load::{self, Counts, Tally, distribution_table},
+    load::{self, Counts, Latency, Summary, Tally, distribution_table},
     server::{LocalGreeter, ServerTls},
 };
 
 const TARGET: &str = "greeter.default:grpc";
+/// The slow-backend phase's service: the same service (so the same
+/// certificate name), another port.
+const SKEW_TARGET: &str = "greeter.default:skew";
+/// CPU per call of the slow-backend phase's backends: the last is 3x slower.
+const SKEW_WORK_US: [(&str, u64); 3] = [("fast-1", 300), ("fast-2", 300), ("slow-3", 900)];
+/// WRR's blackout in the demo: a weight counts once its backend has reported
+/// for this long (A58's default is 10 s).
+const WRR_BLACKOUT: Duration = Duration::from_secs(1);
+/// How long WRR's channel carries traffic before it is measured: the
+/// blackout, one weight update and a margin.
+const WRR_WARM: Duration = Duration::from_millis(2_000);
+/// Calls per second in the slow-backend phase, sent on schedule whatever is
+/// in flight (open loop, as a service's users call): round-robin's third
+/// keeps the slow backend (600 calls/s × about 1 ms) 60% busy on an idle
+/// machine, more on a busy one, which its queue shows in the p99.
+const SKEW_RATE: u32 = 1_800;
 /// The name a backend's certificate carries: the service's DNS name, which
 /// lb-client verifies (`NAME.NAMESPACE.svc` of [`TARGET`]).
 const SERVICE_NAME: &str = "greeter.default.svc";
@@ -52,6 +82,12 @@ pub struct DemoOptions {
     pub baseline_calls: u64,
     /// Run everything over mutual TLS, on certificates made for the run.
     pub tls: bool,
+    /// The `greeter-server` executable the slow-backend phase runs its
+    /// backends with, each in a process of its own so that each reports its
+    /// own CPU. `None`: the one next to this program's executable (where
+    /// `cargo build --release -p greeter --bins` puts it). If it does not
+    /// exist the phase is skipped, with a line saying so.
+    pub greeter_server: Option<PathBuf>,
 }
 
 impl Default for DemoOptions {
@@ -61,6 +97,7 @@ impl Default for DemoOptions {
             concurrency: 10,
             baseline_calls: 5_000,
             tls: false,
+            greeter_server: None,
         }
     }
 }
@@ -72,25 +109,252 @@ pub struct DemoReport {
     pub baseline: Counts,
     /// `(title, counts)` for each lookaside phase.
     pub phases: Vec<(String, Counts)>,
+    /// The slow-backend phase; `None` if it was skipped.
+    pub slow: Option<SlowBackend>,
+}
+
+/// The slow-backend phase: the same backends (one 3x slower in CPU per
+/// call) under each policy in turn.
+#[derive(Debug, Clone)]
+pub struct SlowBackend {
+    /// The slow backend's name in replies.
+    pub slow: String,
+    /// Round-robin.
+    pub round_robin: Summary,
+    /// Weighted round robin from ORCA reports, measured after its warm-up.
+    pub wrr: Summary,
+}
+
+impl SlowBackend {
+    /// The slow backend's share of `summary`'s successful calls (0 to 1).
+    pub fn slow_share(&self, summary: &Summary) -> f64 {
+        let on_slow = summary.backends.get(&self.slow).copied().unwrap_or(0);
+        on_slow as f64 / summary.ok.max(1) as f64
+    }
 }
 
 impl DemoReport {
     /// Calls that failed over the whole lookaside run.
     pub fn failed(&self) -> u64 {
-        self.phases.iter().map(|(_, c)| c.failed()).sum()
+        let slow = self.slow.as_ref().map_or(0, |slow| {
+            (slow.round_robin.calls - slow.round_robin.ok) + (slow.wrr.calls - slow.wrr.ok)
+        });
+        self.phases.iter().map(|(_, c)| c.failed()).sum::<u64>() + slow
     }
 }
 
-fn file_for(backends: &[&LocalGreeter], draining: &[&str]) -> String {
-    let mut yaml = format!("services:\n  {TARGET}:\n");
-    for backend in backends {
-        let _ = writeln!(yaml, "    - address: {}", backend.addr);
-        let _ = writeln!(yaml, "      pod: {}", backend.name);
-        if draining.contains(&backend.name.as_str()) {
-            yaml += "      draining: true\n";
+/// A backend as the file source lists it.
+struct Listed<'a> {
+    name: &'a str,
+    addr: SocketAddr,
+}
+
+impl<'a> From<&'a LocalGreeter> for Listed<'a> {
+    fn from(backend: &'a LocalGreeter) -> Self {
+        Listed {
+            name: &backend.name,
+            addr: backend.addr,
         }
     }
+}
+
+impl<'a> From<&'a SkewBackend> for Listed<'a> {
+    fn from(backend: &'a SkewBackend) -> Self {
+        Listed {
+            name: backend.name,
+            addr: backend.addr,
+        }
+    }
+}
+
+/// The file source's YAML: [`TARGET`] with `backends` (those named in
+/// `draining` draining), and [`SKEW_TARGET`] with `skew` if any.
+fn file_for(backends: &[&LocalGreeter], draining: &[&str], skew: &[SkewBackend]) -> String {
+    let mut yaml = "services:\n".to_owned();
+    let mut service = |target: &str, listed: Vec<Listed<'_>>| {
+        let _ = writeln!(yaml, "  {target}:");
+        for backend in listed {
+            let _ = writeln!(yaml, "    - address: {}", backend.addr);
+            let _ = writeln!(yaml, "      pod: {}", backend.name);
+            if draining.contains(&backend.name) {
+                yaml += "      draining: true\n";
+            }
+        }
+    };
+    service(TARGET, backends.iter().map(|b| Listed::from(*b)).collect());
+    if !skew.is_empty() {
+        service(SKEW_TARGET, skew.iter().map(Listed::from).collect());
+    }
     yaml
+}
+
+/// A `greeter-server` process of the slow-backend phase, killed when
+/// dropped (so also when the demo is interrupted).
+struct SkewBackend {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl SkewBackend {
+    /// Starts `exe` as `name` on a loopback port, spending `work_us` of CPU
+    /// per call on one tokio worker thread (one call at a time, as a pod
+    /// with one CPU), and waits for it to log its address.
+    async fn start(
+        exe: &Path,
+        name: &'static str,
+        work_us: u64,
+        tls: Option<&ServerFiles>,
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new(exe);
+        command
+            .args(["--listen", "127.0.0.1:0", "--name", name])
+            .arg(format!("--cpu-work-us={work_us}"))
+            .env("TOKIO_WORKER_THREADS", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(files) = tls {
+            command.arg("--tls-cert").arg(&files.cert);
+            command.arg("--tls-key").arg(&files.key);
+            if let Some(ca) = &files.client_ca {
+                command.arg("--tls-client-ca").arg(ca);
+            }
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let stderr = child.stderr.take().context("greeter-server's stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = line
+                    .split("addr=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                {
+                    return Ok(addr.parse::<SocketAddr>()?);
+                }
+            }
+            anyhow::bail!("greeter-server {name} exited before listening")
+        })
+        .await
+        .with_context(|| format!("greeter-server {name} did not log its address in 10 s"))??;
+        // Keep reading its log, so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { name, addr, child })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// Calls `channel` at `rate` calls per second for `time`, each sent when it
+/// is due whatever is in flight, then waits for them all. Latency counts
+/// from when a call was due, so a late send counts against the balancer.
+async fn open_loop(channel: &lb_client::Channel, rate: u32, time: Duration) -> Summary {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    let started = tokio::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    loop {
+        let due = ticks.tick().await;
+        if due.duration_since(started) >= time {
+            break;
+        }
+        let mut client = GreeterClient::new(channel.clone());
+        calls.spawn(async move {
+            let result = client
+                .say_hello(HelloRequest {
+                    name: "demo".into(),
+                })
+                .await;
+            let micros = u32::try_from(due.elapsed().as_micros()).unwrap_or(u32::MAX);
+            (micros, result.map(|reply| reply.into_inner().backend))
+        });
+    }
+    let mut latencies = Vec::new();
+    let (mut backends, mut errors) = (BTreeMap::new(), BTreeMap::new());
+    while let Some(joined) = calls.join_next().await {
+        let Ok((micros, result)) = joined else {
+            *errors.entry("Panicked".to_owned()).or_default() += 1;
+            continue;
+        };
+        latencies.push(micros);
+        match result {
+            Ok(backend) => *backends.entry(backend).or_default() += 1,
+            Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[i]) / 1000.0
+    };
+    let ok: u64 = backends.values().sum();
+    let calls = ok + errors.values().sum::<u64>();
+    Summary {
+        calls,
+        ok,
+        errors,
+        backends,
+        latency_ms: Latency {
+            p50: pct(0.50),
+            p90: pct(0.90),
+            p99: pct(0.99),
+            max: pct(1.0),
+        },
+        rps: calls as f64 / elapsed.as_secs_f64().max(1e-9),
+        elapsed_s: elapsed.as_secs_f64(),
+    }
+}
+
+/// `greeter-server` next to this program's executable.
+fn sibling_greeter_server() -> Option<PathBuf> {
+    Some(
+        std::env::current_exe()
+            .ok()?
+            .with_file_name("greeter-server"),
+    )
+}
+
+/// Round-robin and WRR side by side: calls and share per backend, then
+/// throughput, latency and failures.
+fn side_by_side(round_robin: &Summary, wrr: &Summary) -> String {
+    let mut out = format!(
+        "{:<16} {:>22} {:>22}\n",
+        "", "round-robin", "weighted round robin"
+    );
+    let cell = |summary: &Summary, name: &str| {
+        let n = summary.backends.get(name).copied().unwrap_or(0);
+        let share = 100.0 * n as f64 / summary.ok.max(1) as f64;
+        format!("{n:>8} calls {share:>6.2}%")
+    };
+    for (name, work_us) in SKEW_WORK_US {
+        let label = format!("{name} ({work_us} µs)");
+        let _ = writeln!(
+            out,
+            "{label:<16} {:>22} {:>22}",
+            cell(round_robin, name),
+            cell(wrr, name)
+        );
+    }
+    let row = |out: &mut String, label: &str, f: &dyn Fn(&Summary) -> String| {
+        let _ = writeln!(out, "{label:<16} {:>22} {:>22}", f(round_robin), f(wrr));
+    };
+    row(&mut out, "calls/s", &|s| format!("{:.0}", s.rps));
+    row(&mut out, "p50 ms", &|s| format!("{:.3}", s.latency_ms.p50));
+    row(&mut out, "p99 ms", &|s| format!("{:.3}", s.latency_ms.p99));
+    row(&mut out, "failed calls", &|s| format!("{}", s.calls - s.ok));
+    out
 }
 
 fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -108,6 +372,8 @@ struct Pki {
     lb: ServerFiles,
     /// Every backend's (they all serve as `greeter.default.svc`).
     backend: ServerTls,
+    /// The same as files, for the `greeter-server` processes.
+    backend_files: ServerFiles,
     /// What both clients present.
     client_cert: PathBuf,
     client_key: PathBuf,
@@ -130,12 +396,14 @@ impl Pki {
             })
         };
         let lb = server("lb", &["localhost", "127.0.0.1"])?;
-        let backend = Reloading::new(server("greeter", &[SERVICE_NAME])?.load()?);
+        let backend_files = server("greeter", &[SERVICE_NAME])?;
+        let backend = Reloading::new(backend_files.load()?);
         let (client_cert, client_key) = ca.issue(&["demo-client"])?.write(dir, "client")?;
         Ok(Self {
             ca: ca_file,
             lb,
             backend,
+            backend_files,
             client_cert,
             client_key,
         })
@@ -189,7 +457,33 @@ pub async fn run_holding(
     for name in ["backend-1", "backend-2", "backend-3"] {
         backends.push(LocalGreeter::start_with(name, LOOPBACK, backend_tls.clone()).await?);
     }
-    write_atomic(&file, &file_for(&backends.iter().collect::<Vec<_>>(), &[]))?;
+    // The slow-backend phase's processes start now, so that lb-server reads
+    // them with the rest; they are idle until their phase.
+    let exe = options
+        .greeter_server
+        .clone()
+        .or_else(sibling_greeter_server);
+    let mut skew = Vec::new();
+    match exe.filter(|exe| exe.is_file()) {
+        Some(exe) => {
+            for (name, work_us) in SKEW_WORK_US {
+                let tls = pki.as_ref().map(|pki| &pki.backend_files);
+                skew.push(SkewBackend::start(&exe, name, work_us, tls).await?);
+            }
+        }
+        None => out(&format!(
+            "(The slow-backend phase will be skipped: it runs greeter-server processes, and there \
+             is none at {}. Build it with `cargo build --release -p greeter --bins`.)\n",
+            sibling_greeter_server().map_or_else(
+                || "this program's directory".to_owned(),
+                |p| p.display().to_string()
+            )
+        )),
+    }
+    let listed = |backends: &[LocalGreeter], draining: &[&str], skew: &[SkewBackend]| {
+        file_for(&backends.iter().collect::<Vec<_>>(), draining, skew)
+    };
+    write_atomic(&file, &listed(&backends, &[], &skew))?;
     let mut config = Config::for_file(&file);
     config.file_poll_interval = Duration::from_millis(20);
     if let Some(pki) = &pki {
@@ -245,14 +539,19 @@ pub async fn run_holding(
     ));
 
     // Lookaside: a channel that balances every call.
-    let mut builder = lb_client::Channel::builder(TARGET);
-    builder = match &pki {
-        None => builder.lb(format!("http://{lb_addr}")),
-        Some(pki) => builder
-            .lb(format!("https://{lb_addr}"))
-            .tls(pki.client_tls()),
+    let lookaside = |target: &str| {
+        let builder = lb_client::Channel::builder(target);
+        match &pki {
+            None => builder.lb(format!("http://{lb_addr}")),
+            Some(pki) => builder
+                .lb(format!("https://{lb_addr}"))
+                .tls(pki.client_tls()),
+        }
     };
-    let channel = builder.connect().await.context("lookaside channel")?;
+    let channel = lookaside(TARGET)
+        .connect()
+        .await
+        .context("lookaside channel")?;
     let tally = Tally::new(options.concurrency);
     let stop = CancellationToken::new();
     let traffic = tokio::spawn(load::run(
@@ -284,7 +583,7 @@ pub async fn run_holding(
     );
 
     backends.push(LocalGreeter::start_with("backend-4", LOOPBACK, backend_tls.clone()).await?);
-    write_atomic(&file, &file_for(&backends.iter().collect::<Vec<_>>(), &[]))?;
+    write_atomic(&file, &listed(&backends, &[], &skew))?;
     tokio::time::sleep(options.phase).await;
     phase(
         "Scale-up: backend-4 added while traffic runs",
@@ -292,10 +591,7 @@ pub async fn run_holding(
         &mut mark,
     );
 
-    write_atomic(
-        &file,
-        &file_for(&backends.iter().collect::<Vec<_>>(), &["backend-2"]),
-    )?;
+    write_atomic(&file, &listed(&backends, &["backend-2"], &skew))?;
     tokio::time::sleep(options.phase).await;
     phase(
         "Drain: backend-2 marked draining (no new calls; calls in flight finish)",
@@ -305,7 +601,7 @@ pub async fn run_holding(
 
     // Remove the drained backend and stop it gracefully, still under traffic.
     let drained = backends.remove(1);
-    write_atomic(&file, &file_for(&backends.iter().collect::<Vec<_>>(), &[]))?;
+    write_atomic(&file, &listed(&backends, &[], &skew))?;
     drained.stop().await?;
     tokio::time::sleep(options.phase / 2).await;
     phase("backend-2 removed and stopped", &mut out, &mut mark);
@@ -320,6 +616,20 @@ pub async fn run_holding(
     ));
 
     drop(channel);
+
+    let slow = if skew.is_empty() {
+        out("\n== One backend slow: skipped (no greeter-server executable; see above)\n");
+        None
+    } else {
+        let slow = slow_backend_phase(&options, &skew, &lookaside, &mut out).await?;
+        // The phase's processes go; the demo's own backends stay for `hold`.
+        write_atomic(&file, &listed(&backends, &[], &[]))?;
+        for backend in skew {
+            backend.stop().await?;
+        }
+        Some(slow)
+    };
+
     hold.await;
     let _ = lb_stop.send(());
     lb_task.await??;
@@ -327,5 +637,68 @@ pub async fn run_holding(
         backend.stop().await?;
     }
     dir.close()?;
-    Ok(DemoReport { baseline, phases })
+    Ok(DemoReport {
+        baseline,
+        phases,
+        slow,
+    })
+}
+
+/// One backend 3x slower than the others: the same load through a
+/// round-robin channel, then through a WRR channel (after its warm-up).
+async fn slow_backend_phase(
+    options: &DemoOptions,
+    skew: &[SkewBackend],
+    lookaside: &dyn Fn(&str) -> lb_client::Builder,
+    out: &mut dyn FnMut(&str),
+) -> anyhow::Result<SlowBackend> {
+    let (slow, slow_us) = SKEW_WORK_US[2];
+    let (_, fast_us) = SKEW_WORK_US[0];
+    out(&format!(
+        "\n== One backend slow: {slow} spends {slow_us} µs of CPU per call, the others {fast_us} µs\n\
+         Three greeter-server processes ({}, {}, {}), one tokio worker each (a pod with one CPU),\n\
+         each reporting its own load (ORCA: CPU utilization, calls/s) in every response.\n\
+         {SKEW_RATE} calls/s sent on schedule (open loop; latency counts from when a call was due);\n\
+         round-robin for {:.1} s, then weighted round robin (WRR) from those reports, with a {} s\n\
+         blackout (a weight counts once its backend has reported that long; gRPC's default is\n\
+         10 s): {:.1} s of warm-up, then measured for {:.1} s.\n",
+        skew[0].addr,
+        skew[1].addr,
+        skew[2].addr,
+        options.phase.as_secs_f64(),
+        WRR_BLACKOUT.as_secs(),
+        WRR_WARM.as_secs_f64(),
+        options.phase.as_secs_f64(),
+    ));
+    let round_robin = lookaside(SKEW_TARGET)
+        .policy(Policy::RoundRobin)
+        .connect()
+        .await
+        .context("round-robin channel")?;
+    let round_robin = open_loop(&round_robin, SKEW_RATE, options.phase).await;
+    let wrr = lookaside(SKEW_TARGET)
+        .policy(Policy::WeightedRoundRobin)
+        .wrr(WrrConfig {
+            blackout_period: WRR_BLACKOUT,
+            weight_update_period: Duration::from_millis(250),
+            ..WrrConfig::default()
+        })
+        .connect()
+        .await
+        .context("WRR channel")?;
+    open_loop(&wrr, SKEW_RATE, WRR_WARM).await;
+    let wrr = open_loop(&wrr, SKEW_RATE, options.phase).await;
+    out(&side_by_side(&round_robin, &wrr));
+    let phase = SlowBackend {
+        slow: slow.to_owned(),
+        round_robin,
+        wrr,
+    };
+    out(&format!(
+        "{slow}'s share: {:.1}% under round-robin, {:.1}% under WRR: its reports show it loaded, \
+         so WRR sends it less.\n",
+        100.0 * phase.slow_share(&phase.round_robin),
+        100.0 * phase.slow_share(&phase.wrr)
+    ));
+    Ok(phase)
 }

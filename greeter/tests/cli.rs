@@ -1,6 +1,7 @@
 //! The greeter binaries as a user runs them: greeter-server's SIGTERM drain,
 //! greeter-client's modes and its `--json` summary (in plaintext and over
-//! mTLS), and the demo (in plaintext and over mTLS).
+//! mTLS), and the demo (in plaintext and over mTLS, with its slow-backend
+//! phase run on greeter-server processes).
 
 use std::{
     io::{BufRead, BufReader},
@@ -201,6 +202,7 @@ async fn the_demo_shows_pinning_then_balance_scale_up_and_drain_without_failures
         concurrency: 4,
         baseline_calls: 500,
         tls: false,
+        greeter_server: Some(env!("CARGO_BIN_EXE_greeter-server").into()),
     };
     let mut printed = String::new();
     let report = demo::run(options, |text| printed.push_str(text))
@@ -224,6 +226,41 @@ async fn the_demo_shows_pinning_then_balance_scale_up_and_drain_without_failures
     );
     assert!(!shares(3).contains_key("backend-2"), "{printed}");
     assert!(printed.contains("failed calls: 0"));
+
+    // One backend slow: WRR, from the backends' own load reports, sends it
+    // well under round-robin's third.
+    let slow = report.slow.as_ref().expect("the slow-backend phase ran");
+    let (rr, wrr) = (
+        slow.slow_share(&slow.round_robin),
+        slow.slow_share(&slow.wrr),
+    );
+    assert!(rr > 0.30, "round-robin gave slow-3 {rr:.3}:\n{printed}");
+    assert!(wrr < 0.25, "WRR gave slow-3 {wrr:.3}:\n{printed}");
+    assert_eq!(slow.round_robin.backends.len(), 3, "{printed}");
+    assert!(slow.wrr.ok > 0 && slow.round_robin.ok > 0, "{printed}");
+    assert!(printed.contains("weighted round robin"), "{printed}");
+    assert!(printed.contains("slow-3's share"), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_skips_the_slow_backend_phase_without_greeter_server_and_says_how_to_build_it() {
+    let options = DemoOptions {
+        phase: Duration::from_millis(200),
+        concurrency: 2,
+        baseline_calls: 50,
+        tls: false,
+        greeter_server: Some("/nonexistent/greeter-server".into()),
+    };
+    let mut printed = String::new();
+    let report = demo::run(options, |text| printed.push_str(text))
+        .await
+        .unwrap();
+    assert!(report.slow.is_none(), "{printed}");
+    assert_eq!(report.failed(), 0, "{printed}");
+    assert!(
+        printed.contains("cargo build --release -p greeter --bins"),
+        "{printed}"
+    );
 }
 
 #[tokio::test]
@@ -471,6 +508,7 @@ async fn the_tls_demo_balances_over_mtls_and_removes_its_certificates_at_the_end
         concurrency: 4,
         baseline_calls: 500,
         tls: true,
+        greeter_server: Some(env!("CARGO_BIN_EXE_greeter-server").into()),
     };
     let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let hold = {
@@ -497,6 +535,10 @@ async fn the_tls_demo_balances_over_mtls_and_removes_its_certificates_at_the_end
         report.phases[1].1.backends.contains_key("backend-4"),
         "{printed}"
     );
+    // The slow-backend phase's greeter-server processes serve mTLS too.
+    let slow = report.slow.as_ref().expect("the slow-backend phase ran");
+    assert_eq!(slow.round_robin.backends.len(), 3, "{printed}");
+    assert!(slow.wrr.ok > 0, "{printed}");
     // The files are gone with the demo.
     let ca = printed
         .split("-cacert ")

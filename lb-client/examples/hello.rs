@@ -1,7 +1,7 @@
 //! A complete lb-client program: subscribes to an LB server, sends calls to
 //! a service's backends, and prints how they spread over the backends.
 //!
-//! Against the demo (`cargo run --release --bin demo`, which serves the LB
+//! Against the demo (`cargo build --release -p greeter --bins && target/release/demo`, which serves the LB
 //! on 127.0.0.1:7000 and the service `greeter.default:grpc`):
 //!
 //! ```sh

@@ -1,5 +1,6 @@
 //! `demo`: the whole of Lookaside on one machine, no cluster.
-//! Run with `cargo run --release --bin demo [-- --tls] [--hold]`.
+//! Run with `cargo build --release -p greeter --bins && target/release/demo [--tls] [--hold]`
+//! (its slow-backend phase runs the `greeter-server` next to it).
 
 use std::{cell::Cell, process::ExitCode};
 
