@@ -109,7 +109,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         )
     });
     // Before the port opens: a SIGTERM from then on drains.
-    let shutdown = shutdown();
+    let shutdown = lb_server::signal::shutdown();
     let (listener, addr) = server::bind(args.listen).await?;
     tracing::info!(%addr, %name, "greeter-server listening");
     let options = ServerOptions {
@@ -126,19 +126,4 @@ async fn main() -> anyhow::Result<ExitCode> {
     };
     server::serve(listener, options, shutdown).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Installs the SIGTERM and SIGINT handlers now (until then a signal kills
-/// the process undrained) and returns a future that completes on the first.
-fn shutdown() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("shutdown signal received; draining");
-    }
 }
