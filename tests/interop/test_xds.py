@@ -18,7 +18,8 @@ import grpc
 import pytest
 
 from conftest import ROOT, START_TIMEOUT, Process, wait_until, write_yaml
-from xds_helpers import EnvoyAdmin, XdsClient, envoy_binary, envoy_bootstrap, free_port, grpc_bootstrap
+from xds_helpers import EnvoyAdmin, XdsClient, envoy_bootstrap, free_port, grpc_bootstrap
+from xds_helpers import start_envoy as xds_start_envoy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,30 +74,7 @@ def start_envoy(processes, tmp_path):
         if config_text is None:
             port = free_port()
             config_text = json.dumps(envoy_bootstrap(lb_grpc_addr, port, GREETER, node_id), indent=1)
-        config = tmp_path / "envoy.yaml"
-        config.write_text(config_text)
-        admin_path = tmp_path / "envoy-admin.txt"
-        process = Process(
-            [
-                envoy_binary(),
-                "-c", config,
-                "--service-node", node_id,
-                "--admin-address-path", admin_path,
-                "--disable-hot-restart",
-                "--log-level", "warn",
-            ],
-            name="envoy",
-        )
-        processes.append(process)
-
-        def admin_address():
-            if process.proc.poll() is not None:
-                raise AssertionError(f"envoy exited with {process.proc.poll()}:\n{process.output}")
-            text = admin_path.read_text().strip() if admin_path.exists() else ""
-            return text if text and not text.endswith(":0") else None
-
-        admin = EnvoyAdmin(wait_until(admin_address, START_TIMEOUT, "envoy's admin address"))
-        wait_until(lambda: admin.get("/ready", timeout=1).strip() == "LIVE", START_TIMEOUT, "envoy /ready")
+        process, admin = xds_start_envoy(processes, tmp_path, config_text, node_id)
         return Envoy(process, admin, port)
 
     return start
