@@ -21,7 +21,6 @@
 //! `localhost` and `127.0.0.1`.
 
 use std::{
-    collections::BTreeMap,
     fmt::Write as _,
     future::Future,
     net::SocketAddr,
@@ -33,7 +32,7 @@ use std::{
 use anyhow::Context;
 use lb_client::{Policy, WrrConfig};
 use lb_server::{Config, LbServer};
-use lookaside_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
+use lookaside_proto::helloworld::greeter_client::GreeterClient;
 use lookaside_tls::{ClientFiles, Reloading, Roots, ServerFiles, generate::Ca};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -44,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     client,
-    load::{self, Counts, Latency, Summary, Tally, distribution_table},
+    load::{self, Counts, Summary, Tally, distribution_table, open_loop},
     server::{LocalGreeter, ServerTls},
 };
 
@@ -64,7 +63,7 @@ const WRR_WARM: Duration = Duration::from_millis(2_000);
 /// in flight (open loop, as a service's users call): round-robin's third
 /// keeps the slow backend (600 calls/s × about 1 ms) 60% busy on an idle
 /// machine, more on a busy one, which its queue shows in the p99.
-const SKEW_RATE: u32 = 1_800;
+const SKEW_RATE: f64 = 1_800.0;
 /// The name a backend's certificate carries: the service's DNS name, which
 /// lb-client verifies (`NAME.NAMESPACE.svc` of [`TARGET`]).
 const SERVICE_NAME: &str = "greeter.default.svc";
@@ -251,69 +250,6 @@ impl SkewBackend {
         self.child.start_kill()?;
         self.child.wait().await?;
         Ok(())
-    }
-}
-
-/// Calls `channel` at `rate` calls per second for `time`, each sent when it
-/// is due whatever is in flight, then waits for them all. Latency counts
-/// from when a call was due, so a late send counts against the balancer.
-async fn open_loop(channel: &lb_client::Channel, rate: u32, time: Duration) -> Summary {
-    let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
-    let started = tokio::time::Instant::now();
-    let mut calls = tokio::task::JoinSet::new();
-    loop {
-        let due = ticks.tick().await;
-        if due.duration_since(started) >= time {
-            break;
-        }
-        let mut client = GreeterClient::new(channel.clone());
-        calls.spawn(async move {
-            let result = client
-                .say_hello(HelloRequest {
-                    name: "demo".into(),
-                })
-                .await;
-            let micros = u32::try_from(due.elapsed().as_micros()).unwrap_or(u32::MAX);
-            (micros, result.map(|reply| reply.into_inner().backend))
-        });
-    }
-    let mut latencies = Vec::new();
-    let (mut backends, mut errors) = (BTreeMap::new(), BTreeMap::new());
-    while let Some(joined) = calls.join_next().await {
-        let Ok((micros, result)) = joined else {
-            *errors.entry("Panicked".to_owned()).or_default() += 1;
-            continue;
-        };
-        latencies.push(micros);
-        match result {
-            Ok(backend) => *backends.entry(backend).or_default() += 1,
-            Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
-        }
-    }
-    let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        f64::from(latencies[i]) / 1000.0
-    };
-    let ok: u64 = backends.values().sum();
-    let calls = ok + errors.values().sum::<u64>();
-    Summary {
-        calls,
-        ok,
-        errors,
-        backends,
-        latency_ms: Latency {
-            p50: pct(0.50),
-            p90: pct(0.90),
-            p99: pct(0.99),
-            max: pct(1.0),
-        },
-        rps: calls as f64 / elapsed.as_secs_f64().max(1e-9),
-        elapsed_s: elapsed.as_secs_f64(),
     }
 }
 
@@ -658,7 +594,7 @@ async fn slow_backend_phase(
         "\n== One backend slow: {slow} spends {slow_us} µs of CPU per call, the others {fast_us} µs\n\
          Three greeter-server processes ({}, {}, {}), one tokio worker each (a pod with one CPU),\n\
          each reporting its own load (ORCA: CPU utilization, calls/s) in every response.\n\
-         {SKEW_RATE} calls/s sent on schedule (open loop; latency counts from when a call was due);\n\
+         {SKEW_RATE} calls/s sent on schedule (open loop; latency counts from when a call was sent);\n\
          round-robin for {:.1} s, then weighted round robin (WRR) from those reports, with a {} s\n\
          blackout (a weight counts once its backend has reported that long; gRPC's default is\n\
          10 s): {:.1} s of warm-up, then measured for {:.1} s.\n",
@@ -675,7 +611,7 @@ async fn slow_backend_phase(
         .connect()
         .await
         .context("round-robin channel")?;
-    let round_robin = open_loop(&round_robin, SKEW_RATE, options.phase).await;
+    let round_robin = open_loop(GreeterClient::new(round_robin), SKEW_RATE, options.phase).await;
     let wrr = lookaside(SKEW_TARGET)
         .policy(Policy::WeightedRoundRobin)
         .wrr(WrrConfig {
@@ -686,8 +622,9 @@ async fn slow_backend_phase(
         .connect()
         .await
         .context("WRR channel")?;
-    open_loop(&wrr, SKEW_RATE, WRR_WARM).await;
-    let wrr = open_loop(&wrr, SKEW_RATE, options.phase).await;
+    let wrr = GreeterClient::new(wrr);
+    open_loop(wrr.clone(), SKEW_RATE, WRR_WARM).await;
+    let wrr = open_loop(wrr, SKEW_RATE, options.phase).await;
     out(&side_by_side(&round_robin, &wrr));
     let phase = SlowBackend {
         slow: slow.to_owned(),

@@ -108,31 +108,63 @@ impl Tally {
         for worker in &self.workers {
             latencies.extend_from_slice(&worker.lock().unwrap().latencies_us);
         }
-        latencies.sort_unstable();
-        let elapsed = self.started.elapsed();
-        let calls = counts.ok() + counts.failed();
-        let pct = |p: f64| -> f64 {
-            if latencies.is_empty() {
-                return 0.0;
-            }
-            let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-            f64::from(latencies[i]) / 1000.0
+        Summary::of(counts, latencies, self.started.elapsed())
+    }
+}
+
+/// Calls at a fixed `rate` (per second) for `duration`, each on a task of
+/// its own however many are still in flight (an open loop: arrivals do not
+/// wait for answers, as a service's users do not, so a slow backend cannot
+/// hold the arrivals back). A call's latency counts from when it is sent:
+/// tokio's timer ticks in milliseconds, so calls due within one tick leave
+/// together, and counting from when each was due would add the tick to
+/// every call. Throughput is the calls answered over the time until the
+/// last answer: below `rate` when the calls pile up.
+pub async fn open_loop<T>(client: GreeterClient<T>, rate: f64, duration: Duration) -> Summary
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<StdError>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<StdError> + Send,
+{
+    let calls = (rate * duration.as_secs_f64()).round() as u64;
+    let period = Duration::from_secs_f64(1.0 / rate.max(1e-9));
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..calls {
+        tokio::time::sleep_until(start + period.mul_f64(i as f64)).await;
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            let sent = tokio::time::Instant::now();
+            let reply = client
+                .say_hello(HelloRequest {
+                    name: "open-loop".into(),
+                })
+                .await;
+            let micros = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
+            (micros, reply.map(|r| r.into_inner().backend))
+        });
+    }
+    let mut latencies = Vec::with_capacity(calls as usize);
+    let mut counts = Counts::default();
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((micros, reply)) = joined else {
+            *counts.errors.entry("Panicked".to_owned()).or_default() += 1;
+            continue;
         };
-        Summary {
-            calls,
-            ok: counts.ok(),
-            errors: counts.errors,
-            backends: counts.backends,
-            latency_ms: Latency {
-                p50: pct(0.50),
-                p90: pct(0.90),
-                p99: pct(0.99),
-                max: pct(1.0),
-            },
-            rps: calls as f64 / elapsed.as_secs_f64().max(1e-9),
-            elapsed_s: elapsed.as_secs_f64(),
+        latencies.push(micros);
+        match reply {
+            Ok(backend) => *counts.backends.entry(backend).or_default() += 1,
+            Err(status) => {
+                *counts
+                    .errors
+                    .entry(format!("{:?}", status.code()))
+                    .or_default() += 1
+            }
         }
     }
+    Summary::of(counts, latencies, start.elapsed())
 }
 
 /// Latency percentiles in milliseconds.
@@ -168,6 +200,35 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The summary of calls that ended as `counts` say, taking
+    /// `latencies_us` (one per call, in microseconds), over `elapsed`.
+    pub fn of(counts: Counts, mut latencies_us: Vec<u32>, elapsed: Duration) -> Self {
+        latencies_us.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if latencies_us.is_empty() {
+                return 0.0;
+            }
+            let n = latencies_us.len();
+            let i = ((n as f64 * p).ceil() as usize).clamp(1, n) - 1;
+            f64::from(latencies_us[i]) / 1000.0
+        };
+        let calls = counts.ok() + counts.failed();
+        Summary {
+            calls,
+            ok: counts.ok(),
+            latency_ms: Latency {
+                p50: pct(0.50),
+                p90: pct(0.90),
+                p99: pct(0.99),
+                max: pct(1.0),
+            },
+            errors: counts.errors,
+            backends: counts.backends,
+            rps: calls as f64 / elapsed.as_secs_f64().max(1e-9),
+            elapsed_s: elapsed.as_secs_f64(),
+        }
+    }
+
     /// A human-readable table.
     pub fn table(&self) -> String {
         let mut out = distribution_table(&self.backends);

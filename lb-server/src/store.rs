@@ -178,7 +178,12 @@ impl Store {
     /// changed (an identical set publishes nothing). With coalescing, a
     /// change may wait for the end of its service's window: it is then
     /// published by a task on the current runtime, merged with later ones.
-    pub fn publish(&self, key: &ServiceKey, endpoints: Vec<Endpoint>, event_at: Instant) -> bool {
+    pub fn publish(
+        &self,
+        key: &ServiceKey,
+        endpoints: Vec<Endpoint>,
+        mut event_at: Instant,
+    ) -> bool {
         let endpoints = normalize(endpoints);
         let now = tokio::time::Instant::now();
         let (appeared, wake) = {
@@ -194,17 +199,20 @@ impl Store {
                 if *upcoming == endpoints {
                     return false;
                 }
+                // A change that waited goes out with this one: it is the
+                // oldest event the version carries.
+                let oldest = entry
+                    .pending
+                    .as_ref()
+                    .map_or(event_at, |p| p.event_at.min(event_at));
                 if self.must_wait(key, entry, now) {
-                    let event_at = entry
-                        .pending
-                        .as_ref()
-                        .map_or(event_at, |p| p.event_at.min(event_at));
                     entry.pending = Some(Pending {
                         endpoints,
-                        event_at,
+                        event_at: oldest,
                     });
                     return true;
                 }
+                event_at = oldest;
             }
             let snapshot = self.snapshot(endpoints, event_at);
             let wake = match services.get_mut(key) {
@@ -931,6 +939,47 @@ mod tests {
                     Arc::ptr_eq(&sub.current(), &recreated),
                     "the removed service's waiting change was published"
                 );
+            });
+        }
+
+        /// A runtime too busy to run the task that ends a window on time: the
+        /// next change goes out at once with the one that waited (carrying
+        /// its older event time), and the late task then sends nothing.
+        #[test]
+        fn a_change_after_a_late_window_task_goes_out_at_once_and_the_task_sends_nothing() {
+            // The real clock: the runtime's one thread is kept busy past
+            // the window's end, as a loaded server's would be.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                const SHORT: Duration = Duration::from_millis(20);
+                let store = Store::with_coalesce_window(SHORT);
+                let k = key("a.ns:grpc");
+                store.publish(&k, change(0), Instant::now());
+                let seen = spy(&store, &k);
+                let mut sub = store.subscribe(&k);
+                sub.current();
+                let waited_at = Instant::now();
+                assert!(store.publish(&k, change(1), waited_at));
+                assert_eq!(
+                    sub.current().endpoints,
+                    change(0),
+                    "within the window: waits"
+                );
+                // Busy: the window's task cannot run.
+                std::thread::sleep(SHORT * 2);
+                assert!(store.publish(&k, change(2), Instant::now()));
+                let now = sub.current();
+                assert_eq!(now.endpoints, change(2), "the window has ended: at once");
+                assert_eq!(now.event_at, waited_at, "the waiting change's event time");
+                // The late task runs now and finds nothing to send.
+                tokio::time::sleep(SHORT * 3).await;
+                let seen = seen.lock().unwrap();
+                assert_eq!(seen.len(), 1, "one version: {seen:?}");
+                assert!(Arc::ptr_eq(&seen[0].1, &now));
+                assert!(Arc::ptr_eq(&store.get(&k).unwrap(), &now));
             });
         }
 

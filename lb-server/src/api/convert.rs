@@ -73,8 +73,7 @@ pub fn diff_response<'a>(
 
 /// About how many bytes [`endpoint`] takes inside a Watch response (the
 /// field's tag and length included), counted without building it: what a
-/// diff saves per endpoint it leaves out. Fields the domain endpoint does not
-/// carry count as empty, so this never counts more than the message takes.
+/// diff saves per endpoint it leaves out; exactly what the message takes.
 pub fn endpoint_len_in_response(endpoint: &Endpoint) -> usize {
     use prost::encoding::encoded_len_varint as varint;
     // Every field number of Endpoint is below 16: a one-byte tag.
@@ -86,13 +85,23 @@ pub fn endpoint_len_in_response(endpoint: &Endpoint) -> usize {
         }
     };
     let number = |value: u64| if value == 0 { 0 } else { 1 + varint(value) };
+    // A repeated string encodes every entry, empty ones too.
+    let list = |names: &[std::sync::Arc<str>]| -> usize {
+        names
+            .iter()
+            .map(|name| 1 + varint(name.len() as u64) + name.len())
+            .sum()
+    };
+    let hints = endpoint.hints();
     let len = bytes(ip_text_len(endpoint.address))
         + number(u64::from(endpoint.port))
         + number(u64::from(endpoint.weight))
         + bytes(endpoint.zone.len())
         + bytes(endpoint.node.len())
         + bytes(endpoint.pod.len())
-        + if endpoint.draining { 2 } else { 0 };
+        + if endpoint.draining { 2 } else { 0 }
+        + list(&hints.for_zones)
+        + list(&hints.for_nodes);
     1 + varint(len as u64) + len
 }
 

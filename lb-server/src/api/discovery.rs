@@ -516,6 +516,13 @@ mod tests {
         // allows the 45 of the mixed IPv4 form too.
         assert!(one - none + 6 < 640, "{} bytes per endpoint", one - none);
         const { assert!(MAX_WATCH_RESPONSE_BYTES / 640 > 26_000) };
+        // With a zone hint and a node hint of the longest names.
+        let hinted = longest(1)
+            .for_zones(["z".repeat(63)])
+            .for_nodes(["n".repeat(253)]);
+        let one = convert::watch_response(&key, &snapshot(vec![hinted])).encoded_len();
+        assert!(one - none + 6 < 1_000, "{} bytes per endpoint", one - none);
+        const { assert!(MAX_WATCH_RESPONSE_BYTES / 1_000 > 16_000) };
     }
 
     #[test]
@@ -659,6 +666,11 @@ mod tests {
             longest(7),
             Endpoint::new("::".parse().unwrap(), 1),
             ep(200).zone("z").node("n").draining(),
+            ep(3)
+                .zone("z")
+                .for_zones(["z", "zone-b"])
+                .for_nodes(["node-1"]),
+            ep(4).for_zones([""; 0]).for_nodes(["n".repeat(200)]),
         ] {
             let one = WatchResponse {
                 endpoints: vec![convert::endpoint(&endpoint)],
