@@ -218,6 +218,15 @@ def processes():
 
 
 @pytest.fixture
+def xds_clients():
+    """Proxyless xDS clients (`xds_helpers.XdsClient`) a test starts: each stopped at teardown."""
+    started: list = []
+    yield started
+    for client in started:
+        client.stop()
+
+
+@pytest.fixture
 def start_lb(processes, tmp_path) -> Callable[..., LbServer]:
     """Starts lb-server on a YAML file; returns once it listens and /readyz is 200."""
 

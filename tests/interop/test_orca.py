@@ -24,7 +24,7 @@ from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
 from conftest import RPC_TIMEOUT, START_TIMEOUT, Greeter, Process, binary, wait_until
-from xds_helpers import XdsClient, envoy_bootstrap, free_port, grpc_bootstrap, start_envoy
+from xds_helpers import CLUSTER_TYPE, GREETER, XdsClient, envoy_bootstrap, free_port, grpc_bootstrap, start_envoy
 
 @pytest.fixture
 def start_busy_greeter(processes):
@@ -146,16 +146,8 @@ def test_grpcio_weighted_round_robin_sends_less_to_the_slow_backend(
 # --------------------------------------------------------------------------- policy from lb-server's xDS
 
 
-GREETER = "greeter.default:grpc"
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
 
-@pytest.fixture
-def xds_clients():
-    started: list[XdsClient] = []
-    yield started
-    for client in started:
-        client.stop()
 
 
 def settles_below(spread_once, share: float, within: float) -> collections.Counter:

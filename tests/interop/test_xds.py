@@ -18,25 +18,27 @@ import grpc
 import pytest
 
 from conftest import ROOT, START_TIMEOUT, Process, wait_until, write_yaml
-from xds_helpers import EnvoyAdmin, XdsClient, envoy_bootstrap, free_port, grpc_bootstrap
+from xds_helpers import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    GREETER,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    EnvoyAdmin,
+    XdsClient,
+    endpoint,
+    envoy_bootstrap,
+    free_port,
+    grpc_bootstrap,
+)
 from xds_helpers import start_envoy as xds_start_envoy
 
 pytestmark = pytest.mark.timeout(120)
 
-GREETER = "greeter.default:grpc"
 # What "within a second" allows: the file is polled every 50 ms, the rest is push and apply.
 FOLLOW_WITHIN = 1.0
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 
-def endpoint(greeter, zone: str, weight: int = 1, draining: bool = False) -> dict:
-    entry = {"address": greeter.addr, "zone": zone, "weight": weight, "pod": greeter.name}
-    if draining:
-        entry["draining"] = True
-    return entry
 
 
 def timed(predicate, what: str, within: float = FOLLOW_WITHIN) -> float:
@@ -195,12 +197,6 @@ def test_envoy_cds_follows_services_appearing_and_disappearing(start_lb, start_g
 # --------------------------------------------------------------------------- proxyless gRPC
 
 
-@pytest.fixture
-def xds_clients():
-    started: list[XdsClient] = []
-    yield started
-    for client in started:
-        client.stop()
 
 
 def test_proxyless_grpc_spreads_calls_and_follows_changes(start_lb, start_greeter, stubs, admin_for, xds_clients):

