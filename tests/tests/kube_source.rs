@@ -11,7 +11,7 @@ use lb_server::{
     store::{Store, Subscription},
 };
 use lookaside_backoff::Backoff;
-use lookaside_tests::kube_api::{Counters, KubeApi, ep, eps, slice};
+use lookaside_tests::kube_api::{Counters, KubeApi, SliceBuilder, ep, eps, slice};
 use tokio::{
     sync::watch,
     task::JoinHandle,
@@ -40,6 +40,14 @@ async fn start(api: KubeApi, namespaces: &[&str]) -> Running {
         Duration::from_millis(200),
     )
     .await
+}
+
+/// [`start`], then waits until the source has synced and its watches are open.
+async fn start_watching(api: KubeApi, namespaces: &[&str]) -> Running {
+    let mut running = start(api, namespaces).await;
+    running.synced().await;
+    running.watching().await;
+    running
 }
 
 async fn start_with_backoff(
@@ -147,6 +155,34 @@ async fn until(
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// `billing-a`, the one slice of `billing.default`, port `http` 8080,
+/// holding `address`.
+fn billing_a(address: &str) -> SliceBuilder {
+    one_endpoint(("default", "billing-a", "billing"), ("http", 8080), address)
+}
+
+/// A slice of one endpoint: `(namespace, name, service)`, its one port
+/// `(name, number)` and the endpoint's address.
+fn one_endpoint(
+    (namespace, name, service): (&str, &str, &str),
+    (port_name, port): (&str, u16),
+    address: &str,
+) -> SliceBuilder {
+    slice(namespace, name, service)
+        .port(port_name, port)
+        .endpoint(ep(address))
+}
+
+/// `greeter-a`, the one slice of `greeter.default`, port `grpc` 50051,
+/// holding `address`.
+fn greeter_a(address: &str) -> SliceBuilder {
+    one_endpoint(
+        ("default", "greeter-a", "greeter"),
+        ("grpc", 50051),
+        address,
+    )
+}
+
 fn addresses(snapshot: &Snapshot) -> Vec<String> {
     snapshot
         .endpoints
@@ -174,9 +210,7 @@ async fn the_initial_list_is_published_at_once_and_marks_synced() {
             .port("http", 8080)
             .endpoint(ep("fd00::1").zone("a").node("n1").pod("billing-1")),
     );
-    let mut running = start(api, &[]).await;
-    running.synced().await;
-    running.watching().await;
+    let mut running = start_watching(api, &[]).await;
 
     // Synced means published: no waiting for the store after this point.
     let greeter = running
@@ -216,11 +250,7 @@ async fn the_initial_list_is_published_at_once_and_marks_synced() {
 #[tokio::test]
 async fn synced_waits_for_a_successful_list_and_errors_publish_nothing() {
     let api = KubeApi::start().await;
-    api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
+    api.apply(greeter_a("10.0.0.1"));
     api.set_failing(true);
     let mut running = start(api, &[]).await;
     running.api_until("failed lists", |c| c.failed >= 2).await;
@@ -249,9 +279,7 @@ async fn added_modified_and_deleted_slices_are_reflected() {
             .endpoint(ep("10.0.0.1"))
             .endpoint(ep("10.0.0.2")),
     );
-    let mut running = start(api, &[]).await;
-    running.synced().await;
-    running.watching().await;
+    let mut running = start_watching(api, &[]).await;
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     assert_eq!(
         addresses(&greeter.current()),
@@ -259,11 +287,11 @@ async fn added_modified_and_deleted_slices_are_reflected() {
     );
 
     // ADDED: a second slice of the same service.
-    running.api.apply(
-        slice("default", "greeter-b", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.3")),
-    );
+    running.api.apply(one_endpoint(
+        ("default", "greeter-b", "greeter"),
+        ("grpc", 50051),
+        "10.0.0.3",
+    ));
     until(&mut greeter, "the added slice", |s| s.endpoints.len() == 3).await;
 
     // MODIFIED: one endpoint starts draining, one stops being ready.
@@ -284,11 +312,11 @@ async fn added_modified_and_deleted_slices_are_reflected() {
 
     // A new service appears.
     let mut late = running.store.subscribe(&key("late.default:http"));
-    running.api.apply(
-        slice("default", "late-a", "late")
-            .port("http", 80)
-            .endpoint(ep("10.0.9.1")),
-    );
+    running.api.apply(one_endpoint(
+        ("default", "late-a", "late"),
+        ("http", 80),
+        "10.0.9.1",
+    ));
     until(&mut late, "a new service", |s| s.exists).await;
 
     // DELETED: one slice, then the last one.
@@ -315,19 +343,9 @@ async fn added_modified_and_deleted_slices_are_reflected() {
 #[tokio::test]
 async fn a_410_after_compaction_relists_and_republishes_nothing_unchanged() {
     let api = KubeApi::start().await;
-    api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
-    api.apply(
-        slice("default", "billing-a", "billing")
-            .port("http", 8080)
-            .endpoint(ep("10.1.0.1")),
-    );
-    let mut running = start(api, &[]).await;
-    running.synced().await;
-    running.watching().await;
+    api.apply(greeter_a("10.0.0.1"));
+    api.apply(billing_a("10.1.0.1"));
+    let mut running = start_watching(api, &[]).await;
     let before = running.versions();
 
     running.api.compact();
@@ -355,24 +373,14 @@ async fn a_410_after_compaction_relists_and_republishes_nothing_unchanged() {
 #[tokio::test]
 async fn changes_during_an_outage_are_published_as_a_difference_after_a_relist() {
     let api = KubeApi::start().await;
-    api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
-    api.apply(
-        slice("default", "billing-a", "billing")
-            .port("http", 8080)
-            .endpoint(ep("10.1.0.1")),
-    );
-    api.apply(
-        slice("default", "legacy-a", "legacy")
-            .port("http", 80)
-            .endpoint(ep("10.2.0.1")),
-    );
-    let mut running = start(api, &[]).await;
-    running.synced().await;
-    running.watching().await;
+    api.apply(greeter_a("10.0.0.1"));
+    api.apply(billing_a("10.1.0.1"));
+    api.apply(one_endpoint(
+        ("default", "legacy-a", "legacy"),
+        ("http", 80),
+        "10.2.0.1",
+    ));
+    let mut running = start_watching(api, &[]).await;
     let before = running.versions();
 
     // The API server goes away: the watch drops and every retry fails.
@@ -387,17 +395,13 @@ async fn changes_during_an_outage_are_published_as_a_difference_after_a_relist()
     );
 
     // Meanwhile the cluster changes and the history is compacted.
-    running.api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.9")),
-    );
+    running.api.apply(greeter_a("10.0.0.9"));
     assert!(running.api.delete("default", "legacy-a"));
-    running.api.apply(
-        slice("default", "fresh-a", "fresh")
-            .port("grpc", 50051)
-            .endpoint(ep("10.3.0.1")),
-    );
+    running.api.apply(one_endpoint(
+        ("default", "fresh-a", "fresh"),
+        ("grpc", 50051),
+        "10.3.0.1",
+    ));
     running.api.compact();
     running.api.set_failing(false);
 
@@ -429,14 +433,8 @@ async fn changes_during_an_outage_are_published_as_a_difference_after_a_relist()
 #[tokio::test]
 async fn dropped_or_ended_watches_resume_without_a_relist_and_keep_state() {
     let api = KubeApi::start().await;
-    api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
-    let mut running = start(api, &[]).await;
-    running.synced().await;
-    running.watching().await;
+    api.apply(greeter_a("10.0.0.1"));
+    let mut running = start_watching(api, &[]).await;
     let before = running.versions();
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     greeter.current();
@@ -457,11 +455,7 @@ async fn dropped_or_ended_watches_resume_without_a_relist_and_keep_state() {
         "nothing published across the reconnects"
     );
 
-    running.api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.2")),
-    );
+    running.api.apply(greeter_a("10.0.0.2"));
     let snapshot = until(&mut greeter, "a change after the reconnects", |s| {
         addresses(s) == ["10.0.0.2:50051"]
     })
@@ -478,34 +472,32 @@ async fn dropped_or_ended_watches_resume_without_a_relist_and_keep_state() {
 #[tokio::test]
 async fn namespaced_mode_sees_only_its_namespaces_through_namespaced_urls() {
     let api = KubeApi::start().await;
-    api.apply(
-        slice("a", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
-    api.apply(
-        slice("b", "greeter-b", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.1.1")),
-    );
+    api.apply(one_endpoint(
+        ("a", "greeter-a", "greeter"),
+        ("grpc", 50051),
+        "10.0.0.1",
+    ));
+    api.apply(one_endpoint(
+        ("b", "greeter-b", "greeter"),
+        ("grpc", 50051),
+        "10.0.1.1",
+    ));
     // Two namespaces, one of them empty: synced needs both watchers.
-    let mut running = start(api, &["a", "c"]).await;
-    running.synced().await;
-    running.watching().await;
+    let mut running = start_watching(api, &["a", "c"]).await;
     assert!(running.store.get(&key("greeter.a:grpc")).is_some());
     assert!(running.store.get(&key("greeter.b:grpc")).is_none());
 
     let mut in_a = running.store.subscribe(&key("greeter.a:grpc"));
-    running.api.apply(
-        slice("b", "greeter-b", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.1.2")),
-    );
-    running.api.apply(
-        slice("a", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.2")),
-    );
+    running.api.apply(one_endpoint(
+        ("b", "greeter-b", "greeter"),
+        ("grpc", 50051),
+        "10.0.1.2",
+    ));
+    running.api.apply(one_endpoint(
+        ("a", "greeter-a", "greeter"),
+        ("grpc", 50051),
+        "10.0.0.2",
+    ));
     until(&mut in_a, "the change in a", |s| {
         addresses(s) == ["10.0.0.2:50051"]
     })
@@ -535,19 +527,9 @@ async fn namespaced_mode_sees_only_its_namespaces_through_namespaced_urls() {
 #[tokio::test]
 async fn bookmarks_disturb_nothing_and_spare_a_relist_after_compaction() {
     let api = KubeApi::start().await;
-    api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
-    api.apply(
-        slice("default", "billing-a", "billing")
-            .port("http", 8080)
-            .endpoint(ep("10.1.0.1")),
-    );
-    let mut running = start(api, &[]).await;
-    running.synced().await;
-    running.watching().await;
+    api.apply(greeter_a("10.0.0.1"));
+    api.apply(billing_a("10.1.0.1"));
+    let mut running = start_watching(api, &[]).await;
     let before = running.versions();
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     greeter.current();
@@ -555,11 +537,7 @@ async fn bookmarks_disturb_nothing_and_spare_a_relist_after_compaction() {
     for _ in 0..3 {
         running.api.bookmark();
     }
-    running.api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.2")),
-    );
+    running.api.apply(greeter_a("10.0.0.2"));
     until(&mut greeter, "a change after bookmarks", |s| {
         addresses(s) == ["10.0.0.2:50051"]
     })
@@ -603,14 +581,8 @@ async fn slices_without_the_service_name_label_are_ignored() {
             .port("grpc", 50051)
             .endpoint(ep("10.9.0.1")),
     );
-    api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
-    let mut running = start(api, &[]).await;
-    running.synced().await;
-    running.watching().await;
+    api.apply(greeter_a("10.0.0.1"));
+    let mut running = start_watching(api, &[]).await;
     let keys: Vec<String> = running.versions().into_keys().collect();
     assert_eq!(keys, ["greeter.default:50051", "greeter.default:grpc"]);
 
@@ -623,11 +595,7 @@ async fn slices_without_the_service_name_label_are_ignored() {
             .port("grpc", 50051)
             .endpoint(ep("10.9.0.2")),
     );
-    running.api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.2")),
-    );
+    running.api.apply(greeter_a("10.0.0.2"));
     let snapshot = until(&mut greeter, "the labelled change", |s| {
         addresses(s) == ["10.0.0.2:50051"]
     })
@@ -671,11 +639,7 @@ async fn a_change_after_an_outage_arrives_within_the_bound(compacted: bool) {
     let (min, max) = (DEFAULT_MIN_BACKOFF / SCALE, DEFAULT_MAX_BACKOFF / SCALE);
     let bound = RECOVERY / SCALE;
     let api = KubeApi::start().await;
-    api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
+    api.apply(greeter_a("10.0.0.1"));
     let mut running = start_with_backoff(api, &[], min, max).await;
     running.synced().await;
     running.watching().await;
@@ -702,11 +666,7 @@ async fn a_change_after_an_outage_arrives_within_the_bound(compacted: bool) {
 
     let back = Instant::now();
     running.api.set_failing(false);
-    running.api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.2")),
-    );
+    running.api.apply(greeter_a("10.0.0.2"));
     let arrived = timeout(bound, async {
         while addresses(&greeter.current()) != ["10.0.0.2:50051"] {
             greeter.next().await;
@@ -942,11 +902,7 @@ async fn streams_opened_before_the_first_list_are_answered_with_it() {
     };
     let api = KubeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    api.apply(
-        slice("default", "greeter-a", "greeter")
-            .port("grpc", 50051)
-            .endpoint(ep("10.0.0.1")),
-    );
+    api.apply(greeter_a("10.0.0.1"));
     api.set_failing(true);
     let lb = KubeLbProcess::start(&api.kubeconfig(dir.path()));
     let channel = tonic::transport::Channel::from_shared(lb.url.clone())
