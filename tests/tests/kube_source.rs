@@ -210,7 +210,7 @@ async fn the_initial_list_is_published_at_once_and_marks_synced() {
             .port("http", 8080)
             .endpoint(ep("fd00::1").zone("a").node("n1").pod("billing-1")),
     );
-    let mut running = start_watching(api, &[]).await;
+    let running = start_watching(api, &[]).await;
 
     // Synced means published: no waiting for the store after this point.
     let greeter = running
@@ -279,7 +279,7 @@ async fn added_modified_and_deleted_slices_are_reflected() {
             .endpoint(ep("10.0.0.1"))
             .endpoint(ep("10.0.0.2")),
     );
-    let mut running = start_watching(api, &[]).await;
+    let running = start_watching(api, &[]).await;
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     assert_eq!(
         addresses(&greeter.current()),
@@ -345,7 +345,7 @@ async fn a_410_after_compaction_relists_and_republishes_nothing_unchanged() {
     let api = KubeApi::start().await;
     api.apply(greeter_a("10.0.0.1"));
     api.apply(billing_a("10.1.0.1"));
-    let mut running = start_watching(api, &[]).await;
+    let running = start_watching(api, &[]).await;
     let before = running.versions();
 
     running.api.compact();
@@ -380,7 +380,7 @@ async fn changes_during_an_outage_are_published_as_a_difference_after_a_relist()
         ("http", 80),
         "10.2.0.1",
     ));
-    let mut running = start_watching(api, &[]).await;
+    let running = start_watching(api, &[]).await;
     let before = running.versions();
 
     // The API server goes away: the watch drops and every retry fails.
@@ -434,7 +434,7 @@ async fn changes_during_an_outage_are_published_as_a_difference_after_a_relist()
 async fn dropped_or_ended_watches_resume_without_a_relist_and_keep_state() {
     let api = KubeApi::start().await;
     api.apply(greeter_a("10.0.0.1"));
-    let mut running = start_watching(api, &[]).await;
+    let running = start_watching(api, &[]).await;
     let before = running.versions();
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     greeter.current();
@@ -483,7 +483,7 @@ async fn namespaced_mode_sees_only_its_namespaces_through_namespaced_urls() {
         "10.0.1.1",
     ));
     // Two namespaces, one of them empty: synced needs both watchers.
-    let mut running = start_watching(api, &["a", "c"]).await;
+    let running = start_watching(api, &["a", "c"]).await;
     assert!(running.store.get(&key("greeter.a:grpc")).is_some());
     assert!(running.store.get(&key("greeter.b:grpc")).is_none());
 
@@ -529,7 +529,7 @@ async fn bookmarks_disturb_nothing_and_spare_a_relist_after_compaction() {
     let api = KubeApi::start().await;
     api.apply(greeter_a("10.0.0.1"));
     api.apply(billing_a("10.1.0.1"));
-    let mut running = start_watching(api, &[]).await;
+    let running = start_watching(api, &[]).await;
     let before = running.versions();
     let mut greeter = running.store.subscribe(&key("greeter.default:grpc"));
     greeter.current();
@@ -582,7 +582,7 @@ async fn slices_without_the_service_name_label_are_ignored() {
             .endpoint(ep("10.9.0.1")),
     );
     api.apply(greeter_a("10.0.0.1"));
-    let mut running = start_watching(api, &[]).await;
+    let running = start_watching(api, &[]).await;
     let keys: Vec<String> = running.versions().into_keys().collect();
     assert_eq!(keys, ["greeter.default:50051", "greeter.default:grpc"]);
 
