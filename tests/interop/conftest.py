@@ -217,6 +217,18 @@ def processes():
     assert not errors, errors
 
 
+def lb_server_command(file: Path, *extra) -> list:
+    """lb-server on the YAML `file`, its gRPC and metrics ports picked by the OS."""
+    return [
+        binary("lb-server"),
+        "--source", "file",
+        "--file", file,
+        "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def xds_clients():
     """Proxyless xDS clients (`xds_helpers.XdsClient`) a test starts: each stopped at teardown."""
@@ -235,15 +247,7 @@ def start_lb(processes, tmp_path) -> Callable[..., LbServer]:
         if services is not None:
             write_yaml(path, services)
         process = Process(
-            [
-                binary("lb-server"),
-                "--source", "file",
-                "--file", path,
-                "--listen", "127.0.0.1:0",
-                "--metrics-listen", "127.0.0.1:0",
-                "--file-poll-interval", "50ms",
-                *extra,
-            ],
+            lb_server_command(path, "--file-poll-interval", "50ms", *extra),
             name="lb-server",
         )
         processes.append(process)

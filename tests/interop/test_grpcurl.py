@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import GRPCURL, Process, binary, wait_until, write_file_atomic, write_yaml
+from conftest import GRPCURL, Process, lb_server_command, wait_until, write_file_atomic, write_yaml
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,13 +231,7 @@ def test_broken_file_at_start_exits_with_the_reason(processes, tmp_path, text, r
     if text is not None:
         write_file_atomic(path, text)
     process = Process(
-        [
-            binary("lb-server"),
-            "--source", "file",
-            "--file", path,
-            "--listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0",
-        ],
+        lb_server_command(path),
         name="lb-server-broken",
     )
     processes.append(process)

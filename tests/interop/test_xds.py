@@ -30,6 +30,7 @@ from xds_helpers import (
     envoy_bootstrap,
     free_port,
     grpc_bootstrap,
+    xds_subscriber,
 )
 from xds_helpers import start_envoy as xds_start_envoy
 
@@ -46,13 +47,6 @@ def timed(predicate, what: str, within: float = FOLLOW_WITHIN) -> float:
     started = time.monotonic()
     wait_until(predicate, within, what, interval=0.01)
     return time.monotonic() - started
-
-
-def xds_subscriber(admin, node_id: str):
-    for subscriber in admin.list_subscribers():
-        if subscriber.protocol == "xds" and subscriber.xds.node_id == node_id:
-            return subscriber
-    return None
 
 
 def resource_types(subscriber) -> dict:

@@ -24,7 +24,17 @@ import grpc
 import pytest
 
 from conftest import START_TIMEOUT, wait_until, write_yaml
-from xds_helpers import CLUSTER_TYPE, ENDPOINT_TYPE, GREETER, SECRET_TYPE, endpoint, envoy_bootstrap, free_port, start_envoy
+from xds_helpers import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    GREETER,
+    SECRET_TYPE,
+    endpoint,
+    envoy_bootstrap,
+    free_port,
+    start_envoy,
+    xds_subscriber,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -204,13 +214,6 @@ def follows(stub, stubs, want: set[str], what: str, calls: int = 20) -> float:
     started = time.monotonic()
     wait_until(lambda: set(call_through(stub, stubs, calls)) == want, FOLLOW_WITHIN, what, interval=0.01)
     return time.monotonic() - started
-
-
-def xds_subscriber(admin, node_id: str):
-    for subscriber in admin.list_subscribers():
-        if subscriber.protocol == "xds" and subscriber.xds.node_id == node_id:
-            return subscriber
-    return None
 
 
 def cluster_versions(envoy_admin) -> dict[str, str]:

@@ -32,6 +32,14 @@ ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignm
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 
+def xds_subscriber(admin, node_id: str):
+    """The xDS subscriber Admin lists for `node_id`, or None."""
+    for subscriber in admin.list_subscribers():
+        if subscriber.protocol == "xds" and subscriber.xds.node_id == node_id:
+            return subscriber
+    return None
+
+
 def endpoint(greeter, zone: str = "zone-a", weight: int = 1, draining: bool = False) -> dict:
     """A greeter as a file-source endpoint: its address, zone and pod name."""
     entry = {"address": greeter.addr, "zone": zone, "pod": greeter.name}
