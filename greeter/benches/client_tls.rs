@@ -10,6 +10,11 @@
 //!   over mTLS (round-robin, HTTP/2), as a TLS front proxy does;
 //! - the same Envoy setup in plaintext, as in the client bench.
 //!
+//! Besides the client's CPU time per call, each row counts the CPU time of
+//! the processes serving it (the three backends, and Envoy for its rows):
+//! they share the machine's cores with the client, so calls/s on one
+//! machine is bounded by the cores over the two together.
+//!
 //! Certificates are ECDSA P-256, as deploy/overlays/tls asks cert-manager
 //! for, made on the spot by one CA (`lookaside_tls::generate`).
 //!
@@ -27,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 mod support;
 use support::{
-    CONCURRENCY, EnvoyTls, Proc, ROUNDS, Row, envoy_binary, measure, start_backend, start_envoy,
-    wait_for_port,
+    CONCURRENCY, EnvoyTls, Proc, ROUNDS, Row, envoy_binary, load_average, measure_servers,
+    start_backend, start_envoy, wait_for_port,
 };
 
 const TARGET: &str = "greeter.default:grpc";
@@ -110,7 +115,7 @@ fn main() {
         let (envoy_cert, envoy_key) = ca.issue(&["127.0.0.1"]).unwrap().write(dir, "envoy").unwrap();
         let (client_cert, client_key) = ca.issue(&["bench-client"]).unwrap().write(dir, "client").unwrap();
 
-        let (_plain_procs, plain_addrs) = start_backends("backend", &[]);
+        let (plain_procs, plain_addrs) = start_backends("backend", &[]);
         let tls_flags = [
             "--tls-cert".as_ref(),
             backend_cert.as_os_str(),
@@ -119,7 +124,7 @@ fn main() {
             "--tls-client-ca".as_ref(),
             ca_path.as_os_str(),
         ];
-        let (_tls_procs, tls_addrs) = start_backends("tls-backend", &tls_flags);
+        let (tls_procs, tls_addrs) = start_backends("tls-backend", &tls_flags);
 
         let stop = CancellationToken::new();
         let plain_lb = start_lb(dir, "plain", &plain_addrs, None, &stop).await;
@@ -142,8 +147,8 @@ fn main() {
             key: &envoy_key,
             backend_name: BACKEND_NAME,
         };
-        let (_envoy_tls, envoy_tls_addr) = start_envoy(&binary, "envoy-tls", &tls_addrs, dir, Some(&envoy_tls_files));
-        let (_envoy_plain, envoy_plain_addr) = start_envoy(&binary, "envoy-plain", &plain_addrs, dir, None);
+        let (envoy_tls_proc, envoy_tls_addr) = start_envoy(&binary, "envoy-tls", &tls_addrs, dir, Some(&envoy_tls_files));
+        let (envoy_plain_proc, envoy_plain_addr) = start_envoy(&binary, "envoy-plain", &plain_addrs, dir, None);
         wait_for_port(envoy_tls_addr).await;
         wait_for_port(envoy_plain_addr).await;
         let client_files = ClientFiles {
@@ -154,18 +159,44 @@ fn main() {
         let envoy_plain = channel(envoy_plain_addr, None).await;
 
         // The transports take turns, ROUNDS times, so that whatever else the
-        // machine does in a moment falls on all of them alike.
+        // machine does in a moment falls on all of them alike; the order
+        // rotates each round so that no transport always goes first, and one
+        // short unmeasured turn each comes before the rounds.
         let per_round = calls / ROUNDS;
-        let mut runs: Vec<Vec<Row>> = Vec::new();
-        for _ in 0..ROUNDS {
-            runs.push(vec![
-                measure("lb-client, mTLS (LB and backends)", GreeterClient::new(lookaside_tls.clone()), per_round).await,
-                measure("lb-client, plaintext", GreeterClient::new(lookaside_plain.clone()), per_round).await,
-                measure("Envoy, mTLS in and out (terminates and originates)", GreeterClient::new(envoy_tls.clone()), per_round).await,
-                measure("Envoy, plaintext", GreeterClient::new(envoy_plain.clone()), per_round).await,
-            ]);
+        let tls_servers: Vec<&Proc> = tls_procs.iter().collect();
+        let plain_servers: Vec<&Proc> = plain_procs.iter().collect();
+        let envoy_tls_servers: Vec<&Proc> = std::iter::once(&envoy_tls_proc).chain(tls_procs.iter()).collect();
+        let envoy_plain_servers: Vec<&Proc> = std::iter::once(&envoy_plain_proc).chain(plain_procs.iter()).collect();
+        let turn = |transport: usize, calls: u64| {
+            let (lookaside_tls, lookaside_plain) = (lookaside_tls.clone(), lookaside_plain.clone());
+            let (envoy_tls, envoy_plain) = (envoy_tls.clone(), envoy_plain.clone());
+            let (tls_servers, plain_servers) = (&tls_servers, &plain_servers);
+            let (envoy_tls_servers, envoy_plain_servers) = (&envoy_tls_servers, &envoy_plain_servers);
+            async move {
+                match transport {
+                    0 => measure_servers("lb-client, mTLS (LB and backends)", GreeterClient::new(lookaside_tls), calls, tls_servers).await,
+                    1 => measure_servers("lb-client, plaintext", GreeterClient::new(lookaside_plain), calls, plain_servers).await,
+                    2 => measure_servers("Envoy, mTLS in and out (terminates and originates)", GreeterClient::new(envoy_tls), calls, envoy_tls_servers).await,
+                    _ => measure_servers("Envoy, plaintext", GreeterClient::new(envoy_plain), calls, envoy_plain_servers).await,
+                }
+            }
+        };
+        const TRANSPORTS: usize = 4;
+        for transport in 0..TRANSPORTS {
+            turn(transport, per_round / 10).await;
         }
-        println!("\nclient benchmark over TLS: {calls} SayHello calls per transport at concurrency {CONCURRENCY} ({ROUNDS} rounds, transports taking turns), 3 greeter-server processes per transport (plaintext or mTLS)\n");
+        let load_before = load_average();
+        let mut runs: Vec<Vec<Row>> = Vec::new();
+        for round in 0..ROUNDS as usize {
+            let mut rows: Vec<Option<Row>> = (0..TRANSPORTS).map(|_| None).collect();
+            for k in 0..TRANSPORTS {
+                let transport = (round + k) % TRANSPORTS;
+                rows[transport] = Some(turn(transport, per_round).await);
+            }
+            runs.push(rows.into_iter().map(|row| row.expect("every transport took its turn")).collect());
+        }
+        let load_after = load_average();
+        println!("\nclient benchmark over TLS: {calls} SayHello calls per transport at concurrency {CONCURRENCY} ({ROUNDS} rounds, transports taking turns in an order that rotates, after one unmeasured turn each), 3 greeter-server processes per transport (plaintext or mTLS); servers: the backends, and Envoy in its rows; load average {load_before} before, {load_after} after\n");
         let rows = support::table(&runs, 1, "plaintext lb-client");
         let rps = |i: usize| rows[i].summary.rps;
         println!(
@@ -174,6 +205,31 @@ fn main() {
             rps(0) / rps(2),
             rows[0].summary.latency_ms.p99,
             rows[2].summary.latency_ms.p99
+        );
+        // Each round's ratio, so that the spread between rounds shows how
+        // much of the combined ratio is the machine's noise.
+        let round_ratios: Vec<String> = runs
+            .iter()
+            .map(|round| format!("{:.2}×", round[0].summary.rps / round[1].summary.rps))
+            .collect();
+        println!("mTLS lb-client / plaintext lb-client per round: {}", round_ratios.join(", "));
+        // On one machine the client and the servers share the cores, so
+        // their CPU time per call together bounds calls/s: the ratio of
+        // those bounds is what the transports cost in CPU, which the
+        // machine's other work sways less than it sways calls/s.
+        let total = |i: usize| {
+            let row = &rows[i];
+            (row.cpu_per_call + row.servers_cpu_per_call.unwrap_or_default()).as_secs_f64() * 1e6
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "CPU per call, client + servers: mTLS lb-client {:.1} µs, plaintext lb-client {:.1} µs ({:+.1} µs); bound on {cores} cores: {:.0} vs {:.0} calls/s, ratio {:.2}×",
+            total(0),
+            total(1),
+            total(0) - total(1),
+            cores as f64 * 1e6 / total(0),
+            cores as f64 * 1e6 / total(1),
+            total(1) / total(0)
         );
         stop.cancel();
     });

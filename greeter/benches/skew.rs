@@ -35,9 +35,10 @@ use lookaside_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use tokio_util::sync::CancellationToken;
 
 mod support;
+use greeter::load::open_loop;
 use support::{
-    CONCURRENCY, envoy_binary, load_average, measure_with, open_loop, start_backend_with,
-    start_envoy_with, wait_for_port,
+    CONCURRENCY, envoy_binary, load_average, measure_with, start_backend_with, start_envoy_with,
+    wait_for_port,
 };
 
 const TARGET: &str = "greeter.default:grpc";

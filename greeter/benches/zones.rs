@@ -34,7 +34,8 @@ use tonic::{
 };
 
 mod support;
-use support::{load_average, open_loop, start_backend};
+use greeter::load::open_loop;
+use support::{load_average, start_backend};
 
 const TARGET: &str = "greeter.default:grpc";
 const ROUNDS: usize = 2;

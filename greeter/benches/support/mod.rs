@@ -29,6 +29,13 @@ pub(crate) const ROUNDS: u64 = 3;
 /// A child process, killed on drop.
 pub(crate) struct Proc(Child);
 
+impl Proc {
+    /// Its CPU time so far (user + system, all its threads).
+    pub(crate) fn cpu_time(&self) -> Duration {
+        process_cpu_time(&self.0.id().to_string())
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -238,7 +245,13 @@ pub(crate) async fn wait_for_port(addr: SocketAddr) {
 
 /// This process's user + system CPU time.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    process_cpu_time("self")
+}
+
+/// The user + system CPU time of process `pid` (a number, or `self`), all
+/// its threads, from `/proc/PID/stat` (in clock ticks of 10 ms).
+fn process_cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .unwrap()
@@ -257,6 +270,9 @@ pub(crate) struct Row {
     pub(crate) summary: Summary,
     /// The benchmark process's CPU time per call.
     pub(crate) cpu_per_call: Duration,
+    /// The CPU time per call of the processes that serve the calls (the
+    /// backends, and a proxy in between), when they were measured.
+    pub(crate) servers_cpu_per_call: Option<Duration>,
 }
 
 /// Warms `client` up, then makes `calls` calls at [`CONCURRENCY`].
@@ -270,6 +286,27 @@ where
         Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     measure_with(name, client, 5_000, calls).await
+}
+
+/// [`measure`], also counting the CPU time of `servers` (the processes that
+/// serve the calls: backends, and a proxy in between), which share the
+/// machine with the client: on one machine, calls/s is bounded by the
+/// cores over the client's and the servers' CPU time per call together.
+pub(crate) async fn measure_servers<T>(
+    name: &'static str,
+    client: GreeterClient<T>,
+    calls: u64,
+    servers: &[&Proc],
+) -> Row
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    measure_inner(name, client, 5_000, calls, servers).await
 }
 
 /// [`measure`] with `warm` warm-up calls.
@@ -287,6 +324,26 @@ where
     <T::ResponseBody as http_body::Body>::Error:
         Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
+    measure_inner(name, client, warm, calls, &[]).await
+}
+
+/// [`measure_with`], counting the CPU time of `servers` too if any.
+async fn measure_inner<T>(
+    name: &'static str,
+    client: GreeterClient<T>,
+    warm: u64,
+    calls: u64,
+    servers: &[&Proc],
+) -> Row
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let servers_cpu = || servers.iter().map(|p| p.cpu_time()).sum::<Duration>();
     // Warm up: connections, HTTP/2 windows, latency estimates.
     let tally = Tally::new(CONCURRENCY);
     load::run(
@@ -299,6 +356,7 @@ where
     .await;
     let tally = Tally::new(CONCURRENCY);
     let cpu = cpu_time();
+    let before = servers_cpu();
     load::run(
         client,
         Some(calls),
@@ -308,11 +366,13 @@ where
     )
     .await;
     let cpu = cpu_time() - cpu;
+    let servers_cpu = servers_cpu() - before;
     let summary = tally.summary();
     assert_eq!(summary.ok, calls, "{name}: {:?}", summary.errors);
     Row {
         name,
         cpu_per_call: cpu / calls as u32,
+        servers_cpu_per_call: (!servers.is_empty()).then(|| servers_cpu / calls as u32),
         summary,
     }
 }
@@ -330,6 +390,10 @@ fn combine(rounds: Vec<&Row>) -> Row {
         .iter()
         .map(|r| r.cpu_per_call * r.summary.calls as u32)
         .sum();
+    let servers_cpu: Option<Duration> = rounds
+        .iter()
+        .map(|r| Some(r.servers_cpu_per_call? * r.summary.calls as u32))
+        .sum();
     let mut summary = rounds[0].summary.clone();
     summary.calls = calls;
     summary.ok = rounds.iter().map(|r| r.summary.ok).sum();
@@ -345,29 +409,49 @@ fn combine(rounds: Vec<&Row>) -> Row {
         name: rounds[0].name,
         summary,
         cpu_per_call: cpu / calls as u32,
+        servers_cpu_per_call: servers_cpu.map(|cpu| cpu / calls as u32),
     }
 }
 
 /// Combines `runs` (one `Vec<Row>` per round, transports in the same
 /// order) and prints them as a table, with throughput relative to row
-/// `baseline`, headed `vs LABEL`.
+/// `baseline`, headed `vs LABEL`. When every row measured its servers'
+/// CPU time too ([`measure_servers`]), two more columns show it and the
+/// client's and servers' together.
 pub(crate) fn table(runs: &[Vec<Row>], baseline: usize, label: &str) -> Vec<Row> {
     let rows: Vec<Row> = (0..runs[0].len())
         .map(|i| combine(runs.iter().map(|r| &r[i]).collect()))
         .collect();
     let base = rows[baseline].summary.rps;
-    println!("| transport | calls/s | vs {label} | p50 ms | p99 ms | client CPU µs/call |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for row in &rows {
+    let servers = rows.iter().all(|r| r.servers_cpu_per_call.is_some());
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    if servers {
         println!(
+            "| transport | calls/s | vs {label} | p50 ms | p99 ms | client CPU µs/call | servers CPU µs/call | client + servers CPU µs/call |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        println!("| transport | calls/s | vs {label} | p50 ms | p99 ms | client CPU µs/call |");
+        println!("|---|---:|---:|---:|---:|---:|");
+    }
+    for row in &rows {
+        let mut line = format!(
             "| {} | {:.0} | {:.2}× | {:.3} | {:.3} | {:.1} |",
             row.name,
             row.summary.rps,
             row.summary.rps / base,
             row.summary.latency_ms.p50,
             row.summary.latency_ms.p99,
-            row.cpu_per_call.as_secs_f64() * 1e6
+            micros(row.cpu_per_call)
         );
+        if let (true, Some(servers)) = (servers, row.servers_cpu_per_call) {
+            line += &format!(
+                " {:.1} | {:.1} |",
+                micros(servers),
+                micros(row.cpu_per_call + servers)
+            );
+        }
+        println!("{line}");
     }
     rows
 }
@@ -378,76 +462,6 @@ pub(crate) fn calls_per_transport() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000)
-}
-
-/// Calls at a fixed `rate` (per second) for `duration`, each on a task of
-/// its own however many are still in flight (an open loop: arrivals do not
-/// wait for answers, as a service's users do not, so a slow backend cannot
-/// hold the arrivals back). A call's latency counts from when it is sent:
-/// tokio's timer ticks in milliseconds, so calls due within one tick leave
-/// together, and counting from when each was due would add the tick to
-/// every call. Throughput is the calls answered over the time until the
-/// last answer: below `rate` when the calls pile up.
-pub(crate) async fn open_loop<T>(client: GreeterClient<T>, rate: f64, duration: Duration) -> Summary
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
-{
-    use std::collections::BTreeMap;
-    let calls = (rate * duration.as_secs_f64()).round() as u64;
-    let period = Duration::from_secs_f64(1.0 / rate);
-    let start = tokio::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..calls {
-        tokio::time::sleep_until(start + period * u32::try_from(i).unwrap()).await;
-        let mut client = client.clone();
-        tasks.spawn(async move {
-            let sent = tokio::time::Instant::now();
-            let reply = client
-                .say_hello(lookaside_proto::helloworld::HelloRequest {
-                    name: "bench".into(),
-                })
-                .await;
-            let micros = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
-            (micros, reply.map(|r| r.into_inner().backend))
-        });
-    }
-    let mut latencies = Vec::with_capacity(calls as usize);
-    let mut backends: BTreeMap<String, u64> = BTreeMap::new();
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    while let Some(joined) = tasks.join_next().await {
-        let (micros, reply) = joined.expect("a call task does not panic");
-        latencies.push(micros);
-        match reply {
-            Ok(backend) => *backends.entry(backend).or_default() += 1,
-            Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
-        }
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        f64::from(latencies[i]) / 1000.0
-    };
-    let ok = backends.values().sum();
-    Summary {
-        calls,
-        ok,
-        errors,
-        backends,
-        latency_ms: load::Latency {
-            p50: pct(0.50),
-            p90: pct(0.90),
-            p99: pct(0.99),
-            max: pct(1.0),
-        },
-        rps: calls as f64 / elapsed,
-        elapsed_s: elapsed,
-    }
 }
 
 /// The load average over the last minute (`/proc/loadavg`), for a
