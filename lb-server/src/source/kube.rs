@@ -39,7 +39,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointHints, EndpointSlice};
 use kube::{
     Api, Client,
@@ -189,6 +189,11 @@ impl KubeSource {
     }
 }
 
+/// The most watch events applied as one batch (see [`Slices::stage`]):
+/// enough to absorb a rolling restart's backlog, small enough that the
+/// runtime gets the thread back between batches.
+const MAX_BATCH: usize = 1_000;
+
 /// One watcher over one scope (a namespace or the whole cluster).
 struct SliceWatch {
     api: Api<EndpointSlice>,
@@ -210,18 +215,24 @@ impl SliceWatch {
         // it over (see `gone`).
         let mut backoff = self.backoff.start();
         let mut slices = Slices::default();
+        // An item taken from the watch while batching that ends the batch
+        // (an error, or the end): handled next, as if just received.
+        let mut stashed = None;
         loop {
-            let event = tokio::select! {
-                biased;
-                () = self.shutdown.cancelled() => return,
-                event = events.next() => event,
+            let item = match stashed.take() {
+                Some(item) => item,
+                None => tokio::select! {
+                    biased;
+                    () = self.shutdown.cancelled() => return,
+                    item = events.next() => item,
+                },
             };
-            let Some(event) = event else {
+            let Some(item) = item else {
                 // kube-runtime's watcher retries forever; it never ends.
                 error!("EndpointSlice watch ended");
                 return;
             };
-            let event = match event {
+            let event = match item {
                 Ok(event) => {
                     backoff.reset();
                     event
@@ -246,12 +257,22 @@ impl SliceWatch {
                 }
             };
             let was_synced = slices.lists() > 0;
-            if matches!(event, Event::Init) && was_synced {
-                self.metrics.watch_restarts.inc();
-                info!("re-listing EndpointSlices");
-            }
             let event_at = Instant::now();
-            for update in slices.handle(event) {
+            self.stage(&mut slices, event);
+            // The events the watch already holds go in the same batch (a
+            // burst, or a backlog after a slow push): each service they
+            // change is recomputed and published once for all of them.
+            for _ in 1..MAX_BATCH {
+                match events.next().now_or_never() {
+                    None => break,
+                    Some(Some(Ok(event))) => self.stage(&mut slices, event),
+                    Some(other) => {
+                        stashed = Some(other);
+                        break;
+                    }
+                }
+            }
+            for update in slices.flush() {
                 match update {
                     Update::Publish(key, endpoints) => {
                         debug!(service = %key, endpoints = endpoints.len(), "publishing");
@@ -272,6 +293,15 @@ impl SliceWatch {
                 let _ = self.synced.try_send(());
             }
         }
+    }
+
+    /// Stages one event, counting a re-list.
+    fn stage(&self, slices: &mut Slices, event: Event<EndpointSlice>) {
+        if matches!(event, Event::Init) && slices.lists() > 0 {
+            self.metrics.watch_restarts.inc();
+            info!("re-listing EndpointSlices");
+        }
+        slices.stage(event);
     }
 }
 
@@ -304,6 +334,8 @@ struct Slices {
     buffer: Option<Vec<Listed>>,
     /// Lists applied so far.
     lists: u64,
+    /// Services whose slices changed since the last [`Slices::flush`].
+    dirty: BTreeSet<ServiceId>,
 }
 
 impl Slices {
@@ -318,17 +350,21 @@ impl Slices {
     }
 
     /// Applies one watcher event; returns what the store must change.
+    #[cfg(test)]
     fn handle(&mut self, event: Event<EndpointSlice>) -> Vec<Update> {
+        self.stage(event);
+        self.flush()
+    }
+
+    /// Applies one watcher event, marking the services it changed; what the
+    /// store must change comes from [`Slices::flush`], once for a batch of
+    /// events: a service is recomputed from all its slices, so a burst of
+    /// events to it costs one recomputation, not one per event.
+    fn stage(&mut self, event: Event<EndpointSlice>) {
         match event {
-            Event::Init => {
-                self.buffer = Some(Vec::new());
-                Vec::new()
-            }
+            Event::Init => self.buffer = Some(Vec::new()),
             Event::InitApply(slice) => match &mut self.buffer {
-                Some(buffer) => {
-                    buffer.extend(Listed::of(slice));
-                    Vec::new()
-                }
+                Some(buffer) => buffer.extend(Listed::of(slice)),
                 // kube-runtime always sends Init first; be safe if it did not.
                 None => self.apply(slice),
             },
@@ -338,9 +374,17 @@ impl Slices {
         }
     }
 
-    /// Swaps the buffered list in and recomputes every service it or the old
-    /// state mentions; unchanged services produce no update.
-    fn replace(&mut self) -> Vec<Update> {
+    /// What the store must change for the events staged since the last
+    /// flush: each changed service recomputed once; unchanged ones produce
+    /// no update.
+    fn flush(&mut self) -> Vec<Update> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty.iter().flat_map(|s| self.recompute(s)).collect()
+    }
+
+    /// Swaps the buffered list in; every service it or the old state
+    /// mentions is to be recomputed.
+    fn replace(&mut self) {
         let listed = self.buffer.take().unwrap_or_default();
         let mut touched: BTreeSet<ServiceId> = self.published.keys().cloned().collect();
         touched.extend(self.by_service.keys().cloned());
@@ -350,24 +394,22 @@ impl Slices {
             touched.insert(self.insert(slice));
         }
         self.lists += 1;
-        touched.iter().flat_map(|s| self.recompute(s)).collect()
+        self.dirty.extend(touched);
     }
 
-    fn apply(&mut self, slice: EndpointSlice) -> Vec<Update> {
-        let mut touched = BTreeSet::new();
+    fn apply(&mut self, slice: EndpointSlice) {
         if let Some(previous) = self.forget(&slice_id(&slice)) {
-            touched.insert(previous);
+            self.dirty.insert(previous);
         }
         if let Some(slice) = Listed::of(slice) {
-            touched.insert(self.insert(slice));
+            let service = self.insert(slice);
+            self.dirty.insert(service);
         }
-        touched.iter().flat_map(|s| self.recompute(s)).collect()
     }
 
-    fn delete(&mut self, slice: &EndpointSlice) -> Vec<Update> {
-        match self.forget(&slice_id(slice)) {
-            Some(service) => self.recompute(&service),
-            None => Vec::new(),
+    fn delete(&mut self, slice: &EndpointSlice) {
+        if let Some(service) = self.forget(&slice_id(slice)) {
+            self.dirty.insert(service);
         }
     }
 
@@ -549,8 +591,9 @@ fn service_endpoints<'a>(
             }
         };
         // `normalize` keeps the first of each address+port: put serving copies
-        // first (stable, so slice-name order decides among equals).
-        endpoints.sort_by_key(|e| e.draining);
+        // first (stable, so slice-name order decides among equals). Sorted
+        // here, `normalize`'s own sort finds one run and does no work.
+        endpoints.sort_by_key(|e| (e.address, e.port, e.draining));
         let endpoints = normalize(endpoints);
         let shared = out
             .values()

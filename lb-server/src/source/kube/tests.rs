@@ -555,3 +555,68 @@ fn hints_come_from_the_slice_and_are_shared_by_endpoints_hinted_alike() {
         &list[2].hints().for_zones[0]
     ));
 }
+
+#[test]
+fn a_batch_of_events_publishes_each_changed_service_once_with_the_end_state() {
+    let (mut state, _) = listed([
+        slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1"))
+            .build(),
+        slice("default", "other-a", "other")
+            .port("http", 80)
+            .endpoint(ep("10.0.1.1"))
+            .build(),
+    ]);
+    // A rolling restart's burst to greeter: a pod added, the old one
+    // draining, then gone; a second slice appears; other is untouched.
+    for event in [
+        Event::Apply(
+            slice("default", "greeter-a", "greeter")
+                .port("grpc", 50051)
+                .endpoint(ep("10.0.0.1"))
+                .endpoint(ep("10.0.0.2"))
+                .build(),
+        ),
+        Event::Apply(
+            slice("default", "greeter-a", "greeter")
+                .port("grpc", 50051)
+                .endpoint(ep("10.0.0.1").draining())
+                .endpoint(ep("10.0.0.2"))
+                .build(),
+        ),
+        Event::Apply(
+            slice("default", "greeter-a", "greeter")
+                .port("grpc", 50051)
+                .endpoint(ep("10.0.0.2"))
+                .build(),
+        ),
+        Event::Apply(
+            slice("default", "greeter-b", "greeter")
+                .port("grpc", 50051)
+                .endpoint(ep("10.0.0.3"))
+                .build(),
+        ),
+    ] {
+        state.stage(event);
+    }
+    let end = vec![endpoint("10.0.0.2", 50051), endpoint("10.0.0.3", 50051)];
+    assert_eq!(
+        state.flush(),
+        vec![
+            Update::Publish(key("default", "greeter", named("grpc")), end.clone()),
+            Update::Publish(key("default", "greeter", PortRef::Number(50051)), end),
+        ],
+        "one publish per key of the one changed service"
+    );
+    assert!(state.flush().is_empty(), "nothing left staged");
+
+    // A batch that changes a service and changes it back publishes nothing.
+    let back = slice("default", "other-a", "other")
+        .port("http", 80)
+        .endpoint(ep("10.0.1.1"))
+        .build();
+    state.stage(Event::Delete(back.clone()));
+    state.stage(Event::Apply(back));
+    assert!(state.flush().is_empty());
+}
