@@ -53,7 +53,9 @@
 //! Churn (issue 14, `support/churn.rs`): `-- scale` compares full snapshots
 //! with incremental updates in services of 10 to 5,000 endpoints, and
 //! `-- restart` a rolling restart of a 1,000-pod service, with coalescing off
-//! and on; see that module for what they measure.
+//! and on, over the file source and over the Kubernetes source (EndpointSlices
+//! served by the API stand-in of `lookaside-tests`); see that module for what
+//! they measure.
 //!
 //! `FANOUT_DIST=1` also prints more percentiles of both latencies, and each
 //! change's percentiles with the server threads' time on a CPU and waiting
@@ -186,6 +188,31 @@ impl Certs {
 /// with `tls`. FANOUT_WRAPPER runs it under a tool, e.g.
 /// `valgrind --tool=dhat` to see where its memory goes.
 fn start_server(file: &Path, tls: Option<&Certs>, extra: &[&str]) -> ServerProcess {
+    let mut command = server_command();
+    if let Some(certs) = tls {
+        command
+            .arg("--tls-cert")
+            .arg(&certs.server.0)
+            .arg("--tls-key")
+            .arg(&certs.server.1)
+            .arg("--tls-client-ca")
+            .arg(&certs.ca);
+    }
+    ServerProcess::start(command, file, extra)
+}
+
+/// lb-server on its kube source, reading the API server named by the
+/// kubeconfig at `kubeconfig`, with its defaults and `extra` flags.
+fn start_kube_server(kubeconfig: &Path, extra: &[&str]) -> ServerProcess {
+    let mut command = server_command();
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .args(["--source", "kube"]);
+    ServerProcess::start_on(command, extra)
+}
+
+/// The lb-server command, under FANOUT_WRAPPER's tool if it names one.
+fn server_command() -> Command {
     let wrapper = std::env::var("FANOUT_WRAPPER").unwrap_or_default();
     let mut words = wrapper.split_whitespace();
     let mut command = match words.next() {
@@ -197,16 +224,7 @@ fn start_server(file: &Path, tls: Option<&Certs>, extra: &[&str]) -> ServerProce
         None => Command::new(env!("CARGO_BIN_EXE_lb-server")),
     };
     command.env("LB_LOG", "warn,lb_server=info");
-    if let Some(certs) = tls {
-        command
-            .arg("--tls-cert")
-            .arg(&certs.server.0)
-            .arg("--tls-key")
-            .arg(&certs.server.1)
-            .arg("--tls-client-ca")
-            .arg(&certs.ca);
-    }
-    ServerProcess::start(command, file, extra)
+    command
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

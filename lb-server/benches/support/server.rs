@@ -1,5 +1,6 @@
 //! lb-server as a child process, shared by the fan-out benchmark and the
-//! `connection_memory` example: started on a file source, its gRPC address
+//! `connection_memory` example: started on a file source (or, for the
+//! restart over Kubernetes, any source its caller sets), its gRPC address
 //! read from its log, its RSS and CPU time read from /proc, stopped on drop.
 
 use std::{
@@ -20,9 +21,14 @@ impl ServerProcess {
     /// Runs `command` (lb-server, or a tool wrapping it) on `file`, listening
     /// on loopback ports the OS picks, with `extra` flags.
     pub(crate) fn start(mut command: Command, file: &Path, extra: &[&str]) -> Self {
+        command.args(["--source", "file", "--file"]).arg(file);
+        Self::start_on(command, extra)
+    }
+
+    /// Runs `command`, whose source flags (and environment, e.g.
+    /// `KUBECONFIG`) are already set, as [`ServerProcess::start`] does.
+    pub(crate) fn start_on(mut command: Command, extra: &[&str]) -> Self {
         let mut child = command
-            .args(["--source", "file", "--file"])
-            .arg(file)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .stderr(Stdio::piped())
