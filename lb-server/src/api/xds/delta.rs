@@ -1,10 +1,13 @@
 //! The protocol state of one delta (incremental) ADS stream:
 //! `DeltaAggregatedResources`.
 //!
-//! Beside [`Session`](super::session::Session) (state of the world), with the
-//! same shape: it does no I/O, the stream feeds it requests and a [`View`] of
-//! the store and asks it for the next response, so every rule below is
-//! unit-tested here. The resources are the same ones, from
+//! A [`DeltaSession`] is an [`Ads`] of the [`Delta`] rules, as
+//! [`Session`](super::session::Session) is of state of the world's: the
+//! bookkeeping both share (subscriptions per type, versions, nonces, what is
+//! owed, the loop that builds responses) is in [`ads`](super::ads), and this
+//! module adds what delta xDS says differently. It does no I/O: the stream
+//! feeds it requests and a [`View`] of the store and asks it for the next
+//! response, so every rule below is unit-tested here. The resources are the same ones, from
 //! [`Resources`](super::resources::Resources): zones, `--xds-lb-policy` and
 //! `--xds-upstream-tls` apply alike.
 //!
@@ -48,29 +51,22 @@
 //!   zone for the stream, as in state of the world.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     hash::BuildHasher,
-    sync::{Arc, LazyLock},
-    time::{Instant, SystemTime},
+    sync::LazyLock,
+    time::SystemTime,
 };
 
-use envoy_types::pb::envoy::{
-    config::core::v3::ControlPlane,
-    service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource},
+use envoy_types::pb::{
+    envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource},
+    google::protobuf::Any,
 };
 
 use super::{
-    resources::{ClientKind, ResourceType, Resources},
-    session::{Handled, NodeInfo, Outgoing, Reply, View, record_type},
-    sorted_map::SortedMap,
+    ads::{Ads, Carried, Desired, Handled, Protocol, Reply, TypeState, View, control_plane},
+    resources::ResourceType,
 };
-use crate::{
-    api::{
-        client_text::kept,
-        subscribers::{XdsNack, XdsStatus},
-    },
-    model::{ServiceKey, parse_target},
-};
+use crate::model::{ServiceKey, parse_target};
 
 /// This process's epoch: random, so that versions never match across a restart.
 static EPOCH: LazyLock<u64> = LazyLock::new(|| {
@@ -85,9 +81,26 @@ static EPOCH: LazyLock<u64> = LazyLock::new(|| {
 /// instead of inserting one by one, so a request costs O(n log n) at most.
 const INSERT_ONE_BY_ONE: usize = 16;
 
+/// The state of one delta ADS stream.
+pub type DeltaSession = Ads<Delta>;
+
+/// The rules of delta xDS, for [`Ads`]: the epoch of the versions it
+/// sends, and per type a [`Holding`].
+#[derive(Debug)]
+pub struct Delta {
+    /// Prefix of every version: this process's, unless a test sets it.
+    pub(super) epoch: u64,
+}
+
+impl Default for Delta {
+    fn default() -> Self {
+        Self { epoch: *EPOCH }
+    }
+}
+
 /// The content a client holds of one resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Held {
+pub enum Held {
     /// Listener, route or cluster of an existing service.
     Present,
     /// An assignment of this snapshot version.
@@ -96,33 +109,16 @@ enum Held {
     Foreign,
 }
 
+/// What a delta client holds of one type, and what it has yet to be told.
 #[derive(Debug, Default)]
-struct TypeState {
-    /// The client asked for this type on this stream.
-    requested: bool,
-    /// Subscribed to `*` explicitly.
-    star: bool,
-    /// The first request named nothing; stays until the client names something.
-    legacy_wildcard: bool,
-    /// Named subscriptions (without `*`), each parsed once: `None` if not a target.
-    names: SortedMap<Option<ServiceKey>>,
+pub struct Holding {
     /// Names subscribed since the last response: told if they do not exist.
     fresh: BTreeSet<String>,
     /// What the client holds from us, by name.
     held: HashMap<String, Held>,
-    /// Responses sent so far; the last one's `system_version_info`.
-    version: u64,
-    /// Nonce of the last response, empty before the first.
-    nonce: String,
-    /// A response is owed to a request even if nothing changed.
-    owed: bool,
 }
 
-impl TypeState {
-    fn wildcard(&self) -> bool {
-        self.star || self.legacy_wildcard
-    }
-
+impl TypeState<Holding> {
     fn subscribe(&mut self, ty: ResourceType, names: &[String]) -> bool {
         let mut changed = false;
         let mut new = Vec::new();
@@ -140,7 +136,9 @@ impl TypeState {
             // Naming a resource ends a legacy wildcard (an explicit `*` stays).
             self.legacy_wildcard = false;
             changed = true;
-            self.fresh.extend(new.iter().map(|name| (*name).to_owned()));
+            self.sent
+                .fresh
+                .extend(new.iter().map(|name| (*name).to_owned()));
             let parsed = new
                 .into_iter()
                 .map(|name| (name.to_owned(), parse_target(name).ok()));
@@ -175,72 +173,28 @@ impl TypeState {
         if !gone.is_empty() {
             changed = true;
             self.names.retain(|name| !gone.contains(name));
-            self.fresh.retain(|name| !gone.contains(name.as_str()));
+            self.sent.fresh.retain(|name| !gone.contains(name.as_str()));
             // The client drops what it unsubscribed; a wildcard keeps it sent.
             if !self.wildcard() {
-                self.held.retain(|name, _| !gone.contains(name.as_str()));
+                self.sent
+                    .held
+                    .retain(|name, _| !gone.contains(name.as_str()));
             }
         }
         changed
     }
 }
 
-/// The state of one delta ADS stream.
-#[derive(Debug)]
-pub struct DeltaSession {
-    types: [TypeState; 4],
-    nonces: u64,
-    /// Boxed: most streams never look at it after the first request.
-    node: Option<Box<NodeInfo>>,
-    kind: ClientKind,
-    /// Per type, something may need sending (as in state of the world).
-    dirty: [bool; 4],
-    /// Prefix of every version: this process's, unless a test sets it.
-    epoch: u64,
-}
-
-impl Default for DeltaSession {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl DeltaSession {
     /// A stream that has received nothing yet.
     pub fn new() -> Self {
-        Self::with_epoch(*EPOCH)
+        Self::default()
     }
 
     /// A stream whose versions carry `epoch` instead of the process's: a
     /// test's way to stand for another lb-server process.
     pub fn with_epoch(epoch: u64) -> Self {
-        Self {
-            types: Default::default(),
-            nonces: 0,
-            node: None,
-            kind: ClientKind::default(),
-            dirty: [false; 4],
-            epoch,
-        }
-    }
-
-    /// The node the client described in its first request, if any.
-    pub fn node(&self) -> Option<&NodeInfo> {
-        self.node.as_deref()
-    }
-
-    /// The kind of client, from the node of its first request that had one.
-    pub fn client_kind(&self) -> ClientKind {
-        self.kind
-    }
-
-    /// Notes that the view changed: endpoints only, or also which services exist.
-    pub fn view_changed(&mut self, existence: bool) {
-        for ty in ResourceType::SEND_ORDER {
-            if existence || ty == ResourceType::Endpoint {
-                self.dirty[ty.index()] = true;
-            }
-        }
+        Self::with_protocol(Delta { epoch })
     }
 
     /// How many resource names a request carries, against the per-request limit.
@@ -252,37 +206,22 @@ impl DeltaSession {
 
     /// Applies one request.
     pub fn handle(&mut self, request: &DeltaDiscoveryRequest) -> Handled {
-        if self.node.is_none()
-            && let Some(node) = &request.node
-        {
-            let (kind, info) = NodeInfo::of(node);
-            self.kind = kind;
-            self.node = Some(Box::new(info));
-        }
-        let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
+        let Some(ty) = self.begin(request.node.as_ref(), &request.type_url) else {
             return Handled::UnknownType;
         };
-        let epoch = self.epoch;
+        let epoch = self.protocol.epoch;
         let state = &mut self.types[ty.index()];
         let first = !state.requested;
         state.requested = true;
 
         let nonce = &request.response_nonce;
         let latest = !nonce.is_empty() && *nonce == state.nonce;
-        let reply = if !latest {
-            Reply::Subscribe
-        } else if let Some(error) = &request.error_detail {
-            Reply::Nack(XdsNack {
-                version: state.version.to_string(),
-                nonce: nonce.clone(),
-                code: error.code,
-                message: kept(&error.message),
-                at: SystemTime::now(),
-            })
+        let reply = if latest {
+            // An ACK names no version in delta: it is of the latest response.
+            let version = state.version.to_string();
+            state.answer(nonce, request.error_detail.as_ref(), &version)
         } else {
-            Reply::Ack {
-                version: state.version.to_string(),
-            }
+            Reply::Subscribe
         };
 
         if first && ty.allows_wildcard() {
@@ -295,6 +234,7 @@ impl DeltaSession {
             for (name, version) in &request.initial_resource_versions {
                 if state.wildcard() || state.names.contains_key(name) {
                     state
+                        .sent
                         .held
                         .insert(name.clone(), parse_version(epoch, version));
                 }
@@ -305,7 +245,7 @@ impl DeltaSession {
             state.owed = true;
         }
         if names_changed || state.owed {
-            self.dirty[ty.index()] = true;
+            self.touch(ty);
         }
         if !first && !latest && !names_changed && !nonce.is_empty() {
             return Handled::Stale { ty };
@@ -316,31 +256,9 @@ impl DeltaSession {
             names_changed,
         }
     }
+}
 
-    /// Every service the client names, over all types (wildcards excluded).
-    pub fn named_services(&self) -> BTreeSet<ServiceKey> {
-        self.types
-            .iter()
-            .flat_map(|state| state.names.values())
-            .flatten()
-            .cloned()
-            .collect()
-    }
-
-    /// Whether any type is subscribed by wildcard.
-    pub fn has_wildcard(&self) -> bool {
-        self.types.iter().any(TypeState::wildcard)
-    }
-
-    /// The subscribed names of a type as Admin shows them (`*` for a wildcard).
-    pub fn subscribed(&self, ty: ResourceType) -> Vec<String> {
-        let state = &self.types[ty.index()];
-        let star = state.wildcard().then(|| "*".to_owned());
-        star.into_iter()
-            .chain(state.names.keys().cloned())
-            .collect()
-    }
-
+impl Delta {
     /// The version string of a content.
     fn version(&self, held: Held) -> String {
         match held {
@@ -349,151 +267,104 @@ impl DeltaSession {
             Held::Foreign => String::new(),
         }
     }
+}
 
-    /// What the client should hold of a type now: name → (content, service).
-    fn desired(&self, ty: ResourceType, view: &View) -> BTreeMap<String, (Held, ServiceKey)> {
-        let state = &self.types[ty.index()];
-        let mut desired = BTreeMap::new();
-        let held = |key: &ServiceKey| match ty {
+impl Protocol for Delta {
+    type Sent = Holding;
+    type Content = Held;
+    /// The names the client holds that are gone, or that it subscribed to
+    /// and do not exist: `removed_resources`.
+    type Extra = Vec<String>;
+    type Response = DeltaDiscoveryResponse;
+
+    fn content(
+        ty: ResourceType,
+        _: &TypeState<Holding>,
+        _: &str,
+        key: &ServiceKey,
+        view: &View,
+    ) -> Option<Held> {
+        match ty {
             ResourceType::Endpoint => view
                 .snapshots
                 .get(key)
                 .filter(|snapshot| snapshot.exists)
                 .map(|snapshot| Held::Version(snapshot.version)),
             _ => view.exists(key).then_some(Held::Present),
-        };
-        if state.wildcard() && ty.allows_wildcard() {
-            for key in &view.existing {
-                if let Some(held) = held(key) {
-                    desired.insert(key.to_string(), (held, key.clone()));
-                }
-            }
         }
-        for (name, key) in &state.names {
-            if let Some(key) = key
-                && let Some(held) = held(key)
-            {
-                desired.insert(name.clone(), (held, key.clone()));
-            }
-        }
-        desired
     }
 
-    /// The next response owed or caused by a change, if any, in the order
-    /// CDS, EDS, LDS, RDS. Call until it returns `None`.
-    pub fn next_response(
-        &mut self,
-        view: &View,
-        resources: &Resources,
-    ) -> Option<Outgoing<DeltaDiscoveryResponse>> {
-        for ty in ResourceType::SEND_ORDER {
-            if !self.dirty[ty.index()] || !self.types[ty.index()].requested {
-                self.dirty[ty.index()] = false;
-                continue;
-            }
-            let desired = self.desired(ty, view);
-            let state = &self.types[ty.index()];
-            let changed: Vec<(&String, &(Held, ServiceKey))> = desired
+    /// What the client does not hold, and what it holds (or was just
+    /// subscribed to) that is not there.
+    fn plan<'d>(
+        _: ResourceType,
+        state: &TypeState<Holding>,
+        desired: &'d Desired<Held>,
+    ) -> Option<(Carried<'d, Held>, Vec<String>)> {
+        let Holding { fresh, held } = &state.sent;
+        let changed: Carried<'d, Held> = desired
+            .iter()
+            .filter(|(name, (content, _))| held.get(*name) != Some(content))
+            .collect();
+        let mut removed: Vec<String> = held
+            .keys()
+            .filter(|name| !desired.contains_key(*name))
+            .cloned()
+            .collect();
+        removed.extend(
+            fresh
                 .iter()
-                .filter(|(name, (held, _))| state.held.get(*name) != Some(held))
-                .collect();
-            let mut removed: Vec<String> = state
-                .held
-                .keys()
-                .filter(|name| !desired.contains_key(*name))
-                .cloned()
-                .collect();
-            removed.extend(
-                state
-                    .fresh
-                    .iter()
-                    .filter(|name| !desired.contains_key(*name) && !state.held.contains_key(*name))
-                    .cloned(),
-            );
-            removed.sort_unstable();
-            if changed.is_empty() && removed.is_empty() && !state.owed {
-                self.dirty[ty.index()] = false;
-                continue;
-            }
-
-            let zone = self.node.as_ref().map_or("", |node| node.zone.as_str());
-            let mut store_version = 0;
-            let mut oldest_event: Option<Instant> = None;
-            let mut resources_out = Vec::with_capacity(changed.len());
-            for (name, (held, key)) in &changed {
-                let snapshot = view.snapshots.get(key).map(Arc::as_ref);
-                if ty == ResourceType::Endpoint
-                    && let Some(snapshot) = snapshot
-                {
-                    store_version = store_version.max(snapshot.version);
-                    oldest_event = Some(match oldest_event {
-                        Some(at) => at.min(snapshot.event_at),
-                        None => snapshot.event_at,
-                    });
-                }
-                resources_out.push(Resource {
-                    name: (*name).clone(),
-                    version: self.version(*held),
-                    resource: Some(resources.build(ty, name, key, snapshot, self.kind, zone)),
-                    ..Resource::default()
-                });
-            }
-
-            self.nonces += 1;
-            let nonce = self.nonces.to_string();
-            let state = &mut self.types[ty.index()];
-            let push = !state.owed;
-            for name in &removed {
-                state.held.remove(name);
-            }
-            for (name, (held, _)) in &changed {
-                state.held.insert((*name).clone(), *held);
-            }
-            state.fresh.clear();
-            state.owed = false;
-            state.version += 1;
-            state.nonce.clone_from(&nonce);
-            return Some(Outgoing {
-                response: DeltaDiscoveryResponse {
-                    system_version_info: state.version.to_string(),
-                    resources: resources_out,
-                    type_url: ty.type_url().to_owned(),
-                    removed_resources: removed,
-                    nonce,
-                    control_plane: Some(ControlPlane {
-                        identifier: concat!("lookaside lb-server ", env!("CARGO_PKG_VERSION"))
-                            .to_owned(),
-                    }),
-                    ..DeltaDiscoveryResponse::default()
-                },
-                ty,
-                push,
-                store_version,
-                oldest_event,
-            });
+                .filter(|name| !desired.contains_key(*name) && !held.contains_key(*name))
+                .cloned(),
+        );
+        removed.sort_unstable();
+        if changed.is_empty() && removed.is_empty() && !state.owed {
+            return None;
         }
-        None
+        Some((changed, removed))
     }
 
-    /// Copies what Admin shows of a type into `status`, as
-    /// [`Session::record`](super::session::Session::record) does.
-    pub fn record(
+    fn commit(
+        _: ResourceType,
+        sent: &mut Holding,
+        _: &Desired<Held>,
+        carried: &Carried<'_, Held>,
+        removed: &Vec<String>,
+    ) {
+        for name in removed {
+            sent.held.remove(name);
+        }
+        for (name, (held, _)) in carried {
+            sent.held.insert((*name).clone(), *held);
+        }
+        sent.fresh.clear();
+    }
+
+    fn response(
         &self,
         ty: ResourceType,
-        handled: Option<&Reply>,
-        names_changed: bool,
-        status: &mut XdsStatus,
-    ) {
-        if let Some(node) = &self.node {
-            node.record(status);
+        version: u64,
+        nonce: String,
+        resources: Vec<(&String, Held, Any)>,
+        removed: Vec<String>,
+    ) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            system_version_info: version.to_string(),
+            resources: resources
+                .into_iter()
+                .map(|(name, held, any)| Resource {
+                    name: name.clone(),
+                    version: self.version(held),
+                    resource: Some(any),
+                    ..Resource::default()
+                })
+                .collect(),
+            type_url: ty.type_url().to_owned(),
+            removed_resources: removed,
+            nonce,
+            control_plane: control_plane(),
+            ..DeltaDiscoveryResponse::default()
         }
-        record_type(
-            status,
-            ty,
-            self.types[ty.index()].version,
-            names_changed.then(|| self.subscribed(ty)),
-            handled,
-        );
     }
 }
 

@@ -13,7 +13,10 @@
 //! `initial_resource_versions`).
 //!
 //! Both kinds of stream run the one loop below, generic over the session
-//! ([`XdsSession`]): the same store watches, limits and NACK accounting.
+//! ([`XdsSession`]): the same store watches, limits and NACK accounting. Both
+//! sessions are an [`ads::Ads`], which keeps the per-type bookkeeping once
+//! (subscriptions, versions, nonces, ACK and NACK, what is owed) and builds
+//! responses; each protocol's module says only where its rules differ.
 //!
 //! A stream watches the store the way the other APIs do: one subscription per
 //! service it names, plus the store's service-set watch while it has a
@@ -45,10 +48,13 @@
 //! binary search or a hash lookup, and a store subscription only when it
 //! is new; a store change wakes only the watch of its service.
 
+pub mod ads;
 pub mod delta;
 pub mod resources;
 pub mod session;
 mod sorted_map;
+#[cfg(test)]
+mod test_support;
 
 use std::{
     collections::{BTreeSet, HashMap},

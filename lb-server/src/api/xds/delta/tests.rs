@@ -1,29 +1,26 @@
 //! Unit tests of one delta ADS stream's state: requests in, responses out,
 //! and a client that applies them.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use super::*;
 use crate::{
-    api::xds::resources::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE},
-    config::XdsLbPolicy,
-    model::{Endpoint, Snapshot},
+    api::{
+        subscribers::XdsStatus,
+        xds::{
+            resources::{CLUSTER_TYPE, ClientKind, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE},
+            test_support::{
+                self, GREETER, OTHER, World, acked, key, nacked, quiet, recorded, rejection,
+                resources, subscribes,
+            },
+        },
+    },
+    model::Endpoint,
 };
-use envoy_types::pb::{
-    envoy::config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment},
-    google::rpc::Status,
-};
+use envoy_types::pb::envoy::config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment};
 use prost::Message;
 
-const GREETER: &str = "greeter.default:grpc";
-const OTHER: &str = "other.default:80";
 const EPOCH_A: u64 = 0xa;
-
-fn resources() -> Resources {
-    Resources::new(XdsLbPolicy::RoundRobin)
-}
-
-fn key(target: &str) -> ServiceKey {
-    parse_target(target).unwrap()
-}
 
 fn request(type_url: &str, subscribe: &[&str], unsubscribe: &[&str]) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
@@ -43,81 +40,17 @@ fn ack(response: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
 
 fn nack(response: &DeltaDiscoveryResponse, message: &str) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
-        error_detail: Some(Status {
-            code: 3,
-            message: message.into(),
-            details: vec![],
-        }),
+        error_detail: Some(rejection(message)),
         ..ack(response)
     }
 }
 
-/// The store as a stream sees it, and whether it changed since the last look.
-#[derive(Default)]
-struct World {
-    view: View,
-    changed: Option<bool>,
+fn look(session: &mut DeltaSession, world: &World) -> Option<DeltaDiscoveryResponse> {
+    test_support::look(session, world).map(|out| out.response)
 }
 
-impl World {
-    fn set_endpoints(&mut self, target: &str, version: u64, endpoints: Vec<Endpoint>) {
-        let key = key(target);
-        let snapshot = Snapshot {
-            version,
-            exists: true,
-            endpoints,
-            ..Snapshot::unknown()
-        };
-        let existed = !self.view.existing.insert(key.clone());
-        self.view.snapshots.insert(key, Arc::new(snapshot));
-        self.note(!existed);
-    }
-
-    fn set(&mut self, target: &str, version: u64, endpoints: &[u8]) {
-        let endpoints = endpoints
-            .iter()
-            .map(|i| Endpoint::new(format!("10.0.0.{i}").parse().unwrap(), 80))
-            .collect();
-        self.set_endpoints(target, version, endpoints);
-    }
-
-    fn remove(&mut self, target: &str, version: u64) {
-        let key = key(target);
-        let snapshot = Snapshot {
-            version,
-            ..Snapshot::unknown()
-        };
-        self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
-        let existed = self.view.existing.remove(&key);
-        self.note(existed);
-    }
-
-    fn note(&mut self, existence: bool) {
-        self.changed = Some(self.changed.unwrap_or(false) || existence);
-    }
-}
-
-fn look(session: &mut DeltaSession, world: &mut World) -> Option<DeltaDiscoveryResponse> {
-    if let Some(existence) = world.changed.take() {
-        session.view_changed(existence);
-    }
-    session
-        .next_response(&world.view, &resources())
-        .map(|out| out.response)
-}
-
-fn next(session: &mut DeltaSession, world: &mut World) -> DeltaDiscoveryResponse {
-    look(session, world).expect("a response")
-}
-
-fn quiet(session: &mut DeltaSession, world: &mut World) {
-    if let Some(response) = look(session, world) {
-        panic!("unexpected response: {response:?}");
-    }
-    session.view_changed(true);
-    if let Some(out) = session.next_response(&world.view, &resources()) {
-        panic!("unexpected response after a full look: {:?}", out.response);
-    }
+fn next(session: &mut DeltaSession, world: &World) -> DeltaDiscoveryResponse {
+    test_support::next(session, world).response
 }
 
 /// Names and versions of the resources a response carries.
@@ -179,21 +112,17 @@ impl Client {
 fn a_name_that_does_not_exist_is_removed_then_sent_when_it_appears() {
     let mut session = DeltaSession::with_epoch(EPOCH_A);
     let mut world = World::default();
-    let handled = session.handle(&request(LISTENER_TYPE, &[GREETER], &[]));
-    assert!(matches!(
-        handled,
-        Handled::Request {
-            reply: Reply::Subscribe,
-            names_changed: true,
-            ..
-        }
-    ));
+    assert!(subscribes(&session.handle(&request(
+        LISTENER_TYPE,
+        &[GREETER],
+        &[]
+    ))));
     assert_eq!(session.named_services(), BTreeSet::from([key(GREETER)]));
     assert!(
         !session.has_wildcard(),
         "a named first request is not a wildcard"
     );
-    let first = next(&mut session, &mut world);
+    let first = next(&mut session, &world);
     assert!(first.resources.is_empty());
     assert_eq!(
         first.removed_resources,
@@ -201,19 +130,19 @@ fn a_name_that_does_not_exist_is_removed_then_sent_when_it_appears() {
         "does not exist, at once"
     );
     assert_eq!(first.system_version_info, "1");
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
 
     session.handle(&ack(&first));
     world.set(GREETER, 5, &[1]);
-    let second = next(&mut session, &mut world);
+    let second = next(&mut session, &world);
     assert_eq!(sent(&second), [(GREETER, "a:p")]);
     assert!(second.removed_resources.is_empty());
     assert_ne!(second.nonce, first.nonce);
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
 
     // Endpoints do not change a Listener: nothing re-sent.
     world.set(GREETER, 6, &[1, 2]);
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
 }
 
 #[test]
@@ -223,11 +152,11 @@ fn only_changed_assignments_are_sent_each_with_its_version() {
     world.set(GREETER, 3, &[1]);
     world.set(OTHER, 4, &[2]);
     session.handle(&request(ENDPOINT_TYPE, &[GREETER, OTHER], &[]));
-    let first = next(&mut session, &mut world);
+    let first = next(&mut session, &world);
     assert_eq!(sent(&first), [(GREETER, "a:3"), (OTHER, "a:4")]);
 
     world.set(OTHER, 7, &[2, 3]);
-    let second = next(&mut session, &mut world);
+    let second = next(&mut session, &world);
     assert_eq!(sent(&second), [(OTHER, "a:7")], "only what changed");
     let cla = ClusterLoadAssignment::decode(
         second.resources[0]
@@ -239,17 +168,17 @@ fn only_changed_assignments_are_sent_each_with_its_version() {
     )
     .unwrap();
     assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
 
     // A service that goes is removed, not sent empty; it comes back whole.
     world.remove(GREETER, 8);
-    let third = next(&mut session, &mut world);
+    let third = next(&mut session, &world);
     assert!(third.resources.is_empty());
     assert_eq!(third.removed_resources, [GREETER]);
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
     world.set(GREETER, 9, &[1]);
-    assert_eq!(sent(&next(&mut session, &mut world)), [(GREETER, "a:9")]);
-    quiet(&mut session, &mut world);
+    assert_eq!(sent(&next(&mut session, &world)), [(GREETER, "a:9")]);
+    quiet(&mut session, &world);
 }
 
 #[test]
@@ -258,47 +187,21 @@ fn ack_nack_and_stale_nonces() {
     let mut world = World::default();
     world.set(GREETER, 1, &[1]);
     session.handle(&request(CLUSTER_TYPE, &[GREETER], &[]));
-    let v1 = next(&mut session, &mut world);
-    assert_eq!(
-        session.handle(&ack(&v1)),
-        Handled::Request {
-            ty: ResourceType::Cluster,
-            reply: Reply::Ack {
-                version: "1".into()
-            },
-            names_changed: false
-        }
-    );
+    let v1 = next(&mut session, &world);
+    assert_eq!(session.handle(&ack(&v1)), acked(ResourceType::Cluster, "1"));
 
     world.set(OTHER, 2, &[3]);
     session.handle(&request(CLUSTER_TYPE, &[OTHER], &[]));
-    let v2 = next(&mut session, &mut world);
+    let v2 = next(&mut session, &world);
     assert_eq!(sent_names(&v2), [OTHER], "the new name only");
 
     // A NACK of v2: recorded with v2's version and nonce, nothing re-sent.
-    let handled = session.handle(&nack(&v2, "bad cluster"));
-    let Handled::Request {
-        reply: Reply::Nack(rejected),
-        ..
-    } = handled
-    else {
-        panic!("NACK expected, got {handled:?}");
-    };
-    assert_eq!(
-        (rejected.version.as_str(), rejected.nonce.as_str()),
-        ("2", v2.nonce.as_str())
-    );
-    quiet(&mut session, &mut world);
-    let mut status = XdsStatus::default();
-    session.record(
-        ResourceType::Cluster,
-        Some(&Reply::Nack(rejected)),
-        true,
-        &mut status,
-    );
-    assert_eq!(status.types[0].nacks, 1);
-    assert_eq!(status.types[0].version_sent, "2");
-    assert_eq!(status.types[0].names, [GREETER, OTHER]);
+    let rejected = nacked(session.handle(&nack(&v2, "bad cluster")));
+    assert_eq!((&*rejected.version, &*rejected.nonce), ("2", &*v2.nonce));
+    quiet(&mut session, &world);
+    let status = recorded(&session, ResourceType::Cluster, rejected, true);
+    assert_eq!((status.nacks, &*status.version_sent), (1, "2"));
+    assert_eq!(status.names, [GREETER, OTHER]);
 
     // A stale nonce alone is ignored, but its subscription changes apply.
     assert_eq!(
@@ -319,11 +222,11 @@ fn ack_nack_and_stale_nonces() {
         "a stale NACK is not counted"
     );
     assert_eq!(session.subscribed(ResourceType::Cluster), [GREETER]);
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
     // Unsubscribed: the client dropped it itself; a re-subscription re-sends it.
     session.handle(&request(CLUSTER_TYPE, &[OTHER], &[]));
-    assert_eq!(sent_names(&next(&mut session, &mut world)), [OTHER]);
-    quiet(&mut session, &mut world);
+    assert_eq!(sent_names(&next(&mut session, &world)), [OTHER]);
+    quiet(&mut session, &world);
 }
 
 #[test]
@@ -336,46 +239,43 @@ fn wildcards_legacy_explicit_and_their_end() {
     let mut legacy = DeltaSession::with_epoch(EPOCH_A);
     legacy.handle(&request(CLUSTER_TYPE, &[], &[]));
     assert!(legacy.has_wildcard());
-    let first = next(&mut legacy, &mut world);
+    let first = next(&mut legacy, &world);
     assert_eq!(sent_names(&first), [GREETER, OTHER]);
     world.set("new.default:1", 3, &[3]);
-    assert_eq!(
-        sent_names(&next(&mut legacy, &mut world)),
-        ["new.default:1"]
-    );
+    assert_eq!(sent_names(&next(&mut legacy, &world)), ["new.default:1"]);
     legacy.handle(&request(CLUSTER_TYPE, &[GREETER], &[]));
     assert!(!legacy.has_wildcard());
-    let narrowed = next(&mut legacy, &mut world);
+    let narrowed = next(&mut legacy, &world);
     assert!(narrowed.resources.is_empty(), "{narrowed:?}");
     assert_eq!(narrowed.removed_resources, ["new.default:1", OTHER]);
-    quiet(&mut legacy, &mut world);
+    quiet(&mut legacy, &world);
 
     // Explicit `*` with names: stays until `*` is unsubscribed.
     let mut explicit = DeltaSession::with_epoch(EPOCH_A);
     explicit.handle(&request(LISTENER_TYPE, &["*", GREETER], &[]));
     assert_eq!(explicit.subscribed(ResourceType::Listener), ["*", GREETER]);
     assert_eq!(
-        sent_names(&next(&mut explicit, &mut world)),
+        sent_names(&next(&mut explicit, &world)),
         [GREETER, "new.default:1", OTHER]
     );
     // Unsubscribing a name a wildcard covers keeps it held and sent.
     explicit.handle(&request(LISTENER_TYPE, &[], &[GREETER]));
-    quiet(&mut explicit, &mut world);
+    quiet(&mut explicit, &world);
     world.remove(OTHER, 4);
-    let removed = next(&mut explicit, &mut world);
+    let removed = next(&mut explicit, &world);
     assert_eq!(removed.removed_resources, [OTHER]);
     explicit.handle(&request(LISTENER_TYPE, &[], &["*"]));
     assert!(!explicit.has_wildcard());
-    let ended = next(&mut explicit, &mut world);
+    let ended = next(&mut explicit, &world);
     assert_eq!(ended.removed_resources, [GREETER, "new.default:1"]);
-    quiet(&mut explicit, &mut world);
+    quiet(&mut explicit, &world);
 
     // RDS and EDS are never wildcards.
     let mut routes = DeltaSession::with_epoch(EPOCH_A);
     routes.handle(&request(ROUTE_TYPE, &["*"], &[]));
     assert!(!routes.has_wildcard());
     assert!(routes.subscribed(ResourceType::Route).is_empty());
-    let answer = next(&mut routes, &mut world);
+    let answer = next(&mut routes, &world);
     assert!(answer.resources.is_empty() && answer.removed_resources.is_empty());
     routes.handle(&request(ENDPOINT_TYPE, &[], &[]));
     assert!(!routes.has_wildcard());
@@ -389,9 +289,9 @@ fn a_reconnecting_client_is_sent_only_what_it_lacks() {
     let mut client = Client::default();
     let mut before = DeltaSession::with_epoch(EPOCH_A);
     before.handle(&request(ENDPOINT_TYPE, &[GREETER, OTHER], &[]));
-    client.apply(&next(&mut before, &mut world));
+    client.apply(&next(&mut before, &world));
     before.handle(&request(CLUSTER_TYPE, &[], &[]));
-    client.apply(&next(&mut before, &mut world));
+    client.apply(&next(&mut before, &world));
 
     // The stream breaks; meanwhile OTHER changes and GREETER goes.
     world.set(OTHER, 5, &[2, 3]);
@@ -404,24 +304,24 @@ fn a_reconnecting_client_is_sent_only_what_it_lacks() {
     };
     let mut after = DeltaSession::with_epoch(EPOCH_A);
     reconnect(&mut after, &client, ENDPOINT_TYPE, &[GREETER, OTHER]);
-    let eds = next(&mut after, &mut world);
+    let eds = next(&mut after, &world);
     assert_eq!(sent(&eds), [(OTHER, "a:5")]);
     assert_eq!(eds.removed_resources, [GREETER]);
     client.apply(&eds);
     reconnect(&mut after, &client, CLUSTER_TYPE, &[]);
-    let cds = next(&mut after, &mut world);
+    let cds = next(&mut after, &world);
     assert!(cds.resources.is_empty(), "OTHER's cluster is held: {cds:?}");
     assert_eq!(cds.removed_resources, [GREETER]);
     client.apply(&cds);
-    quiet(&mut after, &mut world);
+    quiet(&mut after, &world);
 
     // After an lb-server restart (another epoch) nothing matches: all re-sent.
     let mut restarted = DeltaSession::with_epoch(0xb);
     reconnect(&mut restarted, &client, ENDPOINT_TYPE, &[OTHER]);
-    assert_eq!(sent(&next(&mut restarted, &mut world)), [(OTHER, "b:5")]);
+    assert_eq!(sent(&next(&mut restarted, &world)), [(OTHER, "b:5")]);
     reconnect(&mut restarted, &client, CLUSTER_TYPE, &[]);
-    assert_eq!(sent(&next(&mut restarted, &mut world)), [(OTHER, "b:p")]);
-    quiet(&mut restarted, &mut world);
+    assert_eq!(sent(&next(&mut restarted, &world)), [(OTHER, "b:p")]);
+    quiet(&mut restarted, &world);
 
     // Versions that are not ours at all, or forged, are re-sent as well.
     for version in ["", "a", "a:", "a:x", "0a:5", "1000000000000000a:5", "b:5"] {
@@ -429,13 +329,17 @@ fn a_reconnecting_client_is_sent_only_what_it_lacks() {
     }
     assert_eq!(parse_version(EPOCH_A, "a:5"), Held::Version(5));
     assert_eq!(parse_version(EPOCH_A, "a:p"), Held::Present);
-    assert_ne!(DeltaSession::new().epoch, 0, "the process's epoch is drawn");
+    assert_ne!(
+        DeltaSession::new().protocol.epoch,
+        0,
+        "the process's epoch is drawn"
+    );
 }
 
 #[test]
 fn unknown_types_and_bad_names_are_harmless() {
     let mut session = DeltaSession::new();
-    let mut world = World::default();
+    let world = World::default();
     assert_eq!(
         session.handle(&request(
             "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
@@ -445,17 +349,17 @@ fn unknown_types_and_bad_names_are_harmless() {
         Handled::UnknownType
     );
     assert_eq!(session.handle(&request("", &[], &[])), Handled::UnknownType);
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
     session.handle(&request(
         LISTENER_TYPE,
         &["not a target", "UPPER.case:1"],
         &[],
     ));
     assert!(session.named_services().is_empty());
-    let answer = next(&mut session, &mut world);
+    let answer = next(&mut session, &world);
     assert!(answer.resources.is_empty());
     assert_eq!(answer.removed_resources, ["UPPER.case:1", "not a target"]);
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
     // Unsubscribing what was never subscribed changes nothing.
     assert!(matches!(
         session.handle(&request(LISTENER_TYPE, &[], &["never"])),
@@ -464,7 +368,7 @@ fn unknown_types_and_bad_names_are_harmless() {
             ..
         }
     ));
-    quiet(&mut session, &mut world);
+    quiet(&mut session, &world);
 }
 
 #[test]
@@ -482,7 +386,7 @@ fn many_names_at_once_are_kept_sorted_and_unique() {
     assert_eq!(DeltaSession::names_in(&big), 10_001);
     session.handle(&big);
     assert_eq!(session.named_services().len(), 10_000);
-    let answer = next(&mut session, &mut world);
+    let answer = next(&mut session, &world);
     assert_eq!(sent_names(&answer), ["s5.default:1"]);
     assert_eq!(answer.removed_resources.len(), 9_999);
     session.handle(&request(ENDPOINT_TYPE, &["s10000.default:1"], &[]));
@@ -521,7 +425,7 @@ fn the_node_zone_and_kind_shape_the_resources() {
     });
     session.handle(&first);
     assert_eq!(session.client_kind(), ClientKind::Envoy);
-    let out = next(&mut session, &mut world);
+    let out = next(&mut session, &world);
     let cla =
         ClusterLoadAssignment::decode(out.resources[0].resource.as_ref().unwrap().value.as_slice())
             .unwrap();
@@ -694,7 +598,7 @@ fn a_delta_client_holds_the_full_state_through_10_000_random_changes() {
         if rng.u8(..4) == 0 && step != 9_999 {
             continue;
         }
-        while let Some(response) = look(&mut session, &mut world) {
+        while let Some(response) = look(&mut session, &world) {
             responses += 1;
             resent += response.resources.len();
             client.apply(&response);
@@ -723,7 +627,7 @@ fn a_delta_client_holds_the_full_state_through_10_000_random_changes() {
         for (name, (version, _)) in client.held.get(ENDPOINT_TYPE).into_iter().flatten() {
             let snapshot = &world.view.snapshots[&key(name)];
             assert_eq!(
-                parse_version(session.epoch, version),
+                parse_version(session.protocol.epoch, version),
                 Held::Version(snapshot.version),
                 "seed {seed}, step {step}: {name}"
             );

@@ -1,29 +1,29 @@
 //! Unit tests of one ADS stream's state: requests in, responses out.
 
+use std::{collections::BTreeSet, sync::Arc};
+
 use super::*;
 use crate::{
-    api::xds::resources::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE},
-    config::XdsLbPolicy,
-    model::Endpoint,
-};
-use envoy_types::pb::{
-    envoy::config::{
-        cluster::v3::Cluster, core::v3::Node, endpoint::v3::ClusterLoadAssignment,
-        listener::v3::Listener,
+    api::{
+        subscribers::XdsStatus,
+        xds::{
+            resources::{
+                CLUSTER_TYPE, ClientKind, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, Resources,
+            },
+            test_support::{
+                GREETER, OTHER, World, acked, key, nacked, next, quiet, recorded, rejection,
+                resources, subscribes,
+            },
+        },
     },
-    google::rpc::Status,
+    config::XdsLbPolicy,
+    model::{Endpoint, Snapshot},
+};
+use envoy_types::pb::envoy::config::{
+    cluster::v3::Cluster, core::v3::Node, endpoint::v3::ClusterLoadAssignment,
+    listener::v3::Listener,
 };
 use prost::Message;
-
-const GREETER: &str = "greeter.default:grpc";
-
-fn resources() -> Resources {
-    Resources::new(XdsLbPolicy::RoundRobin)
-}
-
-fn key(target: &str) -> ServiceKey {
-    parse_target(target).unwrap()
-}
 
 fn request(type_url: &str, names: &[&str], nonce: &str) -> DiscoveryRequest {
     DiscoveryRequest {
@@ -43,65 +43,8 @@ fn ack(response: &DiscoveryResponse, names: &[&str]) -> DiscoveryRequest {
 
 fn nack(response: &DiscoveryResponse, names: &[&str], message: &str) -> DiscoveryRequest {
     DiscoveryRequest {
-        error_detail: Some(Status {
-            code: 3,
-            message: message.into(),
-            details: vec![],
-        }),
+        error_detail: Some(rejection(message)),
         ..request(&response.type_url, names, &response.nonce)
-    }
-}
-
-/// A view with each service at `version`, existing with one endpoint per
-/// listed address suffix, or gone.
-struct World {
-    view: View,
-    /// Set by every edit, taken by the next look: what the stream's
-    /// store watches do with `view_changed` (`Some(existence changed)`).
-    changed: std::cell::Cell<Option<bool>>,
-}
-
-impl World {
-    fn new() -> Self {
-        Self {
-            view: View::default(),
-            changed: std::cell::Cell::new(None),
-        }
-    }
-
-    fn set(&mut self, target: &str, version: u64, endpoints: &[u8]) -> &mut Self {
-        let key = key(target);
-        let snapshot = Snapshot {
-            version,
-            exists: true,
-            endpoints: endpoints
-                .iter()
-                .map(|i| Endpoint::new(format!("10.0.0.{i}").parse().unwrap(), 80))
-                .collect(),
-            ..Snapshot::unknown()
-        };
-        let existed = self.view.existing.contains(&key);
-        self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
-        self.view.existing.insert(key);
-        self.note(!existed);
-        self
-    }
-
-    fn remove(&mut self, target: &str, version: u64) -> &mut Self {
-        let key = key(target);
-        let snapshot = Snapshot {
-            version,
-            ..Snapshot::unknown()
-        };
-        self.view.snapshots.insert(key.clone(), Arc::new(snapshot));
-        let existed = self.view.existing.remove(&key);
-        self.note(existed);
-        self
-    }
-
-    fn note(&self, existence: bool) {
-        let before = self.changed.get().unwrap_or(false);
-        self.changed.set(Some(before || existence));
     }
 }
 
@@ -136,41 +79,15 @@ fn assignments(response: &DiscoveryResponse) -> Vec<(String, usize)> {
         .collect()
 }
 
-fn look(session: &mut Session, world: &World) -> Option<Outgoing> {
-    if let Some(existence) = world.changed.take() {
-        session.view_changed(existence);
-    }
-    session.next_response(&world.view, &resources())
-}
-
-fn next(session: &mut Session, world: &World) -> Outgoing {
-    look(session, world).expect("a response")
-}
-
-fn quiet(session: &mut Session, world: &World) {
-    if let Some(out) = look(session, world) {
-        panic!("unexpected response: {:?}", out.response);
-    }
-    // Whatever the dirty flags say, a full look finds nothing either.
-    session.view_changed(true);
-    if let Some(out) = session.next_response(&world.view, &resources()) {
-        panic!("unexpected response after a full look: {:?}", out.response);
-    }
-}
-
 #[test]
 fn unknown_listener_gets_an_empty_answer_then_the_listener_when_it_appears() {
     let mut session = Session::new();
-    let mut world = World::new();
-    let handled = session.handle(&request(LISTENER_TYPE, &[GREETER], ""));
-    assert!(matches!(
-        handled,
-        Handled::Request {
-            reply: Reply::Subscribe,
-            names_changed: true,
-            ..
-        }
-    ));
+    let mut world = World::default();
+    assert!(subscribes(&session.handle(&request(
+        LISTENER_TYPE,
+        &[GREETER],
+        ""
+    ))));
     assert_eq!(session.named_services(), BTreeSet::from([key(GREETER)]));
     let first = next(&mut session, &world);
     assert!(
@@ -197,55 +114,27 @@ fn unknown_listener_gets_an_empty_answer_then_the_listener_when_it_appears() {
 #[test]
 fn ack_nack_and_stale_nonces() {
     let mut session = Session::new();
-    let mut world = World::new();
+    let mut world = World::default();
     world.set(GREETER, 1, &[1]);
     session.handle(&request(CLUSTER_TYPE, &[GREETER], ""));
     let v1 = next(&mut session, &world).response;
-    let handled = session.handle(&ack(&v1, &[GREETER]));
     assert_eq!(
-        handled,
-        Handled::Request {
-            ty: ResourceType::Cluster,
-            reply: Reply::Ack {
-                version: "1".into()
-            },
-            names_changed: false
-        }
+        session.handle(&ack(&v1, &[GREETER])),
+        acked(ResourceType::Cluster, "1")
     );
 
-    world.set("other.default:80", 2, &[3]);
-    session.handle(&request(
-        CLUSTER_TYPE,
-        &[GREETER, "other.default:80"],
-        &v1.nonce,
-    ));
+    world.set(OTHER, 2, &[3]);
+    session.handle(&request(CLUSTER_TYPE, &[GREETER, OTHER], &v1.nonce));
     let v2 = next(&mut session, &world).response;
-    assert_eq!(clusters(&v2), [GREETER, "other.default:80"]);
+    assert_eq!(clusters(&v2), [GREETER, OTHER]);
 
     // A NACK of v2 is recorded with v2's version and nonce; nothing is re-sent.
-    let handled = session.handle(&nack(&v2, &[GREETER, "other.default:80"], "bad cluster"));
-    let Handled::Request {
-        reply: Reply::Nack(rejected),
-        ..
-    } = handled
-    else {
-        panic!("NACK expected, got {handled:?}");
-    };
-    assert_eq!(
-        (rejected.version.as_str(), rejected.nonce.as_str()),
-        ("2", v2.nonce.as_str())
-    );
+    let rejected = nacked(session.handle(&nack(&v2, &[GREETER, OTHER], "bad cluster")));
+    assert_eq!((&*rejected.version, &*rejected.nonce), ("2", &*v2.nonce));
     assert_eq!(rejected.message, "bad cluster");
     quiet(&mut session, &world);
-    let mut status = XdsStatus::default();
-    session.record(
-        ResourceType::Cluster,
-        Some(&Reply::Nack(rejected)),
-        false,
-        &mut status,
-    );
-    assert_eq!(status.types[0].nacks, 1);
-    assert_eq!(status.types[0].version_sent, "2");
+    let status = recorded(&session, ResourceType::Cluster, rejected, false);
+    assert_eq!((status.nacks, &*status.version_sent), (1, "2"));
 
     // Stale nonces (old, unknown, or from another type) change nothing,
     // not even the names they carry.
@@ -258,13 +147,10 @@ fn ack_nack_and_stale_nonces() {
         );
     }
     quiet(&mut session, &world);
-    assert_eq!(
-        session.subscribed(ResourceType::Cluster),
-        [GREETER, "other.default:80"]
-    );
+    assert_eq!(session.subscribed(ResourceType::Cluster), [GREETER, OTHER]);
 
     // The next change still goes out, as version 3.
-    world.remove("other.default:80", 3);
+    world.remove(OTHER, 3);
     let v3 = next(&mut session, &world).response;
     assert_eq!(v3.version_info, "3");
     assert_eq!(clusters(&v3), [GREETER], "a removed cluster is left out");
@@ -272,7 +158,7 @@ fn ack_nack_and_stale_nonces() {
 
 #[test]
 fn legacy_and_explicit_wildcards() {
-    let mut world = World::new();
+    let mut world = World::default();
     world.set(GREETER, 1, &[1]).set("b.ns:80", 2, &[2]);
 
     let mut envoy = Session::new();
@@ -322,7 +208,7 @@ fn legacy_and_explicit_wildcards() {
 #[test]
 fn eds_sends_what_changed_and_an_empty_assignment_on_removal() {
     let mut session = Session::new();
-    let mut world = World::new();
+    let mut world = World::default();
     world.set(GREETER, 1, &[1, 2]).set("b.ns:80", 2, &[3]);
     session.handle(&request(
         ENDPOINT_TYPE,
@@ -376,7 +262,7 @@ fn eds_sends_what_changed_and_an_empty_assignment_on_removal() {
 #[test]
 fn types_are_independent_and_sent_clusters_first() {
     let mut session = Session::new();
-    let mut world = World::new();
+    let mut world = World::default();
     world.set(GREETER, 1, &[1]);
     session.handle(&request(LISTENER_TYPE, &[GREETER], ""));
     session.handle(&request(ROUTE_TYPE, &[GREETER], ""));
@@ -399,11 +285,7 @@ fn types_are_independent_and_sent_clusters_first() {
     // A NACK of EDS leaves the others alone.
     let eds_nonce = session.types[ResourceType::Endpoint.index()].nonce.clone();
     let mut bad = request(ENDPOINT_TYPE, &[GREETER], &eds_nonce);
-    bad.error_detail = Some(Status {
-        code: 3,
-        message: "no".into(),
-        details: vec![],
-    });
+    bad.error_detail = Some(rejection("no"));
     session.handle(&bad);
     world.set(GREETER, 2, &[1, 2]);
     let out = next(&mut session, &world);
@@ -415,7 +297,7 @@ fn types_are_independent_and_sent_clusters_first() {
 #[test]
 fn bad_input_is_ignored_without_harm() {
     let mut session = Session::new();
-    let world = World::new();
+    let world = World::default();
     assert_eq!(
         session.handle(&request(
             "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
@@ -468,7 +350,7 @@ fn the_first_node_decides_the_cluster_shape() {
             sds_dir: "/sds".into(),
         },
     ));
-    let mut world = World::new();
+    let mut world = World::default();
     world.set(GREETER, 1, &[1]);
     let cluster_for = |user_agent: Option<&str>| {
         let mut session = Session::new();
@@ -506,7 +388,7 @@ fn the_first_node_decides_the_cluster_shape() {
 fn huge_node_fields_and_nack_messages_are_kept_cut() {
     use crate::api::client_text::MAX_KEPT_BYTES;
     let mut session = Session::new();
-    let world = World::new();
+    let world = World::default();
     let mut first = request(LISTENER_TYPE, &[GREETER], "");
     first.node = Some(Node {
         id: "n".repeat(500_000),
@@ -518,13 +400,7 @@ fn huge_node_fields_and_nack_messages_are_kept_cut() {
     assert!(node.id.len() <= MAX_KEPT_BYTES && node.id.starts_with("nnnn"));
     assert!(node.user_agent.len() <= MAX_KEPT_BYTES);
     let sent = next(&mut session, &world);
-    let Handled::Request {
-        reply: Reply::Nack(nack),
-        ..
-    } = session.handle(&nack(&sent.response, &[GREETER], &"x".repeat(1 << 20)))
-    else {
-        panic!("a NACK");
-    };
+    let nack = nacked(session.handle(&nack(&sent.response, &[GREETER], &"x".repeat(1 << 20))));
     assert!(
         nack.message.len() <= MAX_KEPT_BYTES,
         "{}",
@@ -536,7 +412,7 @@ fn huge_node_fields_and_nack_messages_are_kept_cut() {
 #[test]
 fn the_node_zone_is_priority_0_while_it_has_serving_endpoints() {
     use envoy_types::pb::envoy::config::core::v3::Locality;
-    let mut world = World::new();
+    let mut world = World::default();
     let set = |world: &mut World, version: u64, zones: &[&str]| {
         let snapshot = Snapshot {
             version,
