@@ -306,12 +306,14 @@ pub struct Endpoint {
     pub port: u16,
     /// Relative weight, at least 1.
     pub weight: u32,
-    /// Topology zone, empty if unknown.
-    pub zone: String,
-    /// Node name, empty if unknown.
-    pub node: String,
-    /// Pod name, empty if unknown.
-    pub pod: String,
+    /// Topology zone, empty if unknown. Shared: the copies of an endpoint
+    /// (per port key, per published list, per snapshot) hold one string,
+    /// and cloning or comparing a copy costs no allocation or byte compare.
+    pub zone: Arc<str>,
+    /// Node name, empty if unknown (shared, as `zone`).
+    pub node: Arc<str>,
+    /// Pod name, empty if unknown (shared, as `zone`).
+    pub pod: Arc<str>,
     /// Serving but terminating: no new calls.
     pub draining: bool,
     /// EndpointSlice hints, `None` when the endpoint has none (most have
@@ -341,9 +343,9 @@ impl Endpoint {
             address,
             port,
             weight: 1,
-            zone: String::new(),
-            node: String::new(),
-            pod: String::new(),
+            zone: Arc::default(),
+            node: Arc::default(),
+            pod: Arc::default(),
             draining: false,
             hints: None,
         }
@@ -382,8 +384,8 @@ impl Endpoint {
     }
 
     /// Builder: sets the zone.
-    pub fn zone(mut self, zone: impl Into<String>) -> Self {
-        self.zone = zone.into();
+    pub fn zone(mut self, zone: impl AsRef<str>) -> Self {
+        self.zone = Arc::from(zone.as_ref());
         self
     }
 
@@ -394,14 +396,14 @@ impl Endpoint {
     }
 
     /// Builder: sets the node name.
-    pub fn node(mut self, node: impl Into<String>) -> Self {
-        self.node = node.into();
+    pub fn node(mut self, node: impl AsRef<str>) -> Self {
+        self.node = Arc::from(node.as_ref());
         self
     }
 
     /// Builder: sets the pod name.
-    pub fn pod(mut self, pod: impl Into<String>) -> Self {
-        self.pod = pod.into();
+    pub fn pod(mut self, pod: impl AsRef<str>) -> Self {
+        self.pod = Arc::from(pod.as_ref());
         self
     }
 
@@ -590,7 +592,7 @@ mod tests {
         ]);
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].address, b);
-        assert_eq!(out[1].zone, "first");
+        assert_eq!(&*out[1].zone, "first");
         assert_eq!(out[2].weight, 1);
     }
 }

@@ -165,8 +165,8 @@ fn change(rng: &mut fastrand::Rng, endpoints: &mut BTreeMap<(u8, u16), Endpoint>
         80..95 => {
             if let Some(id) = any(rng, endpoints) {
                 let endpoint = endpoints.get_mut(&id).unwrap();
-                endpoint.pod = format!("pod-{}-{}", id.0, rng.u16(..));
-                endpoint.node = format!("node-{}", rng.u8(..4));
+                endpoint.pod = format!("pod-{}-{}", id.0, rng.u16(..)).into();
+                endpoint.node = format!("node-{}", rng.u8(..4)).into();
             }
         }
         95..98 => {

@@ -225,9 +225,9 @@ async fn the_initial_list_is_published_at_once_and_marks_synced() {
     assert_eq!(addresses(&billing), ["fd00::1:8080"]);
     assert_eq!(
         (
-            billing.endpoints[0].zone.as_str(),
-            billing.endpoints[0].node.as_str(),
-            billing.endpoints[0].pod.as_str()
+            billing.endpoints[0].zone.as_ref(),
+            billing.endpoints[0].node.as_ref(),
+            billing.endpoints[0].pod.as_ref()
         ),
         ("a", "n1", "billing-1")
     );

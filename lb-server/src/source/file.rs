@@ -657,7 +657,7 @@ mod tests {
         )
         .unwrap();
         let greeter = &services[&parse_target("greeter.default:grpc").unwrap()];
-        assert_eq!(greeter[0].zone, "zone-a");
+        assert_eq!(&*greeter[0].zone, "zone-a");
         assert_eq!(greeter[0].weight, 2);
         assert!(greeter[1].draining && greeter[1].address.is_ipv6());
         assert!(services[&parse_target("empty.default:80").unwrap()].is_empty());

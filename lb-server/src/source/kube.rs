@@ -604,9 +604,11 @@ fn service_endpoints<'a>(
     out
 }
 
-/// One slice's hints, made once per distinct set: the endpoints of a slice
-/// are usually hinted alike (each for its own zone), so they share one
-/// [`Hints`] and one copy of each name instead of holding a string each.
+/// One slice's hints, made once per distinct set, and its names (zones,
+/// nodes, hinted zones and nodes), made once each: the endpoints of a slice
+/// are usually hinted alike (each for its own zone) and share a few zones
+/// and nodes, so they hold one [`Hints`] and one copy of each name instead
+/// of a string each.
 #[derive(Default)]
 struct HintCache {
     hints: HashSet<Arc<Hints>>,
@@ -617,14 +619,7 @@ impl HintCache {
     /// The shared hints of an entry; `None` without any (absent or empty).
     fn of(&mut self, hints: Option<&EndpointHints>) -> Option<Arc<Hints>> {
         let hints = hints?;
-        let mut name = |text: &str| match self.names.get(text) {
-            Some(shared) => Arc::clone(shared),
-            None => {
-                let shared: Arc<str> = Arc::from(text);
-                self.names.insert(Arc::clone(&shared));
-                shared
-            }
-        };
+        let mut name = |text: &str| self.name(text);
         let for_zones = hints
             .for_zones
             .iter()
@@ -653,6 +648,21 @@ impl HintCache {
     }
 }
 
+impl HintCache {
+    /// One shared copy of a name (a zone, a node, a hinted zone or node)
+    /// for every endpoint of the slice that carries it.
+    fn name(&mut self, text: &str) -> Arc<str> {
+        match self.names.get(text) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                let shared: Arc<str> = Arc::from(text);
+                self.names.insert(Arc::clone(&shared));
+                shared
+            }
+        }
+    }
+}
+
 /// The endpoint of one EndpointSlice entry, with port 0, or `None` when it
 /// must be left out (not ready and not draining, or no usable address).
 fn endpoint_of(
@@ -666,14 +676,14 @@ fn endpoint_of(
         .target_ref
         .as_ref()
         .filter(|r| r.kind.as_deref() == Some("Pod"))
-        .and_then(|r| r.name.clone())
-        .unwrap_or_default();
+        .and_then(|r| r.name.as_deref())
+        .map_or_else(Arc::default, Arc::from);
     Some(Endpoint {
         address,
         port: 0,
         weight: 1,
-        zone: entry.zone.clone().unwrap_or_default(),
-        node: entry.node_name.clone().unwrap_or_default(),
+        zone: hints.name(entry.zone.as_deref().unwrap_or_default()),
+        node: hints.name(entry.node_name.as_deref().unwrap_or_default()),
         pod,
         draining,
         hints: hints.of(entry.hints.as_ref()),

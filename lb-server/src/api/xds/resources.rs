@@ -725,7 +725,7 @@ fn serving_zones(snapshot: &Snapshot) -> Vec<String> {
     if snapshot.exists {
         for endpoint in snapshot.endpoints.iter().filter(|e| !e.draining) {
             if let Err(at) = zones.binary_search_by(|z| z.as_str().cmp(&endpoint.zone)) {
-                zones.insert(at, endpoint.zone.clone());
+                zones.insert(at, endpoint.zone.to_string());
             }
         }
     }
@@ -757,7 +757,7 @@ pub fn load_assignment(
         .unwrap_or_default()
     {
         zones
-            .entry(endpoint.zone.as_str())
+            .entry(&*endpoint.zone)
             .or_default()
             .push(endpoint);
     }
@@ -812,7 +812,7 @@ fn lb_endpoint(endpoint: &Endpoint) -> LbEndpoint {
                     ..SocketAddress::default()
                 })),
             }),
-            hostname: endpoint.pod.clone(),
+            hostname: endpoint.pod.to_string(),
             ..XdsEndpoint::default()
         })),
         health_status: health as i32,
