@@ -511,11 +511,15 @@ impl SliceView {
             };
         }
         let mut hints = HintCache::default();
-        let endpoints = slice
+        let mut endpoints: Vec<Endpoint> = slice
             .endpoints
             .iter()
             .filter_map(|entry| endpoint_of(entry, &mut hints))
             .collect();
+        // In the order a port's list is sorted in (see `service_endpoints`),
+        // once per slice event: the list is then the slices' sorted runs one
+        // after another, which the stable sort merges rather than sorts.
+        endpoints.sort_by_key(|e| (e.address, e.draining));
         let ports = slice
             .ports
             .iter()

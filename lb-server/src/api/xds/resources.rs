@@ -756,10 +756,7 @@ pub fn load_assignment(
         .map(|s| s.endpoints.as_slice())
         .unwrap_or_default()
     {
-        zones
-            .entry(&*endpoint.zone)
-            .or_default()
-            .push(endpoint);
+        zones.entry(&*endpoint.zone).or_default().push(endpoint);
     }
     let local = !zone.is_empty()
         && zones
