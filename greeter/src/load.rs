@@ -17,6 +17,36 @@ use tokio_util::sync::CancellationToken;
 
 type StdError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a `GreeterClient` can be built on and driven from many tasks: a
+/// tonic `Channel`, an lb-client `Channel`, or any gRPC service like them.
+pub trait Transport:
+    tonic::client::GrpcService<
+        tonic::body::Body,
+        Future: Send,
+        Error: Into<StdError>,
+        ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<StdError> + Send>
+                          + Send
+                          + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T> Transport for T where
+    T: tonic::client::GrpcService<
+            tonic::body::Body,
+            Future: Send,
+            Error: Into<StdError>,
+            ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<StdError> + Send>
+                              + Send
+                              + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// One worker's results. Each worker has its own, so recording a call takes
 /// an uncontended lock.
 #[derive(Debug, Default, Clone)]
@@ -122,11 +152,7 @@ impl Tally {
 /// last answer: below `rate` when the calls pile up.
 pub async fn open_loop<T>(client: GreeterClient<T>, rate: f64, duration: Duration) -> Summary
 where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<StdError>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error: Into<StdError> + Send,
+    T: Transport,
 {
     let calls = (rate * duration.as_secs_f64()).round() as u64;
     let period = Duration::from_secs_f64(1.0 / rate.max(1e-9));
@@ -277,11 +303,7 @@ pub async fn run<T>(
     tally: Arc<Tally>,
     stop: CancellationToken,
 ) where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<StdError>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error: Into<StdError> + Send,
+    T: Transport,
 {
     let mut workers = Vec::new();
     for index in 0..concurrency.max(1) {

@@ -278,12 +278,7 @@ pub(crate) struct Row {
 /// Warms `client` up, then makes `calls` calls at [`CONCURRENCY`].
 pub(crate) async fn measure<T>(name: &'static str, client: GreeterClient<T>, calls: u64) -> Row
 where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    T: greeter::load::Transport,
 {
     measure_with(name, client, 5_000, calls).await
 }
@@ -299,12 +294,7 @@ pub(crate) async fn measure_servers<T>(
     servers: &[&Proc],
 ) -> Row
 where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    T: greeter::load::Transport,
 {
     measure_inner(name, client, 5_000, calls, servers).await
 }
@@ -317,12 +307,7 @@ pub(crate) async fn measure_with<T>(
     calls: u64,
 ) -> Row
 where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    T: greeter::load::Transport,
 {
     measure_inner(name, client, warm, calls, &[]).await
 }
@@ -336,12 +321,7 @@ async fn measure_inner<T>(
     servers: &[&Proc],
 ) -> Row
 where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    T: greeter::load::Transport,
 {
     let servers_cpu = || servers.iter().map(|p| p.cpu_time()).sum::<Duration>();
     // Warm up: connections, HTTP/2 windows, latency estimates.
