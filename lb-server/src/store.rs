@@ -954,7 +954,9 @@ mod tests {
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                const SHORT: Duration = Duration::from_millis(20);
+                // Long enough that a loaded machine cannot end it between the
+                // first two publishes by itself.
+                const SHORT: Duration = Duration::from_millis(250);
                 let store = Store::with_coalesce_window(SHORT);
                 let k = key("a.ns:grpc");
                 store.publish(&k, change(0), Instant::now());
