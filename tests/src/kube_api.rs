@@ -633,7 +633,7 @@ fn watch(shared: &Arc<Shared>, filter: Filter, params: &Params) -> Response {
                 c.expired += 1;
             });
             let status = status_object(410, "Expired", &message);
-            let line = line(&json!({"type": "ERROR", "object": status}));
+            let line = event_line("ERROR", &status);
             return json_response(StatusCode::OK, line);
         }
         for change in state.history.iter().filter(|c| c.revision > version) {
@@ -881,14 +881,15 @@ fn split_top_level(text: &str) -> Vec<&str> {
     parts
 }
 
-fn line(value: &serde_json::Value) -> Bytes {
-    let mut bytes = serde_json::to_vec(value).expect("JSON serializes");
-    bytes.push(b'\n');
+/// One watch event, `{"type":KIND,"object":…}`, with `type` first as the API
+/// server writes it (Go encodes `metav1.WatchEvent`'s fields in order; a
+/// `json!` map would sort `object` first, which makes an adjacently tagged
+/// decoder such as kube's buffer the whole object before decoding it).
+fn event_line(kind: &str, object: &impl k8s_openapi::serde::Serialize) -> Bytes {
+    let mut bytes = format!("{{\"type\":{},\"object\":", json!(kind)).into_bytes();
+    serde_json::to_writer(&mut bytes, object).expect("JSON serializes");
+    bytes.extend_from_slice(b"}\n");
     Bytes::from(bytes)
-}
-
-fn event_line(kind: &str, object: &EndpointSlice) -> Bytes {
-    line(&json!({ "type": kind, "object": object }))
 }
 
 fn bookmark_line(revision: u64, initial_events_end: bool) -> Bytes {
@@ -896,10 +897,10 @@ fn bookmark_line(revision: u64, initial_events_end: bool) -> Bytes {
     if initial_events_end {
         metadata["annotations"] = json!({ "k8s.io/initial-events-end": "true" });
     }
-    line(&json!({
-        "type": "BOOKMARK",
-        "object": { "kind": "EndpointSlice", "apiVersion": GROUP_VERSION, "metadata": metadata },
-    }))
+    event_line(
+        "BOOKMARK",
+        &json!({ "kind": "EndpointSlice", "apiVersion": GROUP_VERSION, "metadata": metadata }),
+    )
 }
 
 fn status_object(code: u16, reason: &str, message: &str) -> serde_json::Value {
@@ -962,6 +963,32 @@ mod tests {
             WatchEvent::Bookmark(b) => ("BOOKMARK".into(), b.metadata.resource_version.clone()),
             WatchEvent::Error(e) => ("ERROR".into(), e.code.to_string()),
         }
+    }
+
+    #[test]
+    fn watch_events_name_their_type_before_their_object_as_the_api_server_does() {
+        let object = slice("default", "greeter-a", "greeter")
+            .port("grpc", 50051)
+            .endpoint(ep("10.0.0.1"))
+            .build();
+        for (line, kind) in [
+            (event_line("MODIFIED", &object), "MODIFIED"),
+            (bookmark_line(7, true), "BOOKMARK"),
+            (
+                event_line("ERROR", &status_object(410, "Expired", "gone")),
+                "ERROR",
+            ),
+        ] {
+            let text = std::str::from_utf8(&line).unwrap();
+            let prefix = format!("{{\"type\":\"{kind}\",\"object\":{{");
+            assert!(text.starts_with(&prefix), "{text}");
+            assert!(text.ends_with("}\n") && text.matches('\n').count() == 1);
+            let parsed: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(parsed["type"], kind);
+        }
+        let event: WatchEvent<EndpointSlice> =
+            serde_json::from_slice(&event_line("MODIFIED", &object)).unwrap();
+        assert_eq!(name_of(&event), ("MODIFIED".into(), "greeter-a".into()));
     }
 
     #[test]
