@@ -426,6 +426,15 @@ pub fn normalize(mut endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
     endpoints
 }
 
+/// Whether `endpoints` are as [`normalize`] leaves them: sorted by address
+/// and port, unique, every weight at least 1.
+pub fn is_normalized(endpoints: &[Endpoint]) -> bool {
+    endpoints
+        .windows(2)
+        .all(|pair| (pair[0].address, pair[0].port) < (pair[1].address, pair[1].port))
+        && endpoints.iter().all(|e| e.weight >= 1)
+}
+
 /// The whole state of one service at one version.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -433,8 +442,10 @@ pub struct Snapshot {
     pub version: u64,
     /// False when the service is unknown (never seen, or removed).
     pub exists: bool,
-    /// Sorted by address and port, unique.
-    pub endpoints: Vec<Endpoint>,
+    /// Sorted by address and port, unique (as [`normalize`] leaves them);
+    /// shared with the source that published them, which may keep the same
+    /// list for several keys and versions.
+    pub endpoints: Arc<[Endpoint]>,
     /// Wall-clock time of the change, for operators.
     pub updated: SystemTime,
     /// When the source saw the event that produced this version, for push latency.
@@ -498,7 +509,7 @@ impl Snapshot {
         Self {
             version: 0,
             exists: false,
-            endpoints: Vec::new(),
+            endpoints: Arc::default(),
             updated: SystemTime::now(),
             event_at: Instant::now(),
             encoded: OnceLock::new(),

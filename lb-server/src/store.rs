@@ -51,7 +51,7 @@ use std::{
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::model::{DiffCache, Endpoint, ServiceKey, Services, Snapshot, normalize};
+use crate::model::{DiffCache, Endpoint, ServiceKey, Services, Snapshot, is_normalized, normalize};
 
 /// The shared state of every service.
 #[derive(Debug, Default)]
@@ -87,7 +87,7 @@ struct Entry {
 /// Endpoint changes merged while they wait for their window to end.
 #[derive(Debug)]
 struct Pending {
-    endpoints: Vec<Endpoint>,
+    endpoints: Arc<[Endpoint]>,
     /// The first merged change's: push latency counts from the oldest change.
     event_at: Instant,
 }
@@ -162,7 +162,7 @@ impl Store {
         self.version.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    fn snapshot(&self, endpoints: Vec<Endpoint>, event_at: Instant) -> Arc<Snapshot> {
+    fn snapshot(&self, endpoints: Arc<[Endpoint]>, event_at: Instant) -> Arc<Snapshot> {
         Arc::new(Snapshot {
             version: self.next_version(),
             exists: true,
@@ -178,13 +178,21 @@ impl Store {
     /// changed (an identical set publishes nothing). With coalescing, a
     /// change may wait for the end of its service's window: it is then
     /// published by a task on the current runtime, merged with later ones.
-    pub fn publish(
+    pub fn publish(&self, key: &ServiceKey, endpoints: Vec<Endpoint>, event_at: Instant) -> bool {
+        self.publish_normalized(key, normalize(endpoints).into(), event_at)
+    }
+
+    /// [`Store::publish`] for a list already as [`normalize`] leaves it,
+    /// shared as it is: a source that keeps what it published (one list for
+    /// a port's name and number, or for an unchanged port) hands the same
+    /// list on without copying or sorting it again.
+    pub fn publish_normalized(
         &self,
         key: &ServiceKey,
-        endpoints: Vec<Endpoint>,
+        endpoints: Arc<[Endpoint]>,
         mut event_at: Instant,
     ) -> bool {
-        let endpoints = normalize(endpoints);
+        debug_assert!(is_normalized(&endpoints), "{key}: not normalized");
         let now = tokio::time::Instant::now();
         let (appeared, wake) = {
             let mut services = self.services.lock().unwrap();
@@ -196,7 +204,7 @@ impl Store {
                     .pending
                     .as_ref()
                     .map_or(&entry.latest.endpoints, |p| &p.endpoints);
-                if *upcoming == endpoints {
+                if Arc::ptr_eq(upcoming, &endpoints) || **upcoming == *endpoints {
                     return false;
                 }
                 // A change that waited goes out with this one: it is the
@@ -322,7 +330,7 @@ impl Store {
                 let snapshot = Arc::new(Snapshot {
                     version: self.next_version(),
                     exists: false,
-                    endpoints: Vec::new(),
+                    endpoints: Arc::default(),
                     updated: SystemTime::now(),
                     event_at,
                     encoded: OnceLock::new(),
@@ -530,12 +538,12 @@ mod tests {
         let mut sub = store.subscribe(&k);
         let first = sub.current();
         assert!(first.exists);
-        assert_eq!(first.endpoints, vec![ep(1)]);
+        assert_eq!(*first.endpoints, vec![ep(1)]);
 
         store.publish(&k, vec![ep(1), ep(2)], Instant::now());
         store.publish(&k, vec![ep(3)], Instant::now());
         let next = sub.next().await;
-        assert_eq!(next.endpoints, vec![ep(3)], "skips to the newest");
+        assert_eq!(*next.endpoints, vec![ep(3)], "skips to the newest");
         assert!(next.version > first.version);
     }
 
@@ -565,6 +573,24 @@ mod tests {
         assert!(!removed.exists && removed.version > created.version);
         store.publish(&k, vec![ep(1)], Instant::now());
         assert!(sub.next().await.version > removed.version);
+    }
+
+    #[test]
+    fn a_normalized_list_is_published_as_it_is_and_compared_by_content() {
+        let store = Store::new();
+        let k = key("a.ns:80");
+        let list: Arc<[Endpoint]> = normalize(vec![ep(2), ep(1)]).into();
+        assert!(store.publish_normalized(&k, Arc::clone(&list), Instant::now()));
+        let published = store.get(&k).unwrap();
+        assert!(
+            Arc::ptr_eq(&published.endpoints, &list),
+            "shared, not copied"
+        );
+        // The same endpoints in another list are no change.
+        let copy: Arc<[Endpoint]> = list.to_vec().into();
+        assert!(!store.publish_normalized(&k, copy, Instant::now()));
+        assert!(!store.publish(&k, vec![ep(1), ep(2)], Instant::now()));
+        assert_eq!(store.get(&k).unwrap().version, published.version);
     }
 
     #[test]
@@ -876,8 +902,8 @@ mod tests {
                 tokio::time::sleep(WINDOW).await;
                 // A window after the last version: the change goes out inside publish.
                 assert!(store.publish(&k, change(1), Instant::now()));
-                assert_eq!(store.get(&k).unwrap().endpoints, change(1));
-                assert_eq!(sub.current().endpoints, change(1));
+                assert_eq!(*store.get(&k).unwrap().endpoints, change(1));
+                assert_eq!(*sub.current().endpoints, change(1));
             });
         }
 
@@ -907,9 +933,9 @@ mod tests {
                 assert!(seen.len() >= 10, "{} versions over a second", seen.len());
                 assert_eq!(seen[0].0, started, "the first change is not delayed");
                 let (at, last) = seen.last().unwrap();
-                assert_eq!(last.endpoints, change(1000));
+                assert_eq!(*last.endpoints, change(1000));
                 assert!(*at <= started + burst + WINDOW);
-                assert_eq!(store.get(&k).unwrap().endpoints, change(1000));
+                assert_eq!(*store.get(&k).unwrap().endpoints, change(1000));
             });
         }
 
@@ -925,13 +951,13 @@ mod tests {
                 assert!(sub.current().exists);
                 // Within the window: this change waits...
                 store.publish(&k, change(1), Instant::now());
-                assert_eq!(sub.current().endpoints, change(0));
+                assert_eq!(*sub.current().endpoints, change(0));
                 // ...and a removal does not, and takes the waiting change with it.
                 assert!(store.remove(&k, Instant::now()));
                 assert!(!sub.current().exists);
                 assert!(store.publish(&k, change(2), Instant::now()));
                 let recreated = sub.current();
-                assert_eq!(recreated.endpoints, change(2));
+                assert_eq!(*recreated.endpoints, change(2));
                 assert!(set.has_changed().unwrap());
                 assert_eq!(*set.borrow_and_update(), 3);
                 tokio::time::sleep(WINDOW * 3).await;
@@ -966,7 +992,7 @@ mod tests {
                 let waited_at = Instant::now();
                 assert!(store.publish(&k, change(1), waited_at));
                 assert_eq!(
-                    sub.current().endpoints,
+                    *sub.current().endpoints,
                     change(0),
                     "within the window: waits"
                 );
@@ -974,7 +1000,7 @@ mod tests {
                 std::thread::sleep(SHORT * 2);
                 assert!(store.publish(&k, change(2), Instant::now()));
                 let now = sub.current();
-                assert_eq!(now.endpoints, change(2), "the window has ended: at once");
+                assert_eq!(*now.endpoints, change(2), "the window has ended: at once");
                 assert_eq!(now.event_at, waited_at, "the waiting change's event time");
                 // The late task runs now and finds nothing to send.
                 tokio::time::sleep(SHORT * 3).await;
@@ -997,7 +1023,7 @@ mod tests {
                 assert!(!store.publish(&k, change(0), Instant::now()));
                 tokio::time::sleep(WINDOW * 3).await;
                 assert!(seen.lock().unwrap().is_empty());
-                assert_eq!(store.get(&k).unwrap().endpoints, change(0));
+                assert_eq!(*store.get(&k).unwrap().endpoints, change(0));
             });
         }
 
@@ -1063,7 +1089,7 @@ mod tests {
             }
             let (_, newest) = seen.last().unwrap();
             assert_eq!(change_of(newest), last, "seed {seed}");
-            assert_eq!(store.get(&k).unwrap().endpoints, change(last));
+            assert_eq!(*store.get(&k).unwrap().endpoints, change(last));
             let burst = times[last] - times[0];
             let bound = (burst.as_nanos() / WINDOW.as_nanos()) as usize + 2;
             assert!(seen.len() <= bound, "seed {seed}: {} > {bound}", seen.len());

@@ -57,7 +57,7 @@ async fn a_zone_gets_its_shares_and_new_ones_when_another_zone_subscribes() {
         update.version, first.version,
         "shares alone keep the version"
     );
-    assert_eq!(update.endpoints, first.endpoints, "the same list again");
+    assert_eq!(*update.endpoints, first.endpoints, "the same list again");
     assert_eq!(shares(&update), [("a", 500_000), ("b", 500_000)]);
 
     // A client without a zone gets no shares and counts nowhere.

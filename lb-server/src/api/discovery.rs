@@ -502,7 +502,7 @@ mod tests {
         Snapshot {
             version: 7,
             exists: true,
-            endpoints,
+            endpoints: endpoints.into(),
             ..Snapshot::unknown()
         }
     }
@@ -555,7 +555,7 @@ mod tests {
         let sent = WatchResponse::decode(&framed[5..]).unwrap();
         assert_eq!(sent.version, 7);
         assert_eq!(sent.endpoints.len(), 10);
-        for (sent, listed) in sent.endpoints.iter().zip(&s.endpoints) {
+        for (sent, listed) in sent.endpoints.iter().zip(s.endpoints.iter()) {
             assert_eq!(sent.address, listed.address.to_string());
             assert_eq!(
                 (sent.port, sent.weight, sent.draining),

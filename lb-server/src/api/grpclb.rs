@@ -274,7 +274,7 @@ mod tests {
 
     fn snapshot(endpoints: Vec<Endpoint>) -> Snapshot {
         Snapshot {
-            endpoints,
+            endpoints: endpoints.into(),
             exists: true,
             ..Snapshot::unknown()
         }

@@ -276,7 +276,7 @@ impl SliceWatch {
                 match update {
                     Update::Publish(key, endpoints) => {
                         debug!(service = %key, endpoints = endpoints.len(), "publishing");
-                        self.store.publish(&key, endpoints, event_at);
+                        self.store.publish_normalized(&key, endpoints, event_at);
                     }
                     Update::Remove(key) => {
                         debug!(service = %key, "removing");
@@ -308,8 +308,9 @@ impl SliceWatch {
 /// A change for the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Update {
-    /// Publish this whole endpoint set (sorted and unique).
-    Publish(ServiceKey, Vec<Endpoint>),
+    /// Publish this whole endpoint set (normalized), shared with what the
+    /// source keeps as published.
+    Publish(ServiceKey, Arc<[Endpoint]>),
     /// The service no longer has this port.
     Remove(ServiceKey),
 }
@@ -464,7 +465,7 @@ impl Slices {
         }
         for (key, endpoints) in &current {
             if previous.get(key) != Some(endpoints) {
-                updates.push(Update::Publish(key.clone(), endpoints.to_vec()));
+                updates.push(Update::Publish(key.clone(), Arc::clone(endpoints)));
             }
         }
         if !current.is_empty() {
@@ -558,35 +559,41 @@ impl Listed {
     }
 }
 
-/// Every key a service's slices produce, with its endpoints (normalized;
-/// keys with equal endpoints, as a port's name and number usually are,
-/// share one list). `slices` must come in slice-name order: among
-/// duplicates that are equally draining, the first slice's copy wins.
+/// Every key a service's slices produce, with its endpoints (normalized).
+/// A key's list is made once per distinct set of contributions, the slices
+/// it takes endpoints from and the port number each gives them: a port's
+/// name usually has the same contributions as its number (every slice names
+/// it alike), so the two keys share one list, made once. `slices` must come
+/// in slice-name order: among duplicates that are equally draining, the
+/// first slice's copy wins.
 fn service_endpoints<'a>(
     namespace: &str,
     name: &str,
     slices: impl IntoIterator<Item = &'a SliceView>,
 ) -> BTreeMap<ServiceKey, Arc<[Endpoint]>> {
-    let mut by_port: BTreeMap<PortRef, Vec<Endpoint>> = BTreeMap::new();
-    for slice in slices {
+    /// The slices a key takes endpoints from (by index, in slice order),
+    /// each with the port number it gives them.
+    type Contributions = Vec<(usize, u16)>;
+    let slices: Vec<&SliceView> = slices.into_iter().collect();
+    let mut by_port: BTreeMap<PortRef, Contributions> = BTreeMap::new();
+    for (index, slice) in slices.iter().enumerate() {
         for (port_name, number) in &slice.ports {
             let named = port_name.clone().map(PortRef::Name);
             for port_ref in [Some(PortRef::Number(*number)), named]
                 .into_iter()
                 .flatten()
             {
-                by_port
-                    .entry(port_ref)
-                    .or_default()
-                    .extend(slice.endpoints.iter().map(|e| Endpoint {
-                        port: *number,
-                        ..e.clone()
-                    }));
+                let contributions = by_port.entry(port_ref).or_default();
+                // A slice that lists one port twice gives its endpoints once.
+                if contributions.last() != Some(&(index, *number)) {
+                    contributions.push((index, *number));
+                }
             }
         }
     }
+    let mut made: Vec<(Contributions, Arc<[Endpoint]>)> = Vec::new();
     let mut out: BTreeMap<ServiceKey, Arc<[Endpoint]>> = BTreeMap::new();
-    for (port, mut endpoints) in by_port {
+    for (port, contributions) in by_port {
         let key = match ServiceKey::new(namespace, name, port) {
             Ok(key) => key,
             Err(error) => {
@@ -594,16 +601,31 @@ fn service_endpoints<'a>(
                 continue;
             }
         };
+        if let Some((_, shared)) = made.iter().find(|(c, _)| *c == contributions) {
+            out.insert(key, Arc::clone(shared));
+            continue;
+        }
+        let mut endpoints: Vec<Endpoint> = Vec::with_capacity(
+            contributions
+                .iter()
+                .map(|&(index, _)| slices[index].endpoints.len())
+                .sum(),
+        );
+        for &(index, number) in &contributions {
+            endpoints.extend(slices[index].endpoints.iter().map(|e| Endpoint {
+                port: number,
+                ..e.clone()
+            }));
+        }
         // `normalize` keeps the first of each address+port: put serving copies
-        // first (stable, so slice-name order decides among equals). Sorted
-        // here, `normalize`'s own sort finds one run and does no work.
+        // first (stable, so slice-name order decides among equals). Each
+        // slice's run is already in this order (see `SliceView::of`), so the
+        // sort merges runs; sorted here, `normalize`'s own sort finds one run
+        // and does no work.
         endpoints.sort_by_key(|e| (e.address, e.port, e.draining));
-        let endpoints = normalize(endpoints);
-        let shared = out
-            .values()
-            .find(|other| ***other == *endpoints)
-            .map_or_else(|| Arc::from(endpoints), Arc::clone);
-        out.insert(key, shared);
+        let endpoints: Arc<[Endpoint]> = normalize(endpoints).into();
+        made.push((contributions, Arc::clone(&endpoints)));
+        out.insert(key, endpoints);
     }
     out
 }

@@ -753,7 +753,7 @@ pub fn load_assignment(
     let mut zones: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
     for endpoint in snapshot
         .filter(|s| s.exists)
-        .map(|s| s.endpoints.as_slice())
+        .map(|s| &s.endpoints[..])
         .unwrap_or_default()
     {
         zones.entry(&*endpoint.zone).or_default().push(endpoint);
@@ -840,7 +840,7 @@ mod tests {
         Snapshot {
             version: 7,
             exists: true,
-            endpoints: crate::model::normalize(endpoints),
+            endpoints: crate::model::normalize(endpoints).into(),
             ..Snapshot::unknown()
         }
     }

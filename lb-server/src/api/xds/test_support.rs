@@ -58,7 +58,7 @@ impl World {
         let snapshot = Snapshot {
             version,
             exists: true,
-            endpoints,
+            endpoints: endpoints.into(),
             ..Snapshot::unknown()
         };
         let existed = !self.view.existing.insert(key.clone());

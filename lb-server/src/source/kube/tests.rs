@@ -38,7 +38,7 @@ fn published(updates: &[Update]) -> BTreeMap<ServiceKey, Vec<Endpoint>> {
     updates
         .iter()
         .filter_map(|u| match u {
-            Update::Publish(key, endpoints) => Some((key.clone(), endpoints.clone())),
+            Update::Publish(key, endpoints) => Some((key.clone(), endpoints.to_vec())),
             Update::Remove(_) => None,
         })
         .collect()
@@ -192,11 +192,11 @@ fn deleting_one_slice_recomputes_only_its_service() {
         vec![
             Update::Publish(
                 key("default", "greeter", named("grpc")),
-                vec![endpoint("10.0.0.1", 50051)]
+                vec![endpoint("10.0.0.1", 50051)].into()
             ),
             Update::Publish(
                 key("default", "greeter", PortRef::Number(50051)),
-                vec![endpoint("10.0.0.1", 50051)]
+                vec![endpoint("10.0.0.1", 50051)].into()
             ),
         ],
         "only greeter changes"
@@ -498,7 +498,7 @@ fn only_a_410_counts_as_gone() {
 /// most of lb-server's memory (`tests/benches/cluster.rs`).
 #[test]
 fn a_port_name_and_number_share_one_list_and_slices_are_kept_cut_down() {
-    let (state, _) = listed([slice("default", "greeter-a", "greeter")
+    let (state, updates) = listed([slice("default", "greeter-a", "greeter")
         .port("grpc", 50051)
         .endpoints(eps(1, 3))
         .label("app.kubernetes.io/name", "greeter")
@@ -509,6 +509,14 @@ fn a_port_name_and_number_share_one_list_and_slices_are_kept_cut_down() {
     let by_number = &published[&key("default", "greeter", PortRef::Number(50051))];
     assert_eq!(by_name.len(), 3);
     assert!(Arc::ptr_eq(by_name, by_number), "one list for both keys");
+    // What goes to the store is that list, not a copy.
+    assert_eq!(updates.len(), 2);
+    for update in &updates {
+        let Update::Publish(_, endpoints) = update else {
+            panic!("{update:?}");
+        };
+        assert!(Arc::ptr_eq(endpoints, by_number));
+    }
 
     let kept = &state.by_service[&service]["greeter-a"];
     assert_eq!(kept.ports, [(Some("grpc".to_owned()), 50051)]);
@@ -604,8 +612,11 @@ fn a_batch_of_events_publishes_each_changed_service_once_with_the_end_state() {
     assert_eq!(
         state.flush(),
         vec![
-            Update::Publish(key("default", "greeter", named("grpc")), end.clone()),
-            Update::Publish(key("default", "greeter", PortRef::Number(50051)), end),
+            Update::Publish(key("default", "greeter", named("grpc")), end.clone().into()),
+            Update::Publish(
+                key("default", "greeter", PortRef::Number(50051)),
+                end.into()
+            ),
         ],
         "one publish per key of the one changed service"
     );
