@@ -178,13 +178,21 @@ impl Pool {
     }
 
     /// Makes `specs` the endpoint list: starts connections to new endpoints,
-    /// updates weights and draining, and drops removed ones.
+    /// updates weights, draining and hints, and drops removed ones. An
+    /// address that now names another pod (Kubernetes reuses pod IPs) or
+    /// another zone is a new endpoint: the old one's connection is dropped
+    /// as a removed one's is, and a new one starts, so that calls and the
+    /// zone-aware picks never go by what the address used to be.
     pub(crate) fn apply(self: &Arc<Self>, specs: Vec<EndpointSpec>) {
         {
             let mut endpoints = self.endpoints.lock().unwrap();
             let mut keep = HashMap::with_capacity(specs.len());
             for spec in specs {
                 let mut managed = match endpoints.remove(&spec.addr) {
+                    Some(old) if old.state.pod != spec.pod || old.state.zone != spec.zone => {
+                        self.retire(&spec.addr, old, "endpoint replaced");
+                        self.start(&spec)
+                    }
                     Some(managed) => managed,
                     None => self.start(&spec),
                 };
@@ -194,15 +202,20 @@ impl Pool {
                 keep.insert(spec.addr, managed);
             }
             for (addr, removed) in endpoints.drain() {
-                tracing::debug!(%addr, target = %self.target, "endpoint removed");
-                removed.stop.cancel();
-                // No new calls: drop the sender now; the connection task ends
-                // once the calls in flight on it have finished.
-                removed.state.set_sender(None, Conn::Connecting);
+                self.retire(&addr, removed, "endpoint removed");
             }
             *endpoints = keep;
         }
         self.rebuild();
+    }
+
+    /// Stops an endpoint that left the list (or was replaced at its address).
+    fn retire(&self, addr: &SocketAddr, managed: Managed, why: &'static str) {
+        tracing::debug!(%addr, target = %self.target, why);
+        managed.stop.cancel();
+        // No new calls: drop the sender now; the connection task ends once
+        // the calls in flight on it have finished.
+        managed.state.set_sender(None, Conn::Connecting);
     }
 
     /// Weighted round robin's settings, when that is the policy.
@@ -465,6 +478,55 @@ mod tests {
 
     fn ready(port: u16) -> Arc<EndpointState> {
         EndpointState::ready_for_test(port, 1, "")
+    }
+
+    fn spec(port: u16, pod: &str, zone: &str, weight: u32) -> EndpointSpec {
+        EndpointSpec {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            zone: zone.into(),
+            pod: pod.into(),
+            draining: false,
+            hints: Hints::default(),
+        }
+    }
+
+    /// The state of the endpoint at `port` in the pool's list.
+    fn state(pool: &Pool, port: u16) -> Arc<EndpointState> {
+        let endpoints = pool.endpoints.lock().unwrap();
+        endpoints[&SocketAddr::from(([127, 0, 0, 1], port))]
+            .state
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn an_address_that_names_another_pod_or_zone_is_a_new_endpoint() {
+        let pool = pool();
+        pool.apply(vec![spec(1, "a-1", "z1", 1), spec(2, "b-1", "z1", 1)]);
+        let (first, other) = (state(&pool, 1), state(&pool, 2));
+
+        // A new weight for the same pod keeps the endpoint.
+        pool.apply(vec![spec(1, "a-1", "z1", 5), spec(2, "b-1", "z1", 1)]);
+        assert!(Arc::ptr_eq(&first, &state(&pool, 1)));
+
+        // Another pod at the reused address: a new endpoint with its own
+        // name; the old one takes no new calls.
+        pool.apply(vec![spec(1, "a-2", "z1", 5), spec(2, "b-1", "z1", 1)]);
+        let replaced = state(&pool, 1);
+        assert!(!Arc::ptr_eq(&first, &replaced));
+        assert_eq!(replaced.pod, "a-2");
+        let picker = pool.picker.load();
+        assert!(
+            picker.endpoints().iter().any(|e| Arc::ptr_eq(e, &replaced))
+                && !picker.endpoints().iter().any(|e| Arc::ptr_eq(e, &first)),
+            "calls go to the new endpoint only"
+        );
+
+        // The same pod in another zone: a new endpoint there too.
+        pool.apply(vec![spec(1, "a-2", "z2", 5), spec(2, "b-1", "z1", 1)]);
+        assert_eq!(state(&pool, 1).zone, "z2");
+        assert!(Arc::ptr_eq(&other, &state(&pool, 2)), "the others stay");
+        pool.shutdown.cancel();
     }
 
     #[test]
