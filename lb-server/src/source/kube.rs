@@ -258,14 +258,14 @@ impl SliceWatch {
             };
             let was_synced = slices.lists() > 0;
             let event_at = Instant::now();
-            self.stage(&mut slices, event);
+            self.stage_counted(&mut slices, event);
             // The events the watch already holds go in the same batch (a
             // burst, or a backlog after a slow push): each service they
             // change is recomputed and published once for all of them.
             for _ in 1..MAX_BATCH {
                 match events.next().now_or_never() {
                     None => break,
-                    Some(Some(Ok(event))) => self.stage(&mut slices, event),
+                    Some(Some(Ok(event))) => self.stage_counted(&mut slices, event),
                     Some(other) => {
                         stashed = Some(other);
                         break;
@@ -295,8 +295,8 @@ impl SliceWatch {
         }
     }
 
-    /// Stages one event, counting a re-list.
-    fn stage(&self, slices: &mut Slices, event: Event<EndpointSlice>) {
+    /// [`Slices::stage`]s one event, counting a re-list in the metrics.
+    fn stage_counted(&self, slices: &mut Slices, event: Event<EndpointSlice>) {
         if matches!(event, Event::Init) && slices.lists() > 0 {
             self.metrics.watch_restarts.inc();
             info!("re-listing EndpointSlices");
