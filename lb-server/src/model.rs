@@ -605,5 +605,15 @@ mod tests {
         assert_eq!(out[0].address, b);
         assert_eq!(&*out[1].zone, "first");
         assert_eq!(out[2].weight, 1);
+        assert!(is_normalized(&out));
+        assert!(is_normalized(&[]));
+        let (first, second, third) = (out[0].clone(), out[1].clone(), out[2].clone());
+        assert!(!is_normalized(&[second.clone(), first]), "unsorted");
+        assert!(
+            !is_normalized(&[second.clone(), second.clone()]),
+            "a duplicate"
+        );
+        let unweighted = Endpoint { weight: 0, ..third };
+        assert!(!is_normalized(&[second, unweighted]), "a weight of 0");
     }
 }
