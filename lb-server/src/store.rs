@@ -204,7 +204,8 @@ impl Store {
                     .pending
                     .as_ref()
                     .map_or(&entry.latest.endpoints, |p| &p.endpoints);
-                if Arc::ptr_eq(upcoming, &endpoints) || **upcoming == *endpoints {
+                // `Arc`'s `==` is true at once for the same list (`Endpoint: Eq`).
+                if *upcoming == endpoints {
                     return false;
                 }
                 // A change that waited goes out with this one: it is the
